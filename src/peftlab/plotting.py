@@ -1,0 +1,153 @@
+"""The book's figure style and the one way a citable figure leaves a chapter.
+
+Every figure a reader may cite is drawn with :func:`new_figure` and saved with :func:`save_figure`, which
+exports it under a stable file name (SVG, PDF, PNG), glues it for the prose and records it for the
+*Figures* page (book/reference/figures.md).
+
+Note: the files are byte-for-byte reproducible — no dates or random ids in the metadata, a fixed SVG hash
+salt — so two clean builds on the same machine produce identical downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from peftlab.runtime import current_chapter, glue, output_dir, provenance
+
+__all__ = ["PALETTE", "FORMATS", "figures_markdown", "load_figure_records", "new_figure", "save_figure", "use_style"]
+
+#: Okabe & Ito's colour-blind-safe palette (blue, orange, green, vermillion, purple, sky, yellow, black).
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+
+#: The formats every citable figure is exported in.
+FORMATS = ("svg", "pdf", "png")
+
+_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+_STYLE: dict[str, Any] = {
+    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
+    "figure.dpi": 110,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "svg.hashsalt": "peftlab",  # fixed ids in SVG output
+    "svg.fonttype": "path",
+    "pdf.fonttype": 42,
+    "image.cmap": "viridis",
+}
+
+# Metadata that would otherwise carry the date or the software build into the files.
+_METADATA = {
+    "svg": {"Date": None, "Creator": None},
+    "pdf": {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None},
+    "png": {"Software": None},
+}
+
+
+def use_style() -> None:
+    """Apply the book's style to matplotlib (called by :func:`peftlab.runtime.start_chapter`)."""
+    matplotlib.rcParams.update(_STYLE)
+
+
+def new_figure(
+    ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6, **kwargs: Any
+) -> tuple[Figure, Any]:
+    """A figure in the book's style: ``fig, ax = new_figure()`` (``ax`` is an array for several panels)."""
+    use_style()
+    kwargs.setdefault("layout", "constrained")
+    return plt.subplots(nrows=nrows, ncols=ncols, figsize=(width, height), **kwargs)
+
+
+def _write_atomic(fig: Figure, path: Path, fmt: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".{fmt}")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -> dict[str, Any]:
+    """Export ``fig`` as ``<name>.svg/.pdf/.png``, glue it, and record it for the Figures page.
+
+    The prose shows it with::
+
+        ```{glue:figure} <name>
+        :name: fig-<name>
+
+        {glue:md}`<name>-caption`
+        ```
+
+    ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.runtime.provenance` (device, seed,
+    versions), so the caption always says what produced the figure. Returns the record.
+    """
+    if not isinstance(fig, Figure):
+        raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name must be lowercase words joined by '-' (a stable file name), got {name!r}")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError("caption must be a non-empty str saying what the figure shows")
+    folder = output_dir("figures")
+    for fmt in FORMATS:
+        _write_atomic(fig, folder / f"{name}.{fmt}", fmt)
+    full_caption = f"{caption.strip()} {provenance(seed)}"
+    record = {
+        "name": name,
+        "label": f"fig-{name}",
+        "caption": full_caption,
+        "chapter": current_chapter(),
+        "files": [f"{name}.{fmt}" for fmt in FORMATS],
+    }
+    records = output_dir("figure-records")
+    (records / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    glue(name, fig, display=False)
+    try:
+        from IPython.display import Markdown
+    except ImportError:  # plain Python: nothing to render
+        Markdown = str  # type: ignore[assignment,misc]
+    glue(f"{name}-caption", Markdown(full_caption), display=False)
+    plt.close(fig)  # shown once, where the prose places it
+    return record
+
+
+def load_figure_records() -> list[dict[str, Any]]:
+    """Every figure saved by this build, ordered by chapter then name."""
+    records = [json.loads(p.read_text()) for p in output_dir("figure-records").glob("*.json")]
+    return sorted(records, key=lambda r: (r["chapter"] or "", r["name"]))
+
+
+def figures_markdown(static_prefix: str = "../../_static/figures") -> str:
+    """The Figures page's table (MyST): number, caption and download links for every figure."""
+    records = load_figure_records()
+    if not records:
+        return "*No figures were recorded by this build.*"
+    rows = ["| Figure | Caption | Files |", "|---|---|---|"]
+    for r in records:
+        files = " ".join(
+            f'<a href="{static_prefix}/{f}" download>{f.rsplit(".", 1)[1].upper()}</a>'
+            for f in r["files"]
+        )
+        caption = r["caption"].replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| {{numref}}`{r['label']}` | {caption} | {files} |")
+    return "\n".join(rows)

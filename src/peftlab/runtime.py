@@ -1,0 +1,174 @@
+"""Where a chapter runs, and what it says about it: device, seeds, provenance, progress bars, glue.
+
+Used by every chapter's first cell (see *Build status*, book/reference/status.md, for what a build saw).
+
+Note: chapters run in three places — the offline book build, a reader's laptop and Google Colab — so
+nothing here needs the build tools: :func:`glue` falls back to a no-op when myst-nb is not installed.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import torch
+
+__all__ = [
+    "book_root",
+    "device",
+    "describe_environment",
+    "glue",
+    "output_dir",
+    "progress",
+    "provenance",
+    "seed_everything",
+    "start_chapter",
+    "versions",
+]
+
+T = TypeVar("T")
+
+#: The chapter that is running (set by :func:`start_chapter`); figures and claims are filed under it.
+_state: dict[str, Any] = {"chapter": None, "seed": None}
+
+
+def device() -> torch.device:
+    """The device a chapter's GPU cells use: CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    """A human name for :func:`device`, e.g. ``"NVIDIA H200"`` or ``"CPU (x86_64)"``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()})"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries the book checks itself against (``"-"`` where missing)."""
+    out = {"python": platform.python_version()}
+    for name in ("peftlab", "torch", "bitsandbytes", "peft", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def provenance(seed: int | None = None) -> str:
+    """One sentence saying what produced a result: device, seed and package versions."""
+    v = versions()
+    seed = _state["seed"] if seed is None else seed
+    parts = [f"peftlab {v['peftlab']}", f"torch {v['torch'].split('+')[0]}"]
+    if v["bitsandbytes"] != "-":
+        parts.append(f"bitsandbytes {v['bitsandbytes']}")
+    text = f"Produced on {device_name()} with {', '.join(parts)}"
+    if seed is not None:
+        text += f", seed {seed}"
+    return text + "."
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so two runs of a chapter agree."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    _state["seed"] = seed
+
+
+def start_chapter(name: str, seed: int = 0) -> None:
+    """First call of every chapter: names it (for figures and claims), seeds it, makes torch
+    deterministic and applies the plot style."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str (the chapter's file stem), got {name!r}")
+    from peftlab.plotting import use_style
+
+    _state["chapter"] = name
+    seed_everything(seed)
+    # Why: two clean builds must draw the same figures; warn_only keeps ops that have no
+    # deterministic variant usable instead of failing a reader's run.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    use_style()
+
+
+def current_chapter() -> str | None:
+    """The name given to :func:`start_chapter`, or None outside a chapter."""
+    return _state["chapter"]
+
+
+def book_root(start: Path | None = None) -> Path | None:
+    """The repository root (the folder with ``_config.yml`` and ``_toc.yml``) above ``start``, if any."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_config.yml").is_file() and (folder / "_toc.yml").is_file():
+            return folder
+    return None
+
+
+def output_dir(kind: str) -> Path:
+    """Where generated material of ``kind`` goes, created if needed.
+
+    Inside the book: figures under ``_static/figures`` (Sphinx copies them into the site) and records
+    under ``_build/.peftlab/<kind>``. Elsewhere (Colab, a laptop): ``./peftlab-output/<kind>``.
+    """
+    root = book_root()
+    if root is None:
+        path = Path.cwd() / "peftlab-output" / kind
+    elif kind == "figures":
+        path = root / "_static" / "figures"
+    else:
+        path = root / "_build" / ".peftlab" / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
+    """A progress bar for a reader running a chapter (``tqdm.auto``).
+
+    Note: the bar writes to stderr, which the book build removes (``output_stderr: remove``), so the
+    rendered page shows results, not bars.
+    """
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("mininterval", 0.5)
+    return tqdm(iterable, **kwargs)
+
+
+def glue(name: str, value: Any, display: bool = False) -> None:
+    """Store ``value`` under ``name`` for the prose (``{glue:text}`name:.2f```).
+
+    Uses myst-nb's ``glue`` in the book build; a no-op where myst-nb is missing, so chapters run on
+    Colab unchanged.
+    """
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(name, value, display=display)
+
+
+def describe_environment() -> dict[str, str]:
+    """Print and return what this run has: Python, torch, bitsandbytes, the device and bf16 support."""
+    v = versions()
+    info = {
+        "python": v["python"],
+        "torch": v["torch"],
+        "bitsandbytes": v["bitsandbytes"],
+        "peftlab": v["peftlab"],
+        "device": device_name(),
+        "bf16": str(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+    }
+    if not torch.cuda.is_available():
+        info["note"] = "no CUDA GPU: GPU cells are skipped and say so; the PyTorch path runs everywhere"
+    for key, value in info.items():
+        print(f"{key:>12}: {value}", file=sys.stdout)
+    return info
+
