@@ -1,0 +1,239 @@
+"""Save and load LoRA adapters in Hugging Face PEFT's on-disk format.
+
+Explained in the chapter *LoRA* (book/chapters/lora.md).
+
+A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
+``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r). An adapter
+saved here loads with ``peft.PeftModel.from_pretrained`` and one saved by PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.lora import LoRALinear, _matches, _named_modules_outside_lora, _normalize_targets, add_lora, find_targets
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# PEFT features this loader does not implement; an adapter using one is refused, not half-loaded.
+_UNSUPPORTED = {
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
+    "layer_replication": None, "target_parameters": None, "exclude_modules": None,
+    "trainable_token_indices": None,
+}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _keys(name: str) -> tuple[str, str]:
+    return f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """Targets that select exactly ``names`` under PEFT's rules: the short names if they do, else a regex.
+
+    Note: full names as a list are not exact either ("blk.0" also selects "x.blk.0"); a regex of the
+    escaped full names is (PEFT full-matches a str target).
+    """
+    short = sorted({n.rpartition(".")[2] for n in names})
+    selected = [n for n, m in _named_modules_outside_lora(model) if n and _matches(n, short)]
+    if sorted(selected) == sorted(names):
+        return short
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+def _atomic_write(directory: Path, name: str, write) -> str:
+    """Write to a temp file in ``directory`` via ``write(path)``; return the temp path (caller replaces)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's LoRA factors and config to ``directory`` in PEFT's format; return the folder.
+
+    Note: everything is validated and both files are written to temporary names first; then each is moved
+    into place with ``os.replace``. An existing adapter is thus never left with a partly written file (a
+    crash between the two renames can leave a new config beside the old weights; the loader's key and
+    shape checks refuse such a pair).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layer to save; call add_lora() first")
+    settings = {(m.r, m.alpha, m.rslora, _dropout_p(m)) for _, m in layers}
+    if len(settings) != 1:
+        raise ValueError(f"all LoRA layers must share r, alpha, rslora and dropout to be saved; found {settings}")
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise ValueError(f"LoRA layers {merged[:3]} are merged; unmerge() them before saving")
+    r, alpha, rslora, dropout = settings.pop()
+    names = [n for n, _ in layers]
+    tensors = {}
+    for name, m in layers:
+        key_a, key_b = _keys(name)
+        tensors[key_a] = m.lora_A.detach().contiguous().cpu()
+        tensors[key_b] = m.lora_B.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": rslora,
+        "target_modules": _target_modules(model, names),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_w = _atomic_write(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    try:
+        tmp_c = _atomic_write(directory, CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    except BaseException:
+        os.unlink(tmp_w)
+        raise
+    os.replace(tmp_w, directory / WEIGHTS_NAME)
+    os.replace(tmp_c, directory / CONFIG_NAME)
+    return directory
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return float(layer.dropout.p) if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise ValueError(f"{path} lacks the field {field!r}")
+    r, alpha = config["r"], config["lora_alpha"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{path}: r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    for field, default in _UNSUPPORTED.items():
+        value = config.get(field, default)
+        if value != default and not (default is None and value in ({}, [], "")):
+            raise ValueError(f"{path}: {field}={value!r} is not supported here (only {default!r})")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into ``model`` (in place) and return it.
+
+    A model without LoRA layers is first wrapped per the config (``add_lora`` with its ``target_modules``,
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``); an already wrapped one must agree with the
+    config and is filled.
+
+    Note: the adapter's keys must be exactly the model's LoRA layers and every shape must fit; otherwise
+    ValueError, and the model is not touched. (PEFT only warns about missing keys and leaves B at zero,
+    which silently gives the base model.)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {str(directory)!r} does not exist")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"adapter folder {str(directory)!r} has no {name}")
+    config = _read_config(directory / CONFIG_NAME)
+    tensors = _read_tensors(directory / WEIGHTS_NAME)
+    r, alpha = config["r"], config["lora_alpha"]
+    rslora = bool(config.get("use_rslora", False))
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+
+    layers = _lora_layers(model)
+    if layers:
+        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        for name, m in layers:
+            if m.merged:
+                raise ValueError(f"LoRA layer {name!r} is merged; unmerge() it before loading an adapter")
+            if m.r != r or not math.isclose(m.scaling, scaling, rel_tol=1e-12):
+                raise ValueError(
+                    f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the adapter has r={r}, "
+                    f"scaling={scaling:g}"
+                )
+        targets = _normalize_targets(config["target_modules"])
+        stray = [n for n, _ in layers if not _matches(n, targets)]
+        if stray:
+            raise ValueError(f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}")
+        shapes = {n: (m.r, m.in_features, m.out_features) for n, m in layers}
+    else:
+        names = find_targets(model, config["target_modules"])
+        shapes = {}
+        for n in names:
+            base = model.get_submodule(n)
+            shapes[n] = (r, base.in_features, base.out_features)
+
+    expected = {}
+    for n, (rank, fan_in, fan_out) in shapes.items():
+        key_a, key_b = _keys(n)
+        expected[key_a] = (rank, fan_in)
+        expected[key_b] = (fan_out, rank)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter keys do not match the model: missing {missing[:3]} ({len(missing)} in all), "
+            f"unexpected {unexpected[:3]} ({len(unexpected)} in all)"
+        )
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+        if not tensors[key].is_floating_point():
+            raise ValueError(f"adapter tensor {key!r} has dtype {tensors[key].dtype}, expected a float dtype")
+
+    if not layers:
+        add_lora(model, config["target_modules"], r, alpha, dropout, rslora)
+    with torch.no_grad():
+        for name, m in _lora_layers(model):
+            key_a, key_b = _keys(name)
+            m.lora_A.copy_(tensors[key_a])
+            m.lora_B.copy_(tensors[key_b])
+    return model

@@ -1,0 +1,357 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, its gradients and merging.
+
+Explained in the chapter *LoRA* (book/chapters/lora.md).
+
+The layer computes ``y = W0 x + scaling · B A x`` (Hu et al. 2021, §4.1) with ``lora_A`` (r × in_features)
+and ``lora_B`` (out_features × r); ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
+(Kalajdzievski 2023). Parameter names, initialisation, forward and merge follow Hugging Face PEFT, so that
+adapters cross between the two (see :mod:`peftlab.adapter_io`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoRAFunction",
+    "LoRALinear",
+    "ParameterCount",
+    "add_lora",
+    "count_parameters",
+    "find_targets",
+    "is_linear_like",
+    "merge_lora",
+]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` or a module whose class declares ``peftlab_linear = True`` (e.g. 4-bit)."""
+    return isinstance(module, nn.Linear) or (
+        getattr(type(module), "peftlab_linear", False) is True
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
+
+
+def _check_hyperparameters(r: object, alpha: object, dropout: object, rslora: object) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be a positive int, got {type(r).__name__} {r!r}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive int, got {r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a finite real number, got {type(alpha).__name__} {alpha!r}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite real number, got {alpha}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout}")
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be a bool, got {type(rslora).__name__} {rslora!r}")
+
+
+class LoRAFunction(torch.autograd.Function):
+    """``scaling · x Aᵀ Bᵀ`` with a backward written from the notes' formulas.
+
+    With ``g_ΔW = g_yᵀ x`` (summed over tokens), the notes give ``g_B = s · g_ΔW Aᵀ`` and
+    ``g_A = s · Bᵀ g_ΔW``. Both are evaluated right to left, ``g_B = s · g_yᵀ (x Aᵀ)`` and
+    ``g_A = s · (g_y B)ᵀ x``, which is the same product by associativity.
+
+    Note: ``g_ΔW`` itself is never formed: it is out_features × in_features, the full-size gradient
+    LoRA exists to avoid. Every intermediate here has r columns.
+
+    Note: the scaling is applied to the (tokens × r) intermediates, never to a (tokens × out_features)
+    tensor, which is cheaper than scaling the output as PEFT does; results agree to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        u = (x2 @ lora_A.t()) * scaling  # tokens × r, already scaled
+        ctx.save_for_backward(x2, lora_A, lora_B, u)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        return (u @ lora_B.t()).reshape(*x.shape[:-1], lora_B.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x2, lora_A, lora_B, u = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # tokens × out
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[0]:
+            h = (g @ lora_B) * ctx.scaling  # tokens × r: s · g_y B
+            if ctx.needs_input_grad[1]:
+                grad_A = h.t() @ x2  # s · Bᵀ g_ΔW
+            if ctx.needs_input_grad[0]:
+                grad_x = (h @ lora_A).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_B = g.t() @ u  # s · g_ΔW Aᵀ
+        return grad_x, grad_A, grad_B, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer ``base`` plus the trainable update ``scaling · lora_B @ lora_A``.
+
+    ``base`` is an ``nn.Linear`` or a module whose class sets ``peftlab_linear = True`` (the 4-bit layer of
+    the QLoRA chapter). ``lora_A`` starts Kaiming-uniform (a=√5) and ``lora_B`` at zero, as in PEFT and
+    loralib, so the wrapped layer first computes exactly what ``base`` computes.
+
+    Note: the factors are float32 when the base weight is float16/bfloat16 or packed (PEFT's
+    ``autocast_adapter_dtype``): small updates to low-precision factors would round away. The LoRA path
+    runs in the factors' dtype; the output is cast back to the input's dtype.
+
+    Note: merging is explicit (``merge()`` / ``unmerge()``), never a side effect of ``eval()``.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(
+                "base must be an nn.Linear or a module whose class sets peftlab_linear = True, "
+                f"got {type(base).__name__}"
+            )
+        _check_hyperparameters(r, alpha, dropout, rslora)
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        # Note: rsLoRA's alpha/sqrt(r) keeps the update's size independent of r (Kalajdzievski 2023).
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+            dtype = weight.dtype
+        else:
+            dtype = torch.float32
+        device = weight.device if isinstance(weight, torch.Tensor) else None
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` (out_features × in_features), computed in at least float32."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        x_lora = self.dropout(x).to(self.lora_A.dtype)
+        delta = LoRAFunction.apply(x_lora, self.lora_A, self.lora_B, self.scaling)
+        # Note: add in the wider dtype, then round once (as PEFT does).
+        return (result + delta).to(x.dtype)
+
+    def _merge_base_weight(self, sign: float, action: str) -> None:
+        if not isinstance(self.base, nn.Linear):
+            raise ValueError(
+                f"cannot {action} into a {type(self.base).__name__} base: dequantize it to an nn.Linear first"
+            )
+        weight = self.base.weight
+        with torch.no_grad():
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            new = (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
+            if not torch.isfinite(new).all():
+                raise ValueError(f"{action} would put non-finite values into the base weight; left unchanged")
+            weight.copy_(new)
+
+    def merge(self) -> None:
+        """Add ``scaling · B A`` into the base weight, so that forward is one plain linear layer.
+
+        Note: the sum is formed in float32 (float64 for float64 weights) and checked for non-finite values
+        before anything is written. ``unmerge()`` restores W0 to within one rounding of the merged weight.
+        """
+        if self.merged:
+            raise ValueError("this LoRALinear is already merged; call unmerge() first")
+        self._merge_base_weight(+1.0, "merge")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``scaling · B A`` from the base weight again (the inverse of ``merge()``)."""
+        if not self.merged:
+            raise ValueError("this LoRALinear is not merged; nothing to unmerge")
+        self._merge_base_weight(-1.0, "unmerge")
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
+
+
+def _normalize_targets(target_modules: object) -> str | list[str]:
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("target_modules must not be empty")
+        return target_modules
+    if not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a str or a list of str, got {type(target_modules).__name__}")
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("target_modules must not be empty")
+    for t in targets:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"target_modules must hold non-empty str, got {t!r}")
+    return targets
+
+
+def _matches(name: str, targets: str | list[str]) -> bool:
+    # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole name;
+    # a list matches a name equal to an entry or ending in "." + entry.
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _named_modules_outside_lora(model: nn.Module):
+    """(name, module) pairs, not descending into LoRALinear layers (their ``base`` is not a target)."""
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        if isinstance(module, LoRALinear):
+            continue
+        for child_name, child in reversed(list(module.named_children())):
+            stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+
+def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+    """Qualified names of the linear layers of ``model`` that ``target_modules`` selects (PEFT's matching).
+
+    Raises ValueError when nothing matches, or a match is not linear or already has LoRA.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    targets = _normalize_targets(target_modules)
+    names = []
+    for name, module in _named_modules_outside_lora(model):
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"module {name!r} already has LoRA; merge_lora() or use a fresh model")
+        if not is_linear_like(module):
+            raise TypeError(
+                f"target_modules selects {name!r}, a {type(module).__name__}; only nn.Linear "
+                "(or peftlab_linear) layers can get LoRA"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(f"target_modules {targets!r} match no module of the model")
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def add_lora(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> nn.Module:
+    """Wrap every targeted linear layer in a :class:`LoRALinear` and freeze everything else (in place).
+
+    ``target_modules``: a list of names, each matching a module whose qualified name equals it or ends with
+    ``"." + name``; or one str, a regex that must match the whole qualified name (PEFT's rules).
+    Returns ``model``.
+    """
+    _check_hyperparameters(r, alpha, dropout, rslora)
+    names = find_targets(model, target_modules)
+    model.requires_grad_(False)
+    for name in names:
+        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` holding ``W0 + scaling · B A`` (in place).
+
+    Returns ``model`` (or the new ``nn.Linear`` if ``model`` itself is a LoRALinear).
+    Note: the new weight is computed before anything is replaced; a non-finite result raises ValueError.
+    """
+    if isinstance(model, LoRALinear):
+        return _merged_linear(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    merged = [(n, _merged_linear(m)) for n, m in layers]  # all checks before the first replacement
+    for name, linear in merged:
+        _set_submodule(model, name, linear)
+    return model
+
+
+def _merged_linear(layer: LoRALinear) -> nn.Linear:
+    if not isinstance(layer.base, nn.Linear):
+        raise ValueError(
+            f"cannot merge into a {type(layer.base).__name__} base: dequantize it to an nn.Linear first"
+        )
+    base = layer.base
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=base.bias is not None,
+        device=base.weight.device, dtype=base.weight.dtype,
+    )
+    with torch.no_grad():
+        if layer.merged:
+            weight = base.weight.detach().clone()
+        else:
+            dtype = torch.promote_types(base.weight.dtype, torch.float32)
+            weight = (base.weight.to(dtype) + layer.delta_weight().to(dtype)).to(base.weight.dtype)
+        if not torch.isfinite(weight).all():
+            raise ValueError("merging would put non-finite values into the weight; model left unchanged")
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+    linear.requires_grad_(base.weight.requires_grad)
+    return linear
+
+
+class ParameterCount(NamedTuple):
+    """Trainable and total parameters of a model (4-bit layers counted by their logical size)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable: {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.4g}%)"
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count trainable vs total parameters, each shared parameter once.
+
+    Note: a module that keeps frozen weights packed (e.g. two 4-bit values per byte) defines
+    ``extra_parameter_count() -> int``, the logical parameters it holds outside nn.Parameters; they are
+    added to ``total``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields a shared parameter once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    for module in model.modules():
+        extra = getattr(module, "extra_parameter_count", None)
+        if callable(extra):
+            total += int(extra())
+    return ParameterCount(trainable, total)
