@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: run the CUDA-marked tests, then execute every chapter that has GPU cells
+# (front matter `peftlab: gpu: true`) top to bottom, so its `# GPU:` cells run for real.
+# Usage: bash scripts/gpu-check.sh   (after: pip install -r requirements.txt, or with Colab's torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+
+"$PY" - <<'PYEOF'
+import torch, sys
+if not torch.cuda.is_available():
+    sys.exit("gpu-check: no CUDA device visible to torch (torch %s)" % torch.__version__)
+print("gpu-check:", torch.cuda.get_device_name(0), "torch", torch.__version__, "CUDA", torch.version.cuda)
+PYEOF
+
+echo "== CUDA tests"
+set +e
+"$PY" -m pytest -q -m cuda -p no:cacheprovider
+rc=$?
+set -e
+[ $rc -eq 0 ] || [ $rc -eq 5 ] || exit $rc   # 5: no CUDA test selected
+
+echo "== chapters with GPU cells"
+for md in book/chapters/*.md; do
+  if sed -n '/^---$/,/^---$/p' "$md" | grep -q '^ *gpu: *true'; then
+    timeout 900 "$PY" scripts/run_chapter.py "$md"
+  fi
+done
+echo "gpu-check: all passed"

@@ -1,0 +1,139 @@
+"""The book's machinery: the table of contents, Colab twins, glue keys, figures, citations, CI commands."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+
+
+def toc_files() -> list[str]:
+    files = [TOC["root"]]
+    for part in TOC.get("parts", [{"chapters": TOC.get("chapters", [])}]):
+        files += [entry["file"] for entry in part["chapters"]]
+    return files
+
+
+CHAPTERS = [ROOT / f"{f}.md" for f in toc_files() if f.startswith("book/chapters/")]
+ROLE = re.compile(r"\{glue(?::text|:md)?\}`([^`:]+)(?::[^`]*)?`")
+FIGURE = re.compile(r"^```\{glue:figure\}\s+(\S+)", re.M)
+
+
+def defined_keys(md: Path) -> list[re.Pattern[str]]:
+    """Patterns of every glue key the chapter's code defines (f-strings become wildcards)."""
+    patterns = []
+    for cell in jupytext.read(md).cells:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            position = {"glue": 0, "claim": 0, "save_figure": 1}.get(name)
+            if position is None or len(node.args) <= position:
+                continue
+            arg = node.args[position]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                regex = re.escape(arg.value)
+            elif isinstance(arg, ast.JoinedStr):
+                regex = "".join(
+                    re.escape(v.value) if isinstance(v, ast.Constant) else ".+" for v in arg.values
+                )
+            else:
+                continue
+            patterns.append(re.compile(regex + "$"))
+            if name == "claim":
+                patterns.append(re.compile(regex + "-expected$"))
+            if name == "save_figure":
+                patterns.append(re.compile(regex + "-caption$"))
+    return patterns
+
+
+def figure_names(md: Path) -> set[str]:
+    names = set()
+    for cell in jupytext.read(md).cells:
+        if cell.cell_type == "code":
+            names |= set(re.findall(r"save_figure\(\s*\w+\s*,\s*[\"']([a-z0-9-]+)[\"']", cell.source))
+    return names
+
+
+def test_every_toc_entry_exists():
+    missing = [f for f in toc_files() if not (ROOT / f"{f}.md").is_file()]
+    assert not missing, f"in _toc.yml but not on disk: {missing}"
+
+
+def test_twins_are_in_sync():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_twins.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for md in CHAPTERS:
+        assert md.with_suffix(".ipynb").is_file(), f"{md.name} has no Colab twin"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_conventions(md: Path):
+    text = md.read_text()
+    assert "from myst_nb import glue" not in text, "use peftlab.runtime.glue (myst-nb is not on Colab)"
+    assert f'start_chapter("{md.stem}"' in text, f"{md.name} must call start_chapter({md.stem!r}, ...)"
+    assert re.search(r"^\(chapter-[a-z-]+\)=$", text, re.M), f"{md.name} has no (chapter-...)= label"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_every_glue_key_in_prose_is_defined(md: Path):
+    text = md.read_text()
+    used = set(ROLE.findall(text)) | set(FIGURE.findall(text))
+    patterns = defined_keys(md)
+    undefined = sorted(k for k in used if not any(p.match(k) for p in patterns))
+    assert not undefined, f"{md.name} uses glue keys no cell defines: {undefined}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_every_figure_is_exported_named_and_referenced(md: Path):
+    text = md.read_text()
+    placed, exported = set(FIGURE.findall(text)), figure_names(md)
+    assert placed <= exported, f"placed but not saved with save_figure: {sorted(placed - exported)}"
+    assert exported <= placed, f"saved but never placed with {{glue:figure}}: {sorted(exported - placed)}"
+    for name in placed:
+        assert f":name: fig-{name}" in text, f"figure {name} has no :name: fig-{name}"
+        assert f"{{numref}}`fig-{name}`" in text, f"figure {name} is never referenced with {{numref}}"
+
+
+def test_every_citation_is_in_the_bibliography():
+    bib = (ROOT / "book" / "references.bib").read_text()
+    keys = set(re.findall(r"^@\w+\{([^,]+),", bib, re.M))
+    for required in ("hu2021lora", "dettmers2023qlora", "kalajdzievski2023rslora", "touvron2023llama",
+                     "bitsandbytes", "peft"):
+        assert required in keys
+    cited = set()
+    for md in (ROOT / "book").rglob("*.md"):
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", md.read_text()):
+            cited |= {k.strip() for k in group.split(",")}
+    assert cited <= keys, f"cited but not in references.bib: {sorted(cited - keys)}"
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(python3 -m venv .+)\n```", readme)
+    assert len(commands) == 2, "README must open with the build command and the test command"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in ci
+    for command in commands:
+        assert command in ci.splitlines(), f".ci/run does not run the README command: {command}"
+
+
+def test_requirements_pin_exactly():
+    lines = [l for l in (ROOT / "requirements.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert "torch==2.13.0" in lines
+    loose = [l for l in lines if l != "-e ." and "==" not in l]
+    assert not loose, f"requirements.txt must pin exactly: {loose}"

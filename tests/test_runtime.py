@@ -1,0 +1,135 @@
+"""peftlab.runtime, peftlab.plotting and peftlab.claims: the helpers every chapter uses."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from peftlab import claims, plotting, runtime
+
+
+@pytest.fixture
+def book(tmp_path, monkeypatch):
+    """A throwaway book root, so records and figures land in tmp_path."""
+    (tmp_path / "_config.yml").write_text("title: t\n")
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    monkeypatch.chdir(tmp_path)
+    runtime.start_chapter("demo", seed=3)
+    return tmp_path
+
+
+def test_book_root_found_from_a_subfolder(book):
+    sub = book / "book" / "chapters"
+    sub.mkdir(parents=True)
+    assert runtime.book_root(sub) == book.resolve()
+
+
+def test_outside_a_book_output_goes_to_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runtime.output_dir("claims") == tmp_path.resolve() / "peftlab-output" / "claims"
+
+
+def test_seed_everything_makes_draws_repeat():
+    runtime.seed_everything(7)
+    a = (torch.randn(5), np.random.rand(3))
+    runtime.seed_everything(7)
+    b = (torch.randn(5), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(TypeError, match="seed"):
+        runtime.seed_everything(-1)
+
+
+def test_provenance_names_device_seed_and_versions():
+    text = runtime.provenance(seed=5)
+    assert "seed 5" in text and "torch" in text and "peftlab" in text
+    assert runtime.device_name() in text
+
+
+def _draw(seed: int):
+    rng = np.random.default_rng(seed)
+    fig, ax = plotting.new_figure()
+    ax.plot(rng.normal(size=50), label="x")
+    ax.legend()
+    return fig
+
+
+def test_save_figure_writes_identical_files_twice(book):
+    first = plotting.save_figure(_draw(0), "demo-line", "A line.")
+    bytes1 = {f: (book / "_static" / "figures" / f).read_bytes() for f in first["files"]}
+    plotting.save_figure(_draw(0), "demo-line", "A line.")
+    bytes2 = {f: (book / "_static" / "figures" / f).read_bytes() for f in first["files"]}
+    assert sorted(bytes1) == ["demo-line.pdf", "demo-line.png", "demo-line.svg"]
+    assert bytes1 == bytes2
+    assert b"Date" not in bytes1["demo-line.svg"] and b"CreationDate" not in bytes1["demo-line.pdf"]
+
+
+def test_save_figure_records_caption_with_provenance(book):
+    plotting.save_figure(_draw(1), "demo-rec", "Recorded.")
+    (record,) = plotting.load_figure_records()
+    assert record["chapter"] == "demo" and record["label"] == "fig-demo-rec"
+    assert record["caption"].startswith("Recorded. Produced on") and "seed 3" in record["caption"]
+    assert "{numref}`fig-demo-rec`" in plotting.figures_markdown()
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "under_score", "", "-x"])
+def test_save_figure_refuses_unstable_names(book, name):
+    with pytest.raises(ValueError, match="name"):
+        plotting.save_figure(_draw(0), name, "c")
+
+
+def test_save_figure_refuses_non_figures(book):
+    with pytest.raises(TypeError, match="Figure"):
+        plotting.save_figure("not a figure", "x", "c")
+
+
+def test_claim_passes_records_and_returns_measured(book):
+    assert claims.claim("demo-ok", 0.1271, 0.127, rel=0.01, source="QLoRA §3", what="bits") == 0.1271
+    (c,) = claims.load_claims()
+    assert c.passed and c.chapter == "demo" and c.tolerance == "within 0.01 relative"
+    assert json.loads((book / "_build" / ".peftlab" / "claims" / "demo-ok.json").read_text())["passed"]
+    assert "✓" in claims.claims_markdown()
+
+
+@pytest.mark.parametrize(
+    "measured, expected, kwargs",
+    [(1.2, 1.0, {"rel": 0.1}), (50.0, 48.0, {"relation": "<"}), (3.0, 3.0, {"relation": ">"})],
+)
+def test_broken_claims_fail_loudly_and_are_recorded(book, measured, expected, kwargs):
+    with pytest.raises(claims.ClaimError, match="demo-bad"):
+        claims.claim("demo-bad", measured, expected, source="s", what="w", **kwargs)
+    assert not claims.load_claims()[0].passed
+
+
+def test_claim_tolerance_is_an_inclusive_bound(book):
+    claims.claim("demo-edge", 1.5, 1.0, abs=0.5, source="s", what="w")
+    claims.claim("demo-lt", 47.9, 48.0, relation="<", source="s", what="w")
+    assert all(c.passed for c in claims.load_claims())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"measured": float("nan")}, ValueError),
+        ({"measured": "1"}, TypeError),
+        ({"rel": None}, ValueError),
+        ({"relation": "~"}, ValueError),
+        ({"key": "Bad key"}, ValueError),
+        ({"source": " "}, ValueError),
+    ],
+)
+def test_claim_bad_input(book, kwargs, error):
+    args = {"key": "demo-x", "measured": 1.0, "expected": 1.0, "rel": 0.1, "source": "s", "what": "w"}
+    args.update(kwargs)
+    with pytest.raises(error):
+        claims.claim(**args)
+
+
+def test_claim_accepts_tensors(book):
+    assert claims.claim("demo-t", torch.tensor(2.0), 2, abs=0.0, source="s", what="w") == 2.0
