@@ -1,0 +1,208 @@
+"""Byte-level text corpora that every Python installation has offline, and batches drawn from them.
+
+Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
+
+Two real texts, both shipped with CPython, so nothing is downloaded:
+
+- **pretraining text**: the CPython language reference help topics in :mod:`pydoc_data.topics`
+  (English prose with code examples, about 0.45 MB);
+- **downstream text**: a fixed list of the standard library's own source files (Python code).
+
+Each corpus is split into train and held-out parts by *whole documents* (topics or files), so no
+held-out sentence is ever seen in training. Text is encoded as raw UTF-8 bytes: the vocabulary is
+the 256 byte values, so there is no tokenizer to download.
+
+Note: both texts change slightly between Python versions; :func:`corpus_info` records the version
+so captions can name it.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 256
+"""One token per byte value."""
+
+SEPARATOR = b"\n\n"
+"""Bytes placed between documents when a corpus is concatenated."""
+
+HELD_OUT_EVERY = 10
+"""Pretraining: topic number ``i`` (in sorted order) is held out when ``i % 10 == 5`` (about 8 %)."""
+
+DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
+    "difflib.py", "fractions.py", "statistics.py", "calendar.py", "csv.py", "shlex.py",
+    "string.py", "pprint.py", "contextlib.py", "random.py", "json/decoder.py",
+    "json/encoder.py", "fnmatch.py", "glob.py", "copy.py", "colorsys.py", "sched.py",
+    "graphlib.py", "base64.py", "gettext.py", "operator.py", "bisect.py",
+)
+"""Standard-library source files (relative to ``Lib/``) used to train the downstream task."""
+
+DOWNSTREAM_HELD_OUT_FILES: tuple[str, ...] = ("textwrap.py", "heapq.py", "queue.py")
+"""Standard-library source files kept apart for the downstream held-out loss."""
+
+_SPLITS = ("train", "held_out")
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """Where a corpus comes from, for captions and provenance."""
+
+    name: str
+    source: str
+    python_version: str
+    train_bytes: int
+    held_out_bytes: int
+    train_documents: tuple[str, ...]
+    held_out_documents: tuple[str, ...]
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+
+
+def _pretraining_documents(split: str) -> list[tuple[str, bytes]]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = [n for i, n in enumerate(names) if i % HELD_OUT_EVERY == 5]
+    keep = held if split == "held_out" else [n for n in names if n not in held]
+    return [(n, topics[n].encode("utf-8")) for n in keep]
+
+
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _downstream_documents(split: str) -> list[tuple[str, bytes]]:
+    files = DOWNSTREAM_HELD_OUT_FILES if split == "held_out" else DOWNSTREAM_TRAIN_FILES
+    root = _stdlib_dir()
+    docs = []
+    for rel in files:
+        path = root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"standard-library source file {path} not found (downstream corpus)")
+        docs.append((rel, path.read_bytes()))
+    return docs
+
+
+def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
+    data = SEPARATOR.join(text for _, text in docs)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def pretraining_text(split: str = "train") -> torch.Tensor:
+    """The CPython help topics (``pydoc_data.topics``) as a 1-D uint8 tensor of UTF-8 bytes.
+
+    ``split`` is ``"train"`` or ``"held_out"``; the held-out topics are never in ``"train"``.
+    """
+    _check_split(split)
+    return _join(_pretraining_documents(split))
+
+
+def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch.Tensor:
+    """Standard-library Python source as a 1-D uint8 tensor of bytes (the downstream task).
+
+    ``max_bytes`` keeps only the first bytes of the split: a small downstream set for the
+    overfitting experiment.
+    """
+    _check_split(split)
+    data = _join(_downstream_documents(split))
+    if max_bytes is not None:
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 2:
+            raise ValueError(f"max_bytes must be an int >= 2 or None, got {max_bytes!r}")
+        data = data[:max_bytes]
+    return data
+
+
+def corpus_info(name: str) -> CorpusInfo:
+    """Provenance of ``"pretraining"`` or ``"downstream"``: source, Python version, sizes, documents."""
+    if name == "pretraining":
+        fetch, source = _pretraining_documents, "CPython help topics (pydoc_data.topics)"
+    elif name == "downstream":
+        fetch, source = _downstream_documents, "Python standard-library source files"
+    else:
+        raise ValueError(f"name must be 'pretraining' or 'downstream', got {name!r}")
+    train, held = fetch("train"), fetch("held_out")
+    size = lambda docs: len(SEPARATOR.join(t for _, t in docs))  # noqa: E731
+    return CorpusInfo(
+        name=name,
+        source=source,
+        python_version=".".join(map(str, sys.version_info[:3])),
+        train_bytes=size(train),
+        held_out_bytes=size(held),
+        train_documents=tuple(n for n, _ in train),
+        held_out_documents=tuple(n for n, _ in held),
+    )
+
+
+def encode(text: str) -> torch.Tensor:
+    """UTF-8 bytes of ``text`` as a 1-D int64 tensor of token ids (0..255)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(ids: torch.Tensor | list[int]) -> str:
+    """Inverse of :func:`encode`; invalid UTF-8 (a model may emit it) becomes U+FFFD."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if any(not 0 <= v < VOCAB_SIZE for v in values):
+        raise ValueError("ids must all be byte values in [0, 255]")
+    return bytes(values).decode("utf-8", errors="replace")
+
+
+def _check_data(data: torch.Tensor, seq_len: int) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() != 1:
+        raise TypeError("data must be a 1-D tensor of byte values (see pretraining_text)")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if data.numel() < seq_len + 1:
+        raise ValueError(f"data has {data.numel()} bytes; seq_len={seq_len} needs at least {seq_len + 1}")
+
+
+def random_batch(
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` windows at random offsets: inputs ``x`` and next-byte targets ``y`` (int64).
+
+    ``x[b] = data[i : i + seq_len]`` and ``y[b] = data[i + 1 : i + seq_len + 1]``. The offsets come
+    from ``generator`` only, so a seeded generator gives the same batches on every machine.
+    """
+    _check_data(data, seq_len)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (seed it for reproducible batches)")
+    starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    windows = data[idx].long()
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_batches(
+    data: torch.Tensor, batch_size: int, seq_len: int, max_windows: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows from the start of ``data``, grouped into batches, for held-out loss.
+
+    Deterministic (no randomness). ``max_windows`` caps the number of windows, to keep evaluation
+    cheap; ``None`` uses the whole text.
+
+    Note: every target byte is predicted from at most ``seq_len`` bytes of context, and the first
+    bytes of each window from very little, so the loss is a little higher than with a sliding window.
+    """
+    _check_data(data, seq_len)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = (data.numel() - 1) // seq_len
+    if max_windows is not None:
+        if not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+        n = min(n, max_windows)
+    x = data[: n * seq_len].long().view(n, seq_len)
+    y = data[1 : n * seq_len + 1].long().view(n, seq_len)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
