@@ -1,0 +1,501 @@
+"""Paged optimizer state: a page pool with a device budget, and an AdamW whose states live in it.
+
+Explained in the chapter *Paged optimizers* (book/chapters/paged.md).
+
+QLoRA's third trick (Dettmers et al. 2023, §3): when a memory spike (the activations of a long sequence)
+would not fit, optimizer states step aside to host memory and come back for the update. bitsandbytes does
+it with CUDA unified memory and the driver's page migration; here the mechanism is explicit:
+
+- :class:`PagePool` holds pages of optimizer state within ``capacity_bytes`` of device memory. Pages that
+  do not fit live in host memory. On CUDA they are real device buffers and pinned host buffers moved by
+  asynchronous copies; on a CPU the pool *simulates* the device budget: the copies are real, the budget is
+  exact byte accounting.
+- :meth:`PagePool.reserve` is a context manager for a spike: it evicts least-recently-used pages to host
+  until the spike fits, or refuses (:class:`PoolMemoryError`) before changing anything.
+- :class:`PagedAdamW` takes the same steps as ``torch.optim.AdamW``; its two state tensors are paged in,
+  one page at a time, for each update.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_PAGE_BYTES",
+    "Event",
+    "PagePool",
+    "PagedAdamW",
+    "PagedTensor",
+    "PoolMemoryError",
+    "PoolStats",
+]
+
+#: Default page size. Note: 2 MiB is the large-page size in which NVIDIA's driver migrates unified memory
+#: between host and GPU; smaller pages waste less on partial eviction but cost more copies.
+DEFAULT_PAGE_BYTES = 2 * 1024 * 1024
+
+
+class PoolMemoryError(MemoryError):
+    """A spike or a page that does not fit in the pool even after every page has been evicted.
+
+    Attributes name the sizes involved, in bytes: ``requested``, ``capacity`` and ``reserved`` (held by
+    other reservations, which cannot be evicted).
+    """
+
+    def __init__(self, what: str, requested: int, capacity: int, reserved: int) -> None:
+        self.requested, self.capacity, self.reserved = requested, capacity, reserved
+        super().__init__(
+            f"{what}: {requested:,} bytes requested, but the pool's capacity_bytes is {capacity:,} "
+            f"and {reserved:,} bytes are held by other reservations, so at most "
+            f"{max(capacity - reserved, 0):,} bytes could be freed; nothing was changed"
+        )
+
+
+class Event(NamedTuple):
+    """One point of the pool's timeline (bytes after the event)."""
+
+    seconds: float  # since the pool was created
+    kind: str  # "alloc", "free", "page_out", "page_in", "reserve", "release", "mark"
+    label: str
+    device_bytes: int  # resident pages + reservations
+    host_bytes: int  # pages whose live copy is on the host
+    reserved_bytes: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a pool's accounting, in bytes (``paging_seconds`` in seconds)."""
+
+    capacity_bytes: int
+    device_bytes: int
+    resident_bytes: int
+    reserved_bytes: int
+    host_bytes: int
+    peak_device_bytes: int
+    paged_out_bytes: int
+    paged_in_bytes: int
+    page_outs: int
+    page_ins: int
+    paging_seconds: float
+    timeline: tuple[Event, ...]
+
+
+class _Page:
+    """One chunk of a paged tensor: its live copy is ``data`` (device) or ``host``, never both."""
+
+    __slots__ = ("numel", "nbytes", "data", "host", "pinned")
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.numel = data.numel()
+        self.nbytes = self.numel * data.element_size()
+        self.data: torch.Tensor | None = data
+        self.host: torch.Tensor | None = None  # kept once allocated: the page's backing store
+        self.pinned = False  # True while an update uses it: not evictable
+
+
+class PagedTensor:
+    """A tensor stored as pages of a :class:`PagePool`; flat, split into chunks of ``page_numel`` elements."""
+
+    def __init__(self, pool: PagePool, shape: torch.Size, dtype: torch.dtype, pages: list[_Page]) -> None:
+        self.pool, self.shape, self.dtype, self.pages = pool, shape, dtype, pages
+
+    @property
+    def nbytes(self) -> int:
+        return sum(page.nbytes for page in self.pages)
+
+    def to_tensor(self) -> torch.Tensor:
+        """A new ordinary tensor on the pool's device with the current values.
+
+        Note: reading does not page anything in or change the LRU order; host pages are copied directly.
+        """
+        out = torch.empty(math.prod(self.shape), dtype=self.dtype, device=self.pool.device)
+        start = 0
+        for page in self.pages:
+            src = page.data if page.data is not None else page.host
+            out[start : start + page.numel].copy_(src, non_blocking=self.pool._async)
+            start += page.numel
+        return out.view(self.shape)
+
+
+def _as_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int number of bytes, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 bytes, got {value}")
+    return value
+
+
+class PagePool:
+    """A fixed budget of device memory for optimizer-state pages; pages that do not fit live on the host.
+
+    Args:
+        capacity_bytes: the device budget; pages and :meth:`reserve` spikes must fit in it together.
+        device: where pages live when resident (default: cuda if available, else cpu). On cpu the
+            budget is simulated: copies between "device" and "host" buffers are real, the limit is accounting.
+        page_bytes: page size; a tensor is split into pages of ``page_bytes // element_size`` elements.
+        timeline_len: how many recent :class:`Event` s :attr:`stats` keeps for plotting.
+
+    Note: eviction is least-recently-used; a page is "used" when it is allocated or paged in for an update.
+    Pages are paged in lazily, when an update needs them (bitsandbytes prefetches before each update instead).
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        device: str | torch.device | None = None,
+        page_bytes: int = DEFAULT_PAGE_BYTES,
+        timeline_len: int = 100_000,
+    ) -> None:
+        self.capacity_bytes = _as_positive_int(capacity_bytes, "capacity_bytes")
+        self.page_bytes = _as_positive_int(page_bytes, "page_bytes")
+        self.device = _resolve_device(device)
+        # Note: on CUDA, copies run asynchronously on the current stream (stream order makes them safe: a
+        # freed device buffer is only reused by later work on that stream), and host buffers are pinned.
+        self._async = self.device.type == "cuda"
+        self._resident: OrderedDict[int, _Page] = OrderedDict()  # LRU order: oldest first
+        self._resident_bytes = 0
+        self._host_bytes = 0
+        self._reserved_bytes = 0
+        self._peak = 0
+        self._out_bytes = self._in_bytes = self._outs = self._ins = 0
+        self._paging_seconds = 0.0
+        self._t0 = time.perf_counter()
+        self._timeline: deque[Event] = deque(maxlen=_as_positive_int(timeline_len, "timeline_len"))
+
+    # -- accounting -------------------------------------------------------------------------------
+    @property
+    def device_bytes(self) -> int:
+        """Bytes held on the device: resident pages plus reservations."""
+        return self._resident_bytes + self._reserved_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.device_bytes
+
+    @property
+    def stats(self) -> PoolStats:
+        """Bytes on device and host, bytes paged out and in, the peak, and the timeline (a snapshot)."""
+        return PoolStats(
+            capacity_bytes=self.capacity_bytes,
+            device_bytes=self.device_bytes,
+            resident_bytes=self._resident_bytes,
+            reserved_bytes=self._reserved_bytes,
+            host_bytes=self._host_bytes,
+            peak_device_bytes=self._peak,
+            paged_out_bytes=self._out_bytes,
+            paged_in_bytes=self._in_bytes,
+            page_outs=self._outs,
+            page_ins=self._ins,
+            paging_seconds=self._paging_seconds,
+            timeline=tuple(self._timeline),
+        )
+
+    def mark(self, label: str) -> None:
+        """Add a labelled point to the timeline (e.g. the start of a training step); changes nothing."""
+        self._record("mark", label)
+
+    def _record(self, kind: str, label: str = "") -> None:
+        self._peak = max(self._peak, self.device_bytes)
+        self._timeline.append(
+            Event(time.perf_counter() - self._t0, kind, label, self.device_bytes, self._host_bytes,
+                  self._reserved_bytes)
+        )
+
+    def _check_fits(self, nbytes: int, what: str) -> None:
+        """Raise before changing anything if ``nbytes`` cannot fit even with every page evicted."""
+        if nbytes > self.capacity_bytes - self._reserved_bytes:
+            raise PoolMemoryError(what, nbytes, self.capacity_bytes, self._reserved_bytes)
+
+    # -- pages --------------------------------------------------------------------------------------
+    def zeros(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32) -> PagedTensor:
+        """A zero-filled :class:`PagedTensor`; its pages start on the device (evicting others if needed)."""
+        shape = torch.Size(shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        page_numel = max(self.page_bytes // itemsize, 1)
+        numel = math.prod(shape)
+        sizes = [min(page_numel, numel - start) for start in range(0, numel, page_numel)]
+        if sizes:
+            self._check_fits(sizes[0] * itemsize, "a new page")
+        pages = []
+        for n in sizes:
+            self._make_room(n * itemsize)
+            page = _Page(torch.zeros(n, dtype=dtype, device=self.device))
+            self._resident[id(page)] = page
+            self._resident_bytes += page.nbytes
+            pages.append(page)
+        self._record("alloc")
+        return PagedTensor(self, shape, dtype, pages)
+
+    def from_tensor(self, tensor: torch.Tensor) -> PagedTensor:
+        """A :class:`PagedTensor` holding a copy of ``tensor``."""
+        paged = self.zeros(tensor.shape, tensor.dtype)
+        flat = tensor.detach().reshape(-1)
+        start = 0
+        for page in paged.pages:
+            src = flat[start : start + page.numel]
+            if page.data is not None:
+                page.data.copy_(src)
+            else:  # evicted while later pages were allocated
+                page.host.copy_(src)
+            start += page.numel
+        return paged
+
+    def free(self, paged: PagedTensor) -> None:
+        """Release a paged tensor's pages (device and host)."""
+        for page in paged.pages:
+            if page.data is not None:
+                del self._resident[id(page)]
+                self._resident_bytes -= page.nbytes
+            else:
+                self._host_bytes -= page.nbytes
+            page.data = page.host = None
+        paged.pages = []
+        self._record("free")
+
+    def evict_all(self) -> None:
+        """Page every unpinned page out to the host (as a very large spike would)."""
+        self._make_room(self.capacity_bytes)
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict LRU pages until ``nbytes`` more fit (callers have checked that they can)."""
+        if self.free_bytes >= nbytes:
+            return
+        for page in list(self._resident.values()):
+            if self.free_bytes >= nbytes:
+                break
+            if not page.pinned:
+                self._page_out(page)
+
+    def _page_out(self, page: _Page) -> None:
+        t = time.perf_counter()
+        if page.host is None:
+            page.host = torch.empty(page.numel, dtype=page.data.dtype, pin_memory=self._async)
+        page.host.copy_(page.data, non_blocking=self._async)
+        page.data = None  # on CUDA the block returns to the caching allocator, reused in stream order
+        del self._resident[id(page)]
+        self._resident_bytes -= page.nbytes
+        self._host_bytes += page.nbytes
+        self._out_bytes += page.nbytes
+        self._outs += 1
+        self._paging_seconds += time.perf_counter() - t
+        self._record("page_out")
+
+    def _page_in(self, page: _Page) -> None:
+        t = time.perf_counter()
+        page.data = page.host.to(self.device, non_blocking=self._async)
+        self._resident[id(page)] = page
+        self._resident_bytes += page.nbytes
+        self._host_bytes -= page.nbytes
+        self._in_bytes += page.nbytes
+        self._ins += 1
+        self._paging_seconds += time.perf_counter() - t
+        self._record("page_in")
+
+    def _acquire(self, pages: Sequence[_Page]) -> None:
+        """Make ``pages`` resident together and most recently used (callers have checked that they fit)."""
+        for page in pages:
+            page.pinned = True
+        try:
+            for page in pages:
+                if page.data is None:
+                    self._make_room(page.nbytes)
+                    self._page_in(page)
+                else:
+                    self._resident.move_to_end(id(page))
+        finally:
+            for page in pages:
+                page.pinned = False
+
+    # -- spikes -------------------------------------------------------------------------------------
+    @contextmanager
+    def reserve(self, nbytes: int, label: str = "spike") -> Iterator[None]:
+        """Hold ``nbytes`` of the device budget for a memory spike, evicting LRU pages to host as needed.
+
+        Raises:
+            PoolMemoryError: (a ``MemoryError``) if ``nbytes`` exceeds the capacity minus other reservations,
+                i.e. even an empty pool could not hold it; then no page has moved.
+
+        Note: pages evicted for the spike are not paged back when it ends; they return when next used.
+        """
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"nbytes must be an int number of bytes, got {type(nbytes).__name__}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        self._check_fits(nbytes, f"reserve({label!r})")
+        self._make_room(nbytes)
+        self._reserved_bytes += nbytes
+        self._record("reserve", label)
+        try:
+            yield
+        finally:
+            self._reserved_bytes -= nbytes
+            self._record("release", label)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")
+        if device.index is None:  # compare equal to the parameters' device, which carries an index
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
+    return device
+
+
+def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    def number(value: Any, name: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return float(value)
+
+    if number(lr, "lr") < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= number(beta, f"betas[{i}]") < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+    if number(eps, "eps") <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if number(weight_decay, "weight_decay") < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose two state tensors live in a :class:`PagePool`.
+
+    Takes the same steps as ``torch.optim.AdamW`` with the same arguments (its single-tensor path: the
+    same operations in the same order), whether or not states were paged out in between.
+
+    Args:
+        params, lr, betas, eps, weight_decay: as for ``torch.optim.AdamW`` (same defaults).
+        pool: where the states live. Default: a pool on the parameters' device whose capacity is the free
+            device memory on CUDA, and unlimited on cpu (then nothing is ever paged).
+
+    Note: Adam is elementwise, so each update runs page by page on slices of the parameter and gradient:
+    only one page of each state needs to be resident at a time, and temporaries are page-sized.
+    Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does), so checkpoints load in either.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        pool: PagePool | None = None,
+    ) -> None:
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(f"params must be real floating-point tensors, got dtype {p.dtype}")
+        if pool is None:
+            pool = _default_pool(self.param_groups[0]["params"][0].device)
+        if not isinstance(pool, PagePool):
+            raise TypeError(f"pool must be a PagePool or None, got {type(pool).__name__}")
+        self.pool = pool
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.device != pool.device:
+                    raise ValueError(f"params must be on the pool's device {pool.device}, got one on {p.device}")
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            if not p.is_contiguous():
+                raise ValueError("params must be contiguous: updates run on slices of p.view(-1)")
+            state["step"] = torch.tensor(0.0)  # as torch.optim.AdamW keeps it
+            state["exp_avg"] = self.pool.zeros(p.shape, p.dtype)
+            state["exp_avg_sq"] = self.pool.zeros(p.shape, p.dtype)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One AdamW update of every parameter with a gradient; states are paged in page by page.
+
+        Raises ``PoolMemoryError`` before changing anything if one page of each state cannot fit beside
+        the current reservations.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        largest = 0
+        for _, p in work:
+            if p.grad.is_sparse:
+                raise TypeError("PagedAdamW does not support sparse gradients")
+            page_numel = max(self.pool.page_bytes // p.element_size(), 1)
+            largest = max(largest, min(p.numel(), page_numel) * p.element_size())
+        self.pool._check_fits(2 * largest, "one page of each AdamW state")
+        for group, p in work:
+            state = self._state(p)
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            state["step"] += 1
+            step = state["step"].item()
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+            step_size = lr / bias_correction1
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+            start = 0
+            for m_page, v_page in zip(state["exp_avg"].pages, state["exp_avg_sq"].pages):
+                self.pool._acquire((m_page, v_page))
+                m, v = m_page.data, v_page.data
+                stop = start + m_page.numel
+                g = g_flat[start:stop]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+                p_flat[start:stop].addcdiv_(m, denom, value=-step_size)
+                start = stop
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.AdamW.state_dict()``: states gathered into ordinary tensors."""
+        sd = super().state_dict()
+        sd["state"] = {
+            key: {k: (v.to_tensor() if isinstance(v, PagedTensor) else v) for k, v in s.items()}
+            for key, s in sd["state"].items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an ``AdamW``-format state dict (ours or torch's); states are copied into the pool."""
+        old = [v for s in self.state.values() for v in s.values() if isinstance(v, PagedTensor)]
+        super().load_state_dict(state_dict)
+        for v in old:
+            self.pool.free(v)
+        for s in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if isinstance(s.get(k), torch.Tensor):
+                    s[k] = self.pool.from_tensor(s[k])
+
+
+def _default_pool(device: torch.device) -> PagePool:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return PagePool(free, device)
+    return PagePool(2**62, device)  # effectively unlimited: nothing is paged

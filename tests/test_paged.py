@@ -1,0 +1,430 @@
+"""Tests of peftlab.paged against torch.optim.AdamW (and bitsandbytes' PagedAdamW on CUDA)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peftlab.paged import DEFAULT_PAGE_BYTES, PagedAdamW, PagedTensor, PagePool, PoolMemoryError
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SHAPES = [(37,), (64, 33), (5, 7, 3), (1000,), (0,)]
+
+
+def _params(dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device) for s in SHAPES]
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(p.device) for p in params]
+
+
+def _run_pair(dtype, page_bytes, capacity, perturb, device="cpu", steps=40, **hyper):
+    """Run torch's AdamW and ours side by side on the same gradients; perturb the pool between steps."""
+    init = _params(dtype, device)
+    ref = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().requires_grad_() for p in init]
+    pool = PagePool(capacity, device=device, page_bytes=page_bytes)
+    opt_ref = torch.optim.AdamW(ref, **hyper)
+    opt = PagedAdamW(ours, pool=pool, **hyper)
+    for step in range(steps):
+        for a, b, g in zip(ref, ours, _grads(init, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+        perturb(pool, step)
+    return ref, ours, opt_ref, opt, pool
+
+
+def _no_paging(pool, step):
+    pass
+
+
+def _spike(pool, step):
+    with pool.reserve(pool.capacity_bytes * 3 // 4, label=f"spike {step}"):
+        pass
+
+
+def _evict_all(pool, step):
+    if step % 3 == 0:
+        pool.evict_all()
+
+
+def _assert_same(ref, ours, opt_ref, opt):
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a)
+        st_ref, st = opt_ref.state[a], opt.state[b]
+        torch.testing.assert_close(st["exp_avg"].to_tensor(), st_ref["exp_avg"])
+        torch.testing.assert_close(st["exp_avg_sq"].to_tensor(), st_ref["exp_avg_sq"])
+        assert st["step"].item() == st_ref["step"].item()
+
+
+# -- PagedAdamW takes torch.optim.AdamW's steps --------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("page_bytes", [64, 200, DEFAULT_PAGE_BYTES])
+@pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
+def test_matches_torch_adamw(dtype, page_bytes, perturb):
+    capacity = 4 * page_bytes if page_bytes < DEFAULT_PAGE_BYTES else 40 * 1024
+    ref, ours, opt_ref, opt, pool = _run_pair(dtype, page_bytes, capacity, perturb, lr=1e-2)
+    _assert_same(ref, ours, opt_ref, opt)
+    if perturb is not _no_paging:
+        assert pool.stats.page_outs > 0 and pool.stats.page_ins > 0
+    # the parameters moved: equality is not trivial
+    assert not torch.equal(ours[1].detach(), _params(dtype)[1])
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(lr=3e-3, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.0),
+        dict(lr=1e-1, betas=(0.0, 0.0), eps=1e-3, weight_decay=0.3),
+        dict(),  # the defaults must be torch's
+    ],
+)
+def test_matches_torch_adamw_hyperparameters(hyper):
+    ref, ours, opt_ref, opt, _ = _run_pair(torch.float32, 128, 1024, _spike, **hyper)
+    _assert_same(ref, ours, opt_ref, opt)
+
+
+def test_param_groups_and_no_grad_params():
+    init = _params(torch.float32)
+    ref = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().requires_grad_() for p in init]
+    groups = lambda ps: [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "weight_decay": 0.5}]  # noqa: E731
+    opt_ref, opt = torch.optim.AdamW(groups(ref)), PagedAdamW(groups(ours), pool=PagePool(512, page_bytes=128))
+    for step in range(10):
+        for i, (a, b, g) in enumerate(zip(ref, ours, _grads(init, step))):
+            if i != 3:  # parameter 3 never gets a gradient
+                a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a)
+    assert ours[3] not in opt.state and torch.equal(ours[3].detach(), init[3])
+
+
+def test_training_a_model_matches():
+    torch.manual_seed(0)
+    model_ref = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+    model.load_state_dict(model_ref.state_dict())
+    pool = PagePool(2048, page_bytes=512)  # four pages: the states (about 5 KiB each) never fit together
+    opt_ref, opt = torch.optim.AdamW(model_ref.parameters(), lr=1e-2), PagedAdamW(model.parameters(), lr=1e-2, pool=pool)
+    x, y = torch.randn(32, 16), torch.randn(32, 4)
+    for _ in range(25):
+        for m, o in ((model_ref, opt_ref), (model, opt)):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            o.step()
+    for a, b in zip(model_ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a)
+    assert pool.stats.page_outs > 0
+
+
+def test_closure_returns_loss():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = PagedAdamW([p], pool=PagePool(1024))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 3.0
+    assert (p < 1).all()
+
+
+def test_state_dict_round_trips_with_torch_adamw():
+    ref, ours, opt_ref, opt, _ = _run_pair(torch.float32, 128, 1024, _spike, steps=5)
+    sd = opt.state_dict()
+    assert all(isinstance(v, torch.Tensor) for s in sd["state"].values() for v in s.values())
+    # ours -> torch and torch -> ours, then both continue identically
+    fresh_ref = torch.optim.AdamW(ref)
+    fresh_ref.load_state_dict(sd)
+    pool = PagePool(1024, page_bytes=128)
+    fresh = PagedAdamW(ours, pool=pool)
+    fresh.load_state_dict(opt_ref.state_dict())
+    for step in range(5, 10):
+        for a, b, g in zip(ref, ours, _grads(ref, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        fresh_ref.step()
+        fresh.step()
+    _assert_same(ref, ours, fresh_ref, fresh)
+    # loading again frees the old pages: the accounting holds only the new states
+    fresh.load_state_dict(fresh.state_dict())
+    total = sum(2 * p.numel() * 4 for p in ours)
+    assert pool.stats.resident_bytes + pool.stats.host_bytes == total
+
+
+# -- the pool ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("numel,page_bytes", [(10, 8), (1000, 256), (1000, 4000), (7, 3), (0, 64)])
+def test_pages_split_exactly_and_round_trip(dtype, numel, page_bytes):
+    pool = PagePool(10**6, page_bytes=page_bytes)
+    x = torch.randn(numel).to(dtype)
+    paged = pool.from_tensor(x)
+    itemsize = x.element_size()
+    page_numel = max(page_bytes // itemsize, 1)
+    assert [p.numel for p in paged.pages] == [min(page_numel, numel - s) for s in range(0, numel, page_numel)]
+    assert paged.nbytes == numel * itemsize == pool.stats.resident_bytes
+    pool.evict_all()
+    assert pool.stats.resident_bytes == 0 and pool.stats.host_bytes == numel * itemsize
+    assert torch.equal(paged.to_tensor(), x)
+
+
+def test_reserve_evicts_least_recently_used_first():
+    pool = PagePool(3 * 400, page_bytes=400)
+    a, b, c = (pool.zeros((100,)) for _ in range(3))  # one 400-byte page each; pool full
+    pool._acquire(a.pages)  # a is now the most recently used; b the least
+    with pool.reserve(400):
+        assert [t.pages[0].data is None for t in (a, b, c)] == [False, True, False]
+        with pool.reserve(400):
+            assert [t.pages[0].data is None for t in (a, b, c)] == [False, True, True]
+        s = pool.stats
+        assert (s.reserved_bytes, s.resident_bytes, s.host_bytes, s.device_bytes) == (400, 400, 800, 800)
+    # pages are not paged back when the spike ends, only when used
+    assert pool.stats.host_bytes == 800 and pool.stats.reserved_bytes == 0
+
+
+def test_reserve_evicts_only_what_the_spike_needs():
+    pool = PagePool(10 * 100, page_bytes=100)
+    pool.zeros((250,))  # 10 pages of 100 bytes fill the pool
+    with pool.reserve(301):
+        assert pool.stats.page_outs == 4 and pool.stats.paged_out_bytes == 400
+    assert pool.stats.peak_device_bytes == 1000
+
+
+def test_accounting_and_timeline():
+    pool = PagePool(1000, page_bytes=100)
+    t = pool.zeros((200,))  # 800 bytes, 8 pages
+    pool.mark("step 0")
+    with pool.reserve(500, label="long sequence"):
+        pass
+    pool._acquire(t.pages)
+    s = pool.stats
+    assert (s.paged_out_bytes, s.paged_in_bytes, s.page_outs, s.page_ins) == (300, 300, 3, 3)
+    assert s.peak_device_bytes == 1000 and s.device_bytes == 800 and s.host_bytes == 0
+    kinds = [e.kind for e in s.timeline]
+    assert kinds == ["alloc", "mark", "page_out", "page_out", "page_out", "reserve", "release"] + ["page_in"] * 3
+    spike = s.timeline[kinds.index("reserve")]
+    assert (spike.label, spike.device_bytes, spike.host_bytes, spike.reserved_bytes) == ("long sequence", 1000, 300, 500)
+    assert all(e.seconds >= 0 for e in s.timeline) and s.paging_seconds >= 0
+    assert [e.seconds for e in s.timeline] == sorted(e.seconds for e in s.timeline)
+
+
+def test_reservation_released_on_exception():
+    pool = PagePool(1000)
+    with pytest.raises(RuntimeError, match="boom"):
+        with pool.reserve(600):
+            raise RuntimeError("boom")
+    assert pool.stats.reserved_bytes == 0
+    with pool.reserve(1000):  # the whole budget is available again
+        pass
+
+
+def test_refused_spike_changes_nothing():
+    init = _params(torch.float32)
+    ours = [p.clone().requires_grad_() for p in init]
+    pool = PagePool(4096, page_bytes=256)
+    opt = PagedAdamW(ours, pool=pool)
+    for a, g in zip(ours, _grads(init, 0)):
+        a.grad = g
+    opt.step()
+    with pool.reserve(2000):  # some pages now on host, some on device
+        pass
+
+    def snapshot():
+        params = [p.detach().clone() for p in ours]
+        states = [(s["exp_avg"].to_tensor(), s["exp_avg_sq"].to_tensor(), s["step"].item()) for s in opt.state.values()]
+        residency = [pg.data is None for s in opt.state.values() for pg in s["exp_avg"].pages + s["exp_avg_sq"].pages]
+        return params, states, residency
+
+    before, stats = snapshot(), pool.stats
+    assert any(before[2]) and not all(before[2])
+    with pool.reserve(1000):
+        mid, mid_stats = snapshot(), pool.stats
+        with pytest.raises(PoolMemoryError) as err:
+            with pool.reserve(4096 - 1000 + 1, label="long sequence"):
+                pass  # pragma: no cover
+        assert isinstance(err.value, MemoryError)
+        msg = str(err.value)
+        assert "3,097 bytes requested" in msg and "4,096" in msg and "1,000" in msg and "long sequence" in msg
+        assert (err.value.requested, err.value.capacity, err.value.reserved) == (3097, 4096, 1000)
+        after = snapshot()
+        assert pool.stats == mid_stats  # no page moved, nothing recorded
+    for x, y in zip(before[0] + mid[0], after[0] + after[0]):
+        assert torch.equal(x, y)
+    for (m0, v0, s0), (m1, v1, s1) in zip(before[1], after[1]):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1) and s0 == s1
+    assert mid[2] == after[2]
+    assert stats.reserved_bytes == pool.stats.reserved_bytes == 0
+
+
+def test_refused_spike_moves_no_page():
+    pool = PagePool(1000, page_bytes=100)
+    t = pool.zeros((250,))
+    with pytest.raises(PoolMemoryError, match="1,001 bytes requested"):
+        with pool.reserve(1001):
+            pass  # pragma: no cover
+    s = pool.stats
+    assert s.page_outs == 0 and s.resident_bytes == 1000 and all(p.data is not None for p in t.pages)
+    assert [e.kind for e in s.timeline] == ["alloc"]
+
+
+def test_step_refused_when_pages_cannot_fit_changes_nothing():
+    p = torch.nn.Parameter(torch.randn(100))
+    pool = PagePool(1000, page_bytes=400)
+    opt = PagedAdamW([p], pool=pool)
+    p.grad = torch.randn(100)
+    opt.step()
+    before = (p.detach().clone(), opt.state[p]["exp_avg"].to_tensor(), opt.state[p]["step"].item())
+    with pool.reserve(300):  # 700 bytes left < one 400-byte page of each state
+        with pytest.raises(PoolMemoryError, match="one page of each AdamW state"):
+            opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg"].to_tensor(), before[1])
+    assert opt.state[p]["step"].item() == before[2]
+
+
+def test_pool_of_exactly_two_pages_thrashes_but_is_correct():
+    ref, ours, opt_ref, opt, pool = _run_pair(torch.float32, 64, 128, _no_paging, steps=10)
+    _assert_same(ref, ours, opt_ref, opt)
+    assert pool.stats.peak_device_bytes <= 128 and pool.stats.page_ins > 0
+
+
+def test_default_pool_on_cpu_never_pages():
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = PagedAdamW([p])
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert opt.pool.device == torch.device("cpu") or torch.cuda.is_available()
+    assert opt.pool.stats.page_outs == 0
+
+
+def test_paged_tensor_type():
+    assert isinstance(PagePool(100).zeros((3,)), PagedTensor)
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(capacity_bytes=0), ValueError, "capacity_bytes"),
+        (dict(capacity_bytes=-5), ValueError, "capacity_bytes"),
+        (dict(capacity_bytes=1.5), TypeError, "capacity_bytes"),
+        (dict(capacity_bytes=True), TypeError, "capacity_bytes"),
+        (dict(capacity_bytes=100, page_bytes=0), ValueError, "page_bytes"),
+        (dict(capacity_bytes=100, page_bytes="2MiB"), TypeError, "page_bytes"),
+        (dict(capacity_bytes=100, device="meta"), ValueError, "device"),
+        (dict(capacity_bytes=100, device="not a device"), ValueError, "device"),
+    ],
+)
+def test_pool_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PagePool(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr=math.nan), ValueError, "lr"),
+        (dict(lr=math.inf), ValueError, "lr"),
+        (dict(lr="1e-3"), TypeError, "lr"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+        (dict(betas=(0.9, math.nan)), ValueError, r"betas\[1\]"),
+        (dict(betas=(0.9,)), TypeError, "betas"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(pool="big"), TypeError, "pool"),
+    ],
+)
+def test_optimizer_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        PagedAdamW([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_bad_group_hyperparameters_and_params():
+    with pytest.raises(ValueError, match="lr"):
+        PagedAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": -1.0}], pool=PagePool(100))
+    with pytest.raises(TypeError, match="floating-point"):
+        PagedAdamW([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], pool=PagePool(100))
+    p = torch.nn.Parameter(torch.zeros(4, 4).t())
+    opt = PagedAdamW([p], pool=PagePool(1000))
+    p.grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    e = torch.nn.Embedding(10, 3, sparse=True)
+    opt = PagedAdamW(e.parameters(), pool=PagePool(1000))
+    e(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("nbytes,exc", [(-1, ValueError), (1.0, TypeError), (None, TypeError)])
+def test_reserve_bad_input(nbytes, exc):
+    pool = PagePool(100)
+    with pytest.raises(exc, match="nbytes"):
+        with pool.reserve(nbytes):
+            pass  # pragma: no cover
+
+
+# -- CUDA: real device and pinned host buffers ---------------------------------------------------------
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
+def test_cuda_matches_torch_adamw(dtype, perturb):
+    ref, ours, opt_ref, opt, pool = _run_pair(dtype, 256, 1024, perturb, device="cuda", lr=1e-2)
+    torch.cuda.synchronize()
+    for a, b in zip(ref, ours):  # torch uses its multi-tensor (foreach) kernels on CUDA: not bitwise equal
+        torch.testing.assert_close(b, a, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-6)
+    host = [pg.host for s in opt.state.values() for pg in s["exp_avg"].pages if pg.host is not None]
+    if perturb is not _no_paging:
+        assert host and all(h.is_pinned() for h in host)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_eviction_frees_device_memory():
+    pool = PagePool(64 * 2**20, device="cuda", page_bytes=2**20)
+    t = pool.from_tensor(torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))  # 8 MiB, 8 pages
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    pool.evict_all()
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated() == 8 * 2**20
+    assert torch.equal(t.to_tensor(), torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))
+    pool._acquire(t.pages)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before == 0
+    assert torch.equal(t.to_tensor(), torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_matches_bitsandbytes_paged_adamw():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    init = [torch.randn(512, 512, device="cuda"), torch.randn(300, device="cuda")]  # ≥ 1e5: bnb pages the first
+    theirs = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().requires_grad_() for p in init]
+    opt_bnb = bnb.optim.PagedAdamW(theirs, lr=1e-3)
+    opt = PagedAdamW(ours, lr=1e-3, pool=PagePool(2**20, device="cuda", page_bytes=2**18))
+    for step in range(20):
+        for a, b, g in zip(theirs, ours, _grads(init, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_bnb.step()
+        opt.step()
+        with opt.pool.reserve(2**19):
+            pass
+    torch.cuda.synchronize()
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
