@@ -1,0 +1,320 @@
+"""Double quantization: the NF4 absmax constants, quantized to 8 bits.
+
+Explained in the chapter *Double quantization* (book/chapters/double_quant.md).
+
+QLoRA stores one float32 ``absmax`` per block of 64 weights (0.5 bits per parameter). Double
+quantization subtracts their mean (``offset``) and quantizes the centred constants in blocks of
+``blocksize2 = 256`` with bitsandbytes' signed 8-bit dynamic map, keeping one float32 ``absmax2``
+per block: 8/64 + 32/(64*256) = 0.127 bits per parameter.
+
+Everything here reproduces bitsandbytes' CPU path byte for byte (checked in
+tests/test_double_quant.py). In bitsandbytes' terms, a :class:`DoubleQuantState` is the nested part
+of a 4-bit ``QuantState``: ``absmax`` = ``codes``, ``offset`` = ``offset`` and
+``state2 = QuantState(absmax=absmax2, code=dynamic_map(), blocksize=blocksize2, dtype=float32)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "BLOCKSIZES",
+    "LUT_SIZE",
+    "DoubleQuantState",
+    "dynamic_map",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_absmax",
+    "dequantize_absmax",
+    "roundtrip_absmax",
+    "overhead_bits",
+]
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Block sizes accepted here: bitsandbytes' 4-bit block sizes (all multiples of 8)."""
+
+LUT_SIZE = 65536
+"""Bins of bitsandbytes' CPU lookup table over [-1, 1] (``kLUTSize`` in ``csrc/cpu_ops.cpp``)."""
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn
+
+
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256 sorted values of bitsandbytes' 8-bit dynamic ("dynamic tree") data type.
+
+    Equal, value for value, to ``bitsandbytes.functional.create_dynamic_map(signed)``: for each
+    decade ``10**(i-6)``, i = 0..6, the midpoints of ``2**i + 1`` (signed) or ``2**(i+1) + 1``
+    (unsigned) points evenly spaced on [0.1, 1], scaled by the decade, with both signs when
+    ``signed``; then 0 and 1 (unsigned: zeros pad the rest), sorted.
+
+    Note: the arithmetic follows bitsandbytes exactly (linspace and midpoints in float32, the
+    decade as a Python float applied to a float32 tensor), so the table is equal bit for bit.
+    """
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    parts = [torch.tensor([0.0, 1.0])]
+    for i in range(7):
+        points = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = torch.linspace(0.1, 1, points, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        decade = 10.0 ** (i - 6)
+        parts.append(decade * means)
+        if signed:
+            parts.append(-decade * means)
+    values = torch.cat(parts)
+    values = torch.cat([values, torch.zeros(256 - values.numel())])
+    return torch.sort(values).values
+
+
+@lru_cache(maxsize=8)
+def _default_code(device: str) -> torch.Tensor:
+    return dynamic_map(True).to(device)
+
+
+@lru_cache(maxsize=8)
+def _default_lut(device: str) -> torch.Tensor:
+    return _build_lut(dynamic_map(True)).to(device)
+
+
+def _build_lut(code: torch.Tensor) -> torch.Tensor:
+    """Code index of each of the ``LUT_SIZE`` bins (``build_quantize_lut`` in bitsandbytes)."""
+    code = code.to("cpu", torch.float32)
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    i = torch.arange(LUT_SIZE, dtype=torch.float32)
+    centres = -1.0 + (2.0 * i) / float(LUT_SIZE - 1)
+    # bitsandbytes advances while ``midpoint < centre``: the count of midpoints strictly below.
+    return torch.searchsorted(midpoints, centres, right=False).to(torch.uint8)
+
+
+def _check_blocksize(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value not in BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {value}")
+    return value
+
+
+def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if code is None:
+        return _default_code(str(device))
+    if not isinstance(code, torch.Tensor):
+        raise TypeError(f"code must be a torch.Tensor or None, got {type(code).__name__}")
+    if code.dtype != torch.float32 or code.shape != (256,):
+        raise ValueError(f"code must be a float32 tensor of shape (256,), got {code.dtype} {tuple(code.shape)}")
+    if not bool((code[1:] >= code[:-1]).all()) or not bool((code.abs() <= 1).all()):
+        raise ValueError("code must be sorted ascending with values in [-1, 1]")
+    return code.to(device)
+
+
+def quantize_blockwise(
+    A: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization, byte-identical to bitsandbytes' CPU ``quantize_blockwise``.
+
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``A`` and one float32 ``absmax`` per block
+    of ``blocksize`` values of the flattened ``A`` (a trailing partial block gets its own).
+
+    Note: bitsandbytes' CPU quantizer (``quantize_cpu_impl`` / ``avx2_quantize_8bit_block``) does
+    not search for the nearest code. It scales by the reciprocal, ``x * (1/absmax)``, clamps to
+    [-1, 1], maps to one of ``LUT_SIZE`` bins with ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each
+    step rounded to float32) and reads the code from a table built from the code midpoints. Near
+    zero the bins (width 2/65535) are far wider than the dynamic map's spacing, so an exact 0 gets
+    code 131 (2.1e-5), not code 127 (0.0). We reproduce the table, not the ideal.
+
+    Note: a block whose values are all zero gets ``absmax = 0`` and codes 0, as in bitsandbytes
+    (without the guard, 0 * (1/0) would be NaN).
+    """
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"A must be float32, float16 or bfloat16, got {A.dtype}")
+    if A.numel() == 0:
+        raise ValueError("A must not be empty")
+    blocksize = _check_blocksize(blocksize, "blocksize")
+    lut = _default_lut(str(A.device)) if code is None else _build_lut(_check_code(code, A.device)).to(A.device)
+    x = A.reshape(-1).float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("A must contain only finite values")
+
+    n = x.numel()
+    blocks = -(-n // blocksize)
+    # Zero padding changes no block's absmax; the padded codes are dropped below.
+    x = torch.nn.functional.pad(x, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = x.abs().amax(dim=1)
+    inv = 1.0 / absmax  # bitsandbytes multiplies by the float32 reciprocal, it does not divide
+    scaled = (x * inv[:, None]).clamp(-1.0, 1.0)
+    t = (scaled + 1.0) * 0.5
+    t = t * float(LUT_SIZE - 1) + 0.5
+    zero = absmax == 0
+    index = torch.where(zero[:, None], 0.0, t).to(torch.int64)  # trunc, as cvttps2dq
+    codes = torch.where(zero[:, None], torch.zeros((), dtype=torch.uint8, device=A.device), lut[index])
+    return codes.reshape(-1)[:n].reshape(A.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int = 256,
+    code: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``code[codes] * absmax[block]`` in float32, cast to ``dtype`` (bitsandbytes' CPU path)."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be a uint8 torch.Tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise TypeError("absmax must be a 1-D float32 torch.Tensor")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    blocksize = _check_blocksize(blocksize, "blocksize")
+    n = codes.numel()
+    blocks = -(-n // blocksize)
+    if absmax.numel() != blocks:
+        raise ValueError(f"absmax must have {blocks} values (one per block of {blocksize}), got {absmax.numel()}")
+    code = _check_code(code, codes.device)
+    values = code[codes.reshape(-1).long()]
+    values = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    out = (values * absmax.to(codes.device)[:, None]).reshape(-1)[:n]
+    return out.to(dtype).reshape(codes.shape)
+
+
+@dataclass(frozen=True)
+class DoubleQuantState:
+    """The double-quantized first-level ``absmax`` of an NF4 tensor.
+
+    ``absmax ≈ dynamic_map()[codes] * absmax2[block] + offset``, with blocks of ``blocksize2``
+    codes. Build one with :func:`quantize_absmax`; move it with :meth:`to`.
+    """
+
+    codes: torch.Tensor  # uint8, one 8-bit code per first-level absmax
+    absmax2: torch.Tensor  # float32, one per block of `blocksize2` codes
+    offset: torch.Tensor  # float32, 0-dim: the mean that was subtracted
+    blocksize2: int = 256
+
+    def __post_init__(self) -> None:
+        _check_blocksize(self.blocksize2, "blocksize2")
+        for name, dtype in (("codes", torch.uint8), ("absmax2", torch.float32), ("offset", torch.float32)):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+                raise TypeError(f"{name} must be a {dtype} torch.Tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+        if self.codes.dim() != 1 or self.absmax2.dim() != 1 or self.offset.dim() != 0:
+            raise ValueError("codes and absmax2 must be 1-D and offset 0-dim")
+        blocks = -(-self.codes.numel() // self.blocksize2)
+        if self.absmax2.numel() != blocks:
+            raise ValueError(
+                f"absmax2 must have {blocks} values for {self.codes.numel()} codes in blocks of "
+                f"{self.blocksize2}, got {self.absmax2.numel()}"
+            )
+        if len({self.codes.device, self.absmax2.device, self.offset.device}) != 1:
+            raise ValueError("codes, absmax2 and offset must be on the same device")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the real buffers: codes + absmax2 + offset."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax2, self.offset))
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> DoubleQuantState:
+        """A new state with every buffer on ``device`` (this one is unchanged)."""
+        return DoubleQuantState(
+            self.codes.to(device), self.absmax2.to(device), self.offset.to(device), self.blocksize2
+        )
+
+
+def _check_absmax(absmax: torch.Tensor) -> None:
+    if not isinstance(absmax, torch.Tensor):
+        raise TypeError(f"absmax must be a torch.Tensor, got {type(absmax).__name__}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"absmax must be float32 (the first-level constants), got {absmax.dtype}")
+    if absmax.dim() != 1 or absmax.numel() == 0:
+        raise ValueError(f"absmax must be 1-D and non-empty (one value per block), got shape {tuple(absmax.shape)}")
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("absmax must contain only finite values")
+
+
+def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantState:
+    """Double-quantize the first-level constants exactly as bitsandbytes' ``compress_statistics=True``.
+
+    ``offset = absmax.mean()``; the centred constants ``absmax - offset`` are quantized with
+    :func:`quantize_blockwise` in blocks of ``blocksize2`` with the signed :func:`dynamic_map`.
+
+    Note: the constants are all positive and cluster around their mean; centring makes them
+    symmetric around 0 so the signed map's 256 levels (half of them negative) are all usable.
+
+    Note: if all constants are equal, the centred block is zero: ``absmax2 = 0`` and the
+    constants dequantize to ``offset`` exactly, with no NaN.
+    """
+    _check_absmax(absmax)
+    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    offset = absmax.mean()  # the same reduction as bitsandbytes, so the same float32 rounding
+    codes, absmax2 = quantize_blockwise(absmax - offset, blocksize=blocksize2)
+    return DoubleQuantState(codes, absmax2, offset, blocksize2)
+
+
+def dequantize_absmax(state: DoubleQuantState) -> torch.Tensor:
+    """The first-level ``absmax`` (float32): ``dynamic_map()[codes] * absmax2[block] + offset``.
+
+    Note: two float32 roundings (the product, then the sum), as bitsandbytes' dequantize kernel
+    followed by ``absmax += offset``; a fused multiply-add would differ in the last bit.
+    """
+    if not isinstance(state, DoubleQuantState):
+        raise TypeError(f"state must be a DoubleQuantState, got {type(state).__name__}")
+    centred = dequantize_blockwise(state.codes, state.absmax2, state.blocksize2)
+    return centred + state.offset
+
+
+Scheme = Literal["dynamic", "fp8_e4m3", "int8"]
+
+
+def roundtrip_absmax(absmax: torch.Tensor, blocksize2: int = 256, scheme: Scheme = "dynamic") -> torch.Tensor:
+    """Quantize and dequantize the centred constants with one of three 8-bit types (float32 out).
+
+    - ``"dynamic"``: bitsandbytes' dynamic map (what this package and bitsandbytes implement).
+    - ``"fp8_e4m3"``: IEEE-like FP8 E4M3 (``torch.float8_e4m3fn``), each block scaled so that its
+      absmax maps to 448, the largest finite E4M3 value. The paper says "8-bit floats".
+    - ``"int8"``: torchao's symmetric int8: ``clamp(round(a * 128/absmax2), -128, 127)`` and
+      division by the same factor (``NF4Tensor.double_quantize_scalers``).
+
+    Note: all three subtract the same mean and use the same float32 ``absmax2`` per block, so
+    they cost the same 0.127 bits per parameter; only the 256 levels differ.
+    """
+    _check_absmax(absmax)
+    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    if scheme == "dynamic":
+        return dequantize_absmax(quantize_absmax(absmax, blocksize2))
+    if scheme not in ("fp8_e4m3", "int8"):
+        raise ValueError(f"scheme must be 'dynamic', 'fp8_e4m3' or 'int8', got {scheme!r}")
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    blocks = -(-n // blocksize2)
+    x = torch.nn.functional.pad(centred, (0, blocks * blocksize2 - n)).view(blocks, blocksize2)
+    absmax2 = x.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(absmax2 == 0, torch.ones_like(absmax2), absmax2)  # a zero block stays zero
+    if scheme == "fp8_e4m3":
+        scale = safe / _FP8_E4M3_MAX
+        y = (x / scale).to(torch.float8_e4m3fn).float() * scale
+    else:
+        factor = 256 / (2 * safe)
+        y = (x * factor).round().clamp(-128, 127) / factor
+    return y.reshape(-1)[:n] + offset
+
+
+def overhead_bits(blocksize: int = 64, blocksize2: int | None = 256) -> float:
+    """Bits per parameter spent on constants, by the paper's formula (QLoRA §3).
+
+    ``32/blocksize`` without double quantization (``blocksize2=None``), else
+    ``8/blocksize + 32/(blocksize*blocksize2)``: 0.5 and 0.127 for blocks of 64 and 256.
+    """
+    blocksize = _check_blocksize(blocksize, "blocksize")
+    if blocksize2 is None:
+        return 32 / blocksize
+    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    return 8 / blocksize + 32 / (blocksize * blocksize2)
