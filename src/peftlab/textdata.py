@@ -8,8 +8,8 @@ Two real texts, both shipped with CPython, so nothing is downloaded:
   (English prose with code examples, about 0.45 MB);
 - **downstream text**: a fixed list of the standard library's own source files (Python code).
 
-Each corpus is split into train and held-out parts by *whole documents* (topics or files), so no
-held-out sentence is ever seen in training. Text is encoded as raw UTF-8 bytes: the vocabulary is
+Each corpus is split into train and held-out parts by *whole documents* (groups of topics that
+share text, or files), so no held-out paragraph is ever seen in training. Text is encoded as raw UTF-8 bytes: the vocabulary is
 the 256 byte values, so there is no tokenizer to download.
 
 Note: both texts change slightly between Python versions; :func:`corpus_info` records the version
@@ -32,7 +32,11 @@ SEPARATOR = b"\n\n"
 """Bytes placed between documents when a corpus is concatenated."""
 
 HELD_OUT_EVERY = 10
-"""Pretraining: topic number ``i`` (in sorted order) is held out when ``i % 10 == 5`` (about 8 %)."""
+"""Pretraining: topic group number ``i`` (groups sorted by first topic name) is held out when
+``i % 10 == 0`` (about 10 % of the bytes); see :func:`topic_groups`."""
+
+SHARED_PARAGRAPH = 60
+"""Two topics sharing a paragraph at least this many characters long belong to one group."""
 
 DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
     "difflib.py", "fractions.py", "statistics.py", "calendar.py", "csv.py", "shlex.py",
@@ -66,12 +70,45 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
 
 
-def _pretraining_documents(split: str) -> list[tuple[str, bytes]]:
+def topic_groups() -> list[list[str]]:
+    """The help topics grouped so that no paragraph is shared between groups, sorted by first name.
+
+    Note: many topics repeat others verbatim (``customization`` is a section of ``specialnames``,
+    ``for`` of ``compound``: about a quarter of the text is repeated). Splitting by topic would leak
+    held-out text into training, so the split is by connected groups of topics that share a paragraph
+    of at least :data:`SHARED_PARAGRAPH` characters.
+    """
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    held = [n for i, n in enumerate(names) if i % HELD_OUT_EVERY == 5]
-    keep = held if split == "held_out" else [n for n in names if n not in held]
+    parent = {n: n for n in names}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            n = parent[n]
+        return n
+
+    first_seen: dict[str, str] = {}
+    for name in names:
+        for paragraph in topics[name].split("\n\n"):
+            if len(paragraph) < SHARED_PARAGRAPH:
+                continue
+            if paragraph in first_seen:
+                parent[root(name)] = root(first_seen[paragraph])
+            else:
+                first_seen[paragraph] = name
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(root(name), []).append(name)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _pretraining_documents(split: str) -> list[tuple[str, bytes]]:
+    from pydoc_data.topics import topics
+
+    groups = topic_groups()
+    held = {n for i, g in enumerate(groups) if i % HELD_OUT_EVERY == 0 for n in g}
+    keep = [n for n in sorted(topics) if (n in held) == (split == "held_out")]
     return [(n, topics[n].encode("utf-8")) for n in keep]
 
 
@@ -206,3 +243,21 @@ def eval_batches(
     x = data[: n * seq_len].long().view(n, seq_len)
     y = data[1 : n * seq_len + 1].long().view(n, seq_len)
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def spaced_windows(data: torch.Tensor, n_windows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_windows`` windows spread evenly over the whole of ``data``: inputs ``x``, targets ``y``.
+
+    A cheap, deterministic sample of a text for repeated evaluation during training.
+
+    Note: evenly spaced rather than the first windows, so a short evaluation still covers every
+    document of the split instead of only the first one.
+    """
+    _check_data(data, seq_len)
+    if not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"n_windows must be a positive int, got {n_windows!r}")
+    last = data.numel() - seq_len - 1
+    starts = torch.linspace(0, last, n_windows).round().long()
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    windows = data[idx].long()
+    return windows[:, :-1], windows[:, 1:]
