@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from peftlab.paged import DEFAULT_PAGE_BYTES, PagedAdamW, PagedTensor, PagePool, PoolMemoryError
+from peftlab.paged import (
+    DEFAULT_PAGE_BYTES,
+    PagedAdamW,
+    PagedTensor,
+    PagePool,
+    PoolMemoryError,
+    count_saved_bytes,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHAPES = [(37,), (64, 33), (5, 7, 3), (1000,), (0,)]
@@ -428,3 +435,39 @@ def test_cuda_matches_bitsandbytes_paged_adamw():
     torch.cuda.synchronize()
     for a, b in zip(theirs, ours):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+# -- counting a step's activations ---------------------------------------------------------------------
+@pytest.mark.parametrize("batch,d,hidden", [(5, 8, 16), (3, 32, 7)])
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_count_saved_bytes_counts_activations_once(batch, d, hidden, input_requires_grad):
+    lin = torch.nn.Linear(d, hidden)
+    x = torch.randn(batch, d, requires_grad=input_requires_grad)
+    with count_saved_bytes(lin.parameters()) as saved:
+        y = torch.nn.functional.gelu(lin(x))
+        z = y * y  # saves y twice (both operands): one storage
+    # x (for the weight gradient), the GELU input, and y: 4 bytes each; the weight is excluded
+    assert saved.nbytes == 4 * (batch * d + 2 * batch * hidden)
+    with count_saved_bytes() as everything:
+        torch.nn.functional.gelu(lin(x))
+    weight_saved = input_requires_grad  # the weight is needed only for the input's gradient
+    assert everything.nbytes == 4 * (batch * d + batch * hidden + weight_saved * d * hidden)
+    del z
+
+
+def test_count_saved_bytes_with_checkpointing_counts_block_inputs():
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)) for _ in range(3)]
+    params = [p for b in blocks for p in b.parameters()]
+    x = torch.randn(10, 16, requires_grad=True)
+    with count_saved_bytes(params) as plain:
+        h = x
+        for b in blocks:
+            h = b(h)
+    with count_saved_bytes(params) as ckpt:
+        h = x
+        for b in blocks:
+            h = checkpoint(b, h, use_reentrant=False)
+    assert plain.nbytes == 3 * 4 * 10 * (16 + 64 + 64)
+    assert ckpt.nbytes == 3 * 4 * 10 * 16  # only each block's input is kept
