@@ -1,0 +1,483 @@
+"""How much memory finetuning needs: an estimate per component, and a measurement of one real step.
+
+Explained in the chapter *Memory savings* (book/chapters/memory.md).
+
+:func:`estimate` adds up, in bytes, what one GPU holds during a training step of a LLaMA-shaped model —
+weights, quantization constants, LoRA weights, gradients, optimizer states, activations — for full
+finetuning, 16-bit LoRA and QLoRA. :func:`measure_step` measures the same components for a real step:
+``torch.cuda.max_memory_allocated`` on CUDA; on a CPU, the exact bytes of live tensors, tracked op by op.
+
+Note: the activation count is for Hugging Face's ``LlamaForCausalLM`` with SDPA attention (no
+sequence × sequence matrix is kept) and its ``labels=`` loss, which casts the logits to float32. It was
+derived by listing the tensors autograd saves in that code and is checked against :func:`measure_step`.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "COMPONENTS",
+    "GPUS",
+    "LLAMA",
+    "METHODS",
+    "Breakdown",
+    "LlamaShape",
+    "activation_bytes",
+    "estimate",
+    "measure_step",
+    "quantized_bytes",
+]
+
+METHODS = ("full", "lora", "qlora")
+COMPONENTS = ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_states", "activations")
+
+GiB = 1024**3
+GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
+"""Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000, A100/H100 80GB) has
+24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no estimate here counts."""
+
+PAGE_BYTES = 2 * 1024**2
+"""Page size of the paged optimizer (peftlab.paged.DEFAULT_PAGE_BYTES, NVIDIA's unified-memory large page)."""
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The shape of a LLaMA-architecture model: all a memory estimate needs to know about it."""
+
+    name: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn: int
+    vocab: int = 32000
+    n_kv_heads: int | None = None
+    tied_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for f in ("d_model", "n_layers", "n_heads", "ffn", "vocab"):
+            _positive_int(getattr(self, f), f)
+        if self.n_kv_heads is not None:
+            _positive_int(self.n_kv_heads, "n_kv_heads")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key and value projections (d_model unless grouped-query attention)."""
+        heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        return heads * (self.d_model // self.n_heads)
+
+    def block_linears(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of the seven linear layers of one block."""
+        d, f, kv = self.d_model, self.ffn, self.kv_dim
+        return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
+                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the blocks' linear layers (what QLoRA quantizes)."""
+        return self.n_layers * sum(o * i for o, i in self.block_linears().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, ``lm_head`` and the RMSNorm weights (kept in 16 bits by QLoRA)."""
+        embeddings = self.vocab * self.d_model * (1 if self.tied_embeddings else 2)
+        return embeddings + (2 * self.n_layers + 1) * self.d_model
+
+    @property
+    def n_params(self) -> int:
+        return self.linear_params + self.other_params
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "config") -> LlamaShape:
+        """From a ``transformers.LlamaConfig`` (or anything with its attribute names)."""
+        try:
+            return cls(
+                name=name,
+                d_model=config.hidden_size,
+                n_layers=config.num_hidden_layers,
+                n_heads=config.num_attention_heads,
+                ffn=config.intermediate_size,
+                vocab=config.vocab_size,
+                n_kv_heads=getattr(config, "num_key_value_heads", None),
+                tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            )
+        except AttributeError as err:
+            raise TypeError(
+                "model must be a LLaMA name, a LlamaShape or a config with hidden_size, num_hidden_layers, "
+                f"num_attention_heads, intermediate_size and vocab_size; {err}"
+            ) from None
+
+
+LLAMA: dict[str, LlamaShape] = {
+    "llama-7b": LlamaShape("llama-7b", 4096, 32, 32, 11008),
+    "llama-13b": LlamaShape("llama-13b", 5120, 40, 40, 13824),
+    "llama-33b": LlamaShape("llama-33b", 6656, 60, 52, 17920),
+    "llama-65b": LlamaShape("llama-65b", 8192, 80, 64, 22016),
+}
+"""LLaMA-1 shapes (Touvron et al. 2023, Table 2), untied embeddings, vocabulary 32,000."""
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Bytes per component (per GPU when sharded); ``total`` is their sum."""
+
+    weights: int = 0
+    quant_constants: int = 0
+    lora_weights: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def __str__(self) -> str:
+        rows = [f"{c:>17}: {getattr(self, c) / 1e9:10.3f} GB" for c in COMPONENTS]
+        return "\n".join([*rows, f"{'total':>17}: {self.total / 1e9:10.3f} GB"])
+
+
+# ----------------------------------------------------------------------------------------------- estimate
+
+
+def _dtype_bytes(dtype: Any, name: str) -> int:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.dtype, got {dtype!r}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _shape(model: Any) -> LlamaShape:
+    if isinstance(model, LlamaShape):
+        return model
+    if isinstance(model, str):
+        if model not in LLAMA:
+            raise ValueError(f"unknown model {model!r}; known: {', '.join(LLAMA)} (or pass a config)")
+        return LLAMA[model]
+    return LlamaShape.from_config(model)
+
+
+def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
+                    dq_blocksize: int = 256) -> tuple[int, int]:
+    """(packed 4-bit codes, quantization constants) in bytes for one tensor of ``numel`` elements.
+
+    Constants: one float32 absmax per block; with double quantization one uint8 code per block, one
+    float32 absmax per ``dq_blocksize`` blocks and one float32 offset (QLoRA §3).
+
+    Note: the lookup tables (16 NF4 values, 256 values of the 8-bit map) are shared constants and not
+    counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is below a rounding error here.
+    """
+    for value, name in ((numel, "numel"), (blocksize, "blocksize"), (dq_blocksize, "dq_blocksize")):
+        _positive_int(value, name)
+    blocks = math.ceil(numel / blocksize)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / dq_blocksize) + 4
+    else:
+        constants = 4 * blocks
+    return (numel + 1) // 2, constants
+
+
+def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int = 512,
+                     gradient_checkpointing: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                     lora_dtype: torch.dtype | None = None, r: int = 64, lora_dropout: float = 0.0,
+                     device: str = "cuda") -> int:
+    """Peak bytes of activations (and other step temporaries) of one training step.
+
+    Per token and block, autograd keeps (``p`` bytes per compute element, ``d`` model width, ``f`` FFN
+    width, ``h`` heads): per RMSNorm its float32 input, its normalized output and ``1/rms``; queries, keys
+    (after RoPE), values and the attention output, plus SDPA's float32 log-sum-exp per head; the four
+    ``f``-wide tensors of the SwiGLU MLP (gate, SiLU(gate), up, product). With a frozen base the norms'
+    scaled outputs are not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of
+    each adapter, and a copy of the adapter's input where dropout or a different LoRA dtype makes one.
+    The head keeps the final norm's input and, at its peak in backward, the logits (``p``), the float32
+    log-probabilities, their gradient and the logits' float32 gradient: ``(p + 12)`` bytes per vocabulary
+    entry and token. With gradient checkpointing only each block's input is kept, and one block is
+    recomputed at a time. QLoRA adds one dequantized weight matrix (the largest), a transient.
+    """
+    p = _dtype_bytes(compute_dtype, "compute_dtype")
+    pl = p if lora_dtype is None else _dtype_bytes(lora_dtype, "lora_dtype")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    d, f, h, kv, V = shape.d_model, shape.ffn, shape.n_heads, shape.kv_dim, shape.vocab
+    frozen = method in ("lora", "qlora")
+    # Note: for float32 compute the RMSNorm's .to(float32) is a no-op; 4 + 2p still counts its input, the
+    # normalized tensor and the output once each.
+    norm_out = p * d  # the norm's output, kept by whoever reads it next
+    attention = p * (2 * d + 2 * kv) + 4 * h
+    mlp = 3 * p * f
+    mlp_out = p * f  # SiLU(gate) * up, the input of down_proj
+    if not frozen:
+        block = 2 * ((4 + p) * d + 4 + norm_out) + attention + mlp + mlp_out
+    else:
+        block = 2 * (4 * d + 4) + attention + mlp + 7 * pl * r
+        inputs = 6 * d + f  # what the seven adapters read: q, k, v, o, gate, up (d wide) and down (f wide)
+        if lora_dropout > 0 or pl != p:
+            # Each adapter keeps its own copy of its input (dropped out and/or cast); the shared
+            # inputs themselves are then kept by nobody.
+            # Note: dropout's mask is a bool on CUDA (native_dropout) but a p-byte float on a CPU.
+            mask = (1 if device == "cuda" else p) if lora_dropout > 0 else 0
+            block += inputs * (pl + mask)
+        else:
+            block += 2 * norm_out + mlp_out
+    # Head: the final norm, then the loss in float32: log-probabilities, their gradient and the
+    # logits' gradient (12 bytes per vocabulary entry); the logits themselves are gone by then.
+    head = (4 * d + 4 if frozen else (4 + 2 * p) * d + 4) + 12 * V + p * d
+    tokens = batch * seq
+    if gradient_checkpointing:
+        # Recomputing a block, its activations meet the gradients in flight: the residual stream's and,
+        # in the MLP's backward, one f-wide and two d-wide gradients at most.
+        total = tokens * (shape.n_layers * p * d + max(head, block + p * (3 * d + f)))
+    else:
+        total = tokens * (shape.n_layers * block + head)
+    if method == "qlora":
+        total += p * max(o * i for o, i in shape.block_linears().values())
+    return total
+
+
+def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch.bfloat16,
+             compute_dtype: torch.dtype | None = None, lora_dtype: torch.dtype | None = None,
+             optimizer_bits: int = 32, batch: int = 1, seq: int = 512, gradient_checkpointing: bool = True,
+             blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256,
+             lora_dropout: float = 0.0, target_modules: Iterable[str] = LINEAR_NAMES,
+             n_gpus: int = 1, device: str = "cuda") -> Breakdown:
+    """Bytes one GPU needs for a training step of ``model`` with ``method``.
+
+    Args:
+        model: ``"llama-7b"``, ``"llama-13b"``, ``"llama-33b"``, ``"llama-65b"``, a :class:`LlamaShape` or
+            a ``transformers.LlamaConfig``.
+        method: ``"full"`` (every parameter trained), ``"lora"`` (frozen 16-bit base) or ``"qlora"``
+            (frozen NF4 base of the blocks' linear layers; embeddings, norms and ``lm_head`` in ``dtype``).
+        r, target_modules, lora_dropout: the adapters (default: r=64 on all seven linear layers).
+        dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to it, ``lora_dtype``
+            (the adapters and their gradients) too.
+        optimizer_bits: 32 (default) or 16 — Adam's two states per trained parameter, updated page by
+            page as a paged AdamW does (``torch.optim.AdamW`` with ``foreach=True`` briefly needs a
+            temporary as large as all its states, which is not counted).
+        batch, seq, gradient_checkpointing: the activations (see :func:`activation_bytes`).
+        blocksize, double_quant, dq_blocksize: the 4-bit format (QLoRA: 64, True, 256).
+        device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's mask differs).
+        n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split over the GPUs;
+            each GPU also holds one gathered block while it computes. Activations are per GPU.
+
+    Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch 1, sequence
+    512, checkpointing). Full finetuning keeps 16-bit weights and gradients and no float32 master copy:
+    12 bytes per parameter before activations, the count behind the paper's "more than 780 GB" for 65B.
+    """
+    shape = _shape(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    for value, name in ((r, "r"), (batch, "batch"), (seq, "seq"), (n_gpus, "n_gpus")):
+        _positive_int(value, name)
+    if optimizer_bits not in (32, 16):
+        raise ValueError(f"optimizer_bits must be 32 or 16, got {optimizer_bits!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    targets = list(target_modules)
+    linears = shape.block_linears()
+    unknown = [t for t in targets if t not in linears]
+    if unknown or not targets:
+        raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got {targets}")
+    w = _dtype_bytes(dtype, "dtype")
+    compute_dtype = dtype if compute_dtype is None else compute_dtype
+    lora_dtype = dtype if lora_dtype is None else lora_dtype
+    wl = _dtype_bytes(lora_dtype, "lora_dtype")
+    state = 2 * optimizer_bits // 8
+
+    lora_params = shape.n_layers * sum(r * (linears[t][0] + linears[t][1]) for t in targets)
+    if method == "full":
+        trained, trained_bytes = shape.n_params, w
+        parts = dict(weights=w * shape.n_params)
+    elif method == "lora":
+        trained, trained_bytes = lora_params, wl
+        parts = dict(weights=w * shape.n_params, lora_weights=wl * lora_params)
+    else:
+        packed = constants = 0
+        for out_f, in_f in linears.values():
+            c, q = quantized_bytes(out_f * in_f, blocksize, double_quant, dq_blocksize)
+            packed, constants = packed + c, constants + q
+        trained, trained_bytes = lora_params, wl
+        parts = dict(weights=shape.n_layers * packed + w * shape.other_params,
+                     quant_constants=shape.n_layers * constants, lora_weights=wl * lora_params)
+    parts["gradients"] = trained_bytes * trained
+    parts["optimizer_states"] = state * trained
+    if n_gpus > 1:
+        block_bytes = (parts["weights"] + parts.get("quant_constants", 0) + parts.get("lora_weights", 0))
+        # Note: ZeRO-3 all-gathers one block's parameters before using it; approximately a 1/n_layers share.
+        gathered = block_bytes // shape.n_layers
+        parts = {k: math.ceil(v / n_gpus) for k, v in parts.items()}
+        parts["weights"] += gathered
+    activations = activation_bytes(
+        shape, method, batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
+        compute_dtype=compute_dtype, lora_dtype=lora_dtype, r=r, lora_dropout=lora_dropout, device=device)
+    # The optimizer update runs after backward, when the activations are gone; a paged AdamW (ours, or
+    # bitsandbytes') needs at most two page-sized temporaries for it.
+    if method == "full":
+        largest = shape.vocab * shape.d_model
+    else:
+        largest = max(r * max(o, i) for o, i in (linears[t] for t in targets))
+    update = 2 * min(largest * optimizer_bits // 8, PAGE_BYTES)
+    parts["activations"] = max(activations, update)
+    return Breakdown(**parts)
+
+
+# -------------------------------------------------------------------------------------------- measurement
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Records every new tensor storage an op creates and when it is freed.
+
+    Note: storages are the unit (views and in-place results share one); a weak reference with a callback
+    sees the moment the last tensor using a storage dies. What does not pass through PyTorch's dispatcher
+    (allocator caches, kernels' private workspaces) is not seen: these are bytes of live tensors.
+    """
+
+    def __init__(self, static: Iterable[torch.UntypedStorage]) -> None:
+        super().__init__()
+        self._static = {id(s): s for s in static}
+        self._live: dict[int, int] = {}  # id(storage) -> serial of its allocation
+        self.events: list[tuple[int, int]] = []  # (serial, +bytes) on allocation, (serial, -bytes) on free
+        self.sizes: dict[int, int] = {}
+
+    def _freed(self, key: int, serial: int) -> None:
+        self._live.pop(key, None)
+        self.events.append((serial, -self.sizes[serial]))
+
+    def serial_of(self, storage: torch.UntypedStorage) -> int | None:
+        return self._live.get(id(storage))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                continue
+            key = id(st)
+            if key in self._static or key in self._live:
+                continue
+            serial = len(self.sizes)
+            self.sizes[serial] = st.nbytes()
+            self._live[key] = serial
+            self.events.append((serial, st.nbytes()))
+            weakref.finalize(st, self._freed, key, serial)
+        return out
+
+
+def _storages(tensors: Iterable[Any]) -> list[torch.UntypedStorage]:
+    out = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            out.append(t.untyped_storage())
+        elif hasattr(t, "pages"):  # peftlab.paged.PagedTensor: resident pages are device tensors
+            out.extend(pg.data.untyped_storage() for pg in t.pages if getattr(pg, "data", None) is not None)
+    return out
+
+
+def _nbytes(storages: Iterable[torch.UntypedStorage]) -> int:
+    return sum(s.nbytes() for s in {id(s): s for s in storages}.values())
+
+
+def _static_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, list]:
+    parts: dict[str, list] = {"weights": [], "quant_constants": [], "lora_weights": [], "optimizer_states": []}
+    for module in model.modules():
+        memory_tensors = getattr(module, "memory_tensors", None)
+        if callable(memory_tensors):  # peftlab.qlora.Linear4bit: packed codes and constants
+            for kind, tensors in memory_tensors().items():
+                parts[kind].extend(_storages(tensors))
+    for name, p in model.named_parameters():
+        parts["lora_weights" if "lora_" in name else "weights"].append(p.untyped_storage())
+    parts["weights"].extend(b.untyped_storage() for b in model.buffers())
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            parts["optimizer_states"].extend(_storages(s.values()))
+    return parts
+
+
+def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.optim.Optimizer | None = None,
+                 *, warmup: bool = True) -> Breakdown:
+    """Measure the memory of one call of ``step()`` (forward, backward, optimizer step) per component.
+
+    Gradients are set to None first (as ``zero_grad()`` does); ``step`` must not keep references to its
+    outputs. Weights, constants, LoRA weights and optimizer states are the bytes of their storages;
+    gradients the bytes of the ``.grad`` tensors the step leaves; activations the peak of every other
+    tensor the step creates (saved activations, the logits, temporaries).
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` minus what was allocated before, less the
+    gradients; on a CPU the exact bytes of live tensors (see :class:`_LiveTensors`).
+
+    Note: with ``warmup`` (default) the step runs once first, so that the optimizer's states exist and
+    the measured step is a steady one, like every step after the first.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(step):
+        raise TypeError(f"step must be a callable taking no arguments, got {type(step).__name__}")
+    if warmup:
+        step()
+    model.zero_grad(set_to_none=True)
+    parts = _static_parts(model, optimizer)
+    cuda = next(model.parameters()).is_cuda
+    grad_bytes: dict[int, int] = {}  # id(parameter) -> bytes of the gradient the step gave it
+    grad_serials: set[int | None] = set()
+    tracker: _LiveTensors | None = None
+
+    def grad_done(p: torch.Tensor) -> None:
+        storage = p.grad.untyped_storage()
+        grad_bytes[id(p)] = storage.nbytes()
+        if tracker is not None:
+            grad_serials.add(tracker.serial_of(storage))
+
+    hooks = [p.register_post_accumulate_grad_hook(grad_done) for p in model.parameters() if p.requires_grad]
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            activations = torch.cuda.max_memory_allocated() - before - sum(grad_bytes.values())
+        else:
+            static = [s for group in parts.values() for s in group]
+            with _LiveTensors(static) as tracker:
+                step()
+            live = activations = 0
+            for serial, delta in tracker.events:
+                if serial in grad_serials:
+                    continue
+                live += delta
+                activations = max(activations, live)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: set[int] = set()
+    sizes = {}
+    for kind in ("quant_constants", "lora_weights", "optimizer_states", "weights"):
+        unique = [s for s in parts[kind] if id(s) not in seen]
+        seen.update(id(s) for s in unique)
+        sizes[kind] = sum(s.nbytes() for s in unique)
+    return Breakdown(gradients=sum(grad_bytes.values()), activations=activations, **sizes)

@@ -1,0 +1,286 @@
+"""Tests of peftlab.memory: shapes against transformers and PEFT, 4-bit sizes against bitsandbytes, the
+activation count against autograd's saved tensors, and the estimate against a measured training step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peftlab.memory import (
+    COMPONENTS,
+    GPUS,
+    LLAMA,
+    METHODS,
+    Breakdown,
+    LlamaShape,
+    _LiveTensors,
+    activation_bytes,
+    estimate,
+    measure_step,
+    quantized_bytes,
+)
+
+transformers = pytest.importorskip("transformers")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER_LLAMA = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
+               "llama-33b": 32_528_943_616, "llama-65b": 65_285_660_672}
+
+
+def _config(shape: LlamaShape, **kw):
+    return transformers.LlamaConfig(
+        hidden_size=shape.d_model, intermediate_size=shape.ffn, num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads or shape.n_heads, num_hidden_layers=shape.n_layers,
+        vocab_size=shape.vocab, tie_word_embeddings=shape.tied_embeddings, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize("name", list(LLAMA))
+def test_parameter_counts_match_transformers_and_the_llama_paper(name):
+    shape = LLAMA[name]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(_config(shape))
+    assert shape.n_params == sum(p.numel() for p in model.parameters()) == PAPER_LLAMA[name]
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert shape.linear_params == linear
+
+
+@pytest.mark.parametrize("name, millions", [("llama-7b", 159.9), ("llama-13b", 250.3),
+                                            ("llama-33b", 487.6), ("llama-65b", 799.5)])
+def test_lora_weights_match_peft_on_all_linear_layers(name, millions):
+    peft = pytest.importorskip("peft")
+    shape = LLAMA[name]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(_config(shape))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=64, lora_alpha=16, target_modules=ALL_LINEARS))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    b = estimate(name, "lora", r=64, dtype=torch.bfloat16)
+    assert b.lora_weights == 2 * trainable
+    assert b.gradients == 2 * trainable and b.optimizer_states == 8 * trainable
+    assert round(trainable / 1e6, 1) == millions
+
+
+def test_from_config_handles_grouped_query_attention():
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                   num_key_value_heads=2, num_hidden_layers=3, vocab_size=1000)
+    shape = LlamaShape.from_config(cfg)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    assert shape.kv_dim == 64 and shape.n_params == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- 4-bit sizes, bnb
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("numel", [64, 4096 * 64, 64 * 256 * 3 + 64 * 5, 1001])
+def test_quantized_bytes_match_bitsandbytes(numel, blocksize, double_quant):
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(numel)
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    ours_packed, ours_constants = quantized_bytes(numel, blocksize, double_quant)
+    assert ours_packed == packed.nbytes
+    constants = state.absmax.nbytes
+    if double_quant:
+        constants += state.state2.absmax.nbytes + state.offset.nbytes
+    assert ours_constants == constants
+
+
+def test_nf4_with_double_quantization_is_4127_bits_per_parameter():
+    n = 64 * 256 * 1000
+    packed, constants = quantized_bytes(n)
+    assert 8 * (packed + constants) / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-5)
+    assert 8 * sum(quantized_bytes(n, double_quant=False)) / n == pytest.approx(4.5, abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------- paper's claims
+
+
+def test_paper_headline_numbers():
+    assert estimate("llama-65b", "full").total > 780e9  # QLoRA §1
+    assert estimate("llama-65b", "qlora").total < GPUS["48 GB"]  # QLoRA §1: one 48 GB GPU
+    assert estimate("llama-65b", "lora").total > GPUS["80 GB"]
+
+
+def test_full_finetuning_is_twelve_bytes_per_parameter_before_activations():
+    for name, shape in LLAMA.items():
+        b = estimate(name, "full")
+        assert b.weights + b.gradients + b.optimizer_states == 12 * shape.n_params
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n_gpus", [2, 4, 8])
+def test_sharding_splits_the_states_but_not_the_activations(method, n_gpus):
+    one, many = estimate("llama-13b", method), estimate("llama-13b", method, n_gpus=n_gpus)
+    assert many.activations == one.activations
+    for c in ("gradients", "optimizer_states", "lora_weights", "quant_constants"):
+        assert getattr(many, c) == math.ceil(getattr(one, c) / n_gpus)
+    per_block = (one.weights + one.quant_constants + one.lora_weights) // LLAMA["llama-13b"].n_layers
+    assert many.weights == math.ceil(one.weights / n_gpus) + per_block
+
+
+def test_breakdown_total_and_dict():
+    b = Breakdown(1, 2, 3, 4, 5, 6)
+    assert b.total == 21 and list(b.as_dict()) == [*COMPONENTS, "total"]
+    assert "total" in str(b)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad, match", [("llama-8b", "llama-7b"), ("gpt2", "known")])
+def test_unknown_model_lists_the_known_ones(bad, match):
+    with pytest.raises(ValueError, match=match):
+        estimate(bad, "qlora")
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        estimate("llama-7b", "adapter")
+
+
+@pytest.mark.parametrize("kw", [dict(batch=0), dict(seq=-1), dict(r=0), dict(n_gpus=0), dict(seq=1.5),
+                                dict(optimizer_bits=8), dict(target_modules=["lm_head"]),
+                                dict(target_modules=[]), dict(lora_dropout=1.0), dict(device="tpu")])
+def test_bad_options_raise(kw):
+    with pytest.raises((ValueError, TypeError)):
+        estimate("llama-7b", "qlora", **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(d_model=0), dict(n_layers=-2), dict(d_model=100, n_heads=3)])
+def test_bad_shapes_raise(kw):
+    args = dict(name="x", d_model=64, n_layers=2, n_heads=4, ffn=128) | kw
+    with pytest.raises(ValueError):
+        LlamaShape(**args)
+
+
+def test_bad_config_and_dtype_raise():
+    with pytest.raises(TypeError, match="hidden_size"):
+        estimate(object(), "full")
+    with pytest.raises(TypeError, match="dtype"):
+        estimate("llama-7b", "full", dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------- live-tensor tracker
+
+
+def test_tracker_counts_storages_once_and_sees_frees():
+    keep = torch.zeros(10)
+    with _LiveTensors([keep.untyped_storage()]) as t:
+        a = torch.empty(1000)  # 4,000 bytes
+        b = torch.empty(2000)  # 8,000
+        view = a[10:].view(-1, 5)  # a view: no new storage
+        keep.add_(1)  # in place on a static tensor: not counted
+        del a, view
+        c = torch.empty(500, dtype=torch.float64)  # 4,000, after a's 4,000 were freed
+        del b, c
+    live = peak = 0
+    for _, delta in t.events:
+        live += delta
+        peak = max(peak, live)
+    assert peak == 12_000 and live == 0
+
+
+# -------------------------------------------------------------------- activations vs autograd, measured
+
+
+def _tiny(method, L, ckpt=False, dtype=torch.float32, dropout=0.0, d=128, f=352, h=4, V=512):
+    from peftlab.lora import add_lora
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=d, intermediate_size=f, num_attention_heads=h,
+                                   num_key_value_heads=h, num_hidden_layers=L, vocab_size=V,
+                                   attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype).train()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method != "full":
+        add_lora(model, ALL_LINEARS, r=8, alpha=16, dropout=dropout)
+    return cfg, model
+
+
+@pytest.mark.parametrize("method, dtype, dropout", [("full", torch.float32, 0.0), ("full", torch.bfloat16, 0.0),
+                                                    ("lora", torch.float32, 0.0), ("lora", torch.bfloat16, 0.0),
+                                                    ("lora", torch.float32, 0.1)])
+def test_per_block_activations_equal_what_autograd_saves(method, dtype, dropout):
+    """One more block must add exactly the estimate's per-block bytes to what autograd saves."""
+    from peftlab.paged import count_saved_bytes
+
+    saved = []
+    for L in (2, 3):
+        cfg, model = _tiny(method, L, dtype=dtype, dropout=dropout)
+        x = torch.randint(0, cfg.vocab_size, (2, 64))
+        with count_saved_bytes(exclude=model.parameters()) as counter:
+            loss = model(input_ids=x, labels=x).loss
+        saved.append(counter.nbytes)
+        del loss
+    shapes = [LlamaShape.from_config(cfg.__class__(**{**cfg.to_dict(), "num_hidden_layers": L})) for L in (2, 3)]
+    kw = dict(batch=2, seq=64, gradient_checkpointing=False, compute_dtype=dtype, r=8, lora_dropout=dropout,
+              device="cpu", lora_dtype=torch.float32 if method == "lora" else None)
+    per_block = activation_bytes(shapes[1], method, **kw) - activation_bytes(shapes[0], method, **kw)
+    assert saved[1] - saved[0] == per_block
+
+
+def _measure(method, L, ckpt, dropout=0.0):
+    from peftlab.paged import PagedAdamW
+
+    cfg, model = _tiny(method, L, ckpt, dropout=dropout)
+    optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (2, 128))
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    measured = measure_step(model, step, optimizer)
+    estimated = estimate(cfg, method, r=8, dtype=torch.float32, batch=2, seq=128, lora_dropout=dropout,
+                         gradient_checkpointing=ckpt, device="cpu")
+    return measured, estimated, model
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_estimate_matches_a_measured_step(method, ckpt):
+    measured, estimated, model = _measure(method, 2, ckpt)
+    for c in ("lora_weights", "gradients"):
+        assert getattr(measured, c) == getattr(estimated, c), c
+    # states: plus AdamW's float32 step counter per tensor, which the estimate does not count
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert measured.optimizer_states - estimated.optimizer_states == 4 * len(trained)
+    # weights: plus RoPE's inv_freq buffer, which the estimate does not count
+    assert measured.weights - estimated.weights == sum(b.nbytes for b in model.buffers())
+    assert measured.activations == pytest.approx(estimated.activations, rel=0.10)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_estimate_matches_max_memory_allocated_on_cuda(method):
+    from peftlab.lora import add_lora
+
+    torch.manual_seed(0)
+    shape = LlamaShape("one-7b-block", 4096, 1, 32, 11008)
+    cfg = _config(shape, attn_implementation="sdpa", use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).train()
+    if method == "lora":
+        add_lora(model, ALL_LINEARS, r=64, alpha=16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    x = torch.randint(0, shape.vocab, (1, 512), device="cuda")
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    measured = measure_step(model, step, optimizer)
+    estimated = estimate(shape, method, lora_dtype=torch.float32 if method == "lora" else None,
+                         optimizer_bits=16 if method == "full" else 32)
+    assert measured.activations == pytest.approx(estimated.activations, rel=0.15)
