@@ -1,0 +1,402 @@
+"""Seeded finetuning runs of the tiny pretrained LLaMA, sweeps over them, and tidy result tables.
+
+Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
+
+One run (:func:`finetune`) adapts the shipped checkpoint (:func:`peftlab.pretrained.load_pretrained`)
+to the downstream text (standard-library Python source, :mod:`peftlab.textdata`) with LoRA or with
+full finetuning, and returns one row: its settings and its measured losses. :func:`sweep` runs many
+and returns a list of rows (a tidy table: one row per run, one column per setting or measurement).
+Rows are cached on disk, keyed by their settings, under a folder the caller names.
+
+Also here: a synthetic task whose true update has a known rank (:func:`synthetic_rank_run`), and the
+LoRA paper's subspace similarity between two adapters (:func:`subspace_similarity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from itertools import product
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from peftlab import pretrained, textdata
+from peftlab.lora import add_lora, count_parameters
+
+CACHE_VERSION = 1
+"""Bump when the meaning of a run changes, so old cached rows are not reused."""
+
+TARGETS: dict[str, tuple[str, ...]] = {
+    "qv": ("q_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+"""Named sets of target modules: the LoRA paper's W_q, W_v; attention; every linear layer of a block
+(QLoRA's choice; never ``lm_head``)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one finetuning run; every field is part of its cache key.
+
+    ``method`` is ``"lora"`` or ``"full"`` (every parameter trained; ``r``, ``alpha``, ``rslora``,
+    ``targets`` are then ignored and normalised away). ``targets`` names a set in :data:`TARGETS`.
+    ``train_bytes`` keeps only the first bytes of the downstream train split (``None``: all of it).
+    ``pretrained=False`` starts from the same architecture untrained. ``eval_every`` > 0 records a
+    learning curve; ``keep_adapter`` stores the trained ``lora_A``/``lora_B`` next to the row.
+    """
+
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: str = "qv"
+    lr: float = 2e-3
+    steps: int = 60
+    batch_size: int = 8
+    seq_len: int = 64
+    seed: int = 0
+    pretrained: bool = True
+    train_bytes: int | None = None
+    eval_windows: int = 32
+    eval_every: int = 0
+    keep_adapter: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {sorted(TARGETS)}, got {self.targets!r}")
+        for name in ("r", "steps", "batch_size", "seq_len", "eval_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+        for name in ("alpha", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.method == "full" and self.keep_adapter:
+            raise ValueError("keep_adapter needs method='lora'")
+
+    def normalized(self) -> "RunConfig":
+        """The same run with the LoRA-only fields of a full finetuning fixed, so both spellings share a key."""
+        if self.method == "full":
+            return replace(self, r=1, alpha=1.0, rslora=False, targets="qv")
+        return replace(self, alpha=float(self.alpha))
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 0 for full finetuning."""
+        if self.method == "full":
+            return 0.0
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig]:
+    """Every combination of ``axes`` (field name → values) applied to ``base``, in order.
+
+    ``alpha="r"`` in an axis means alpha equal to the run's r (the LoRA paper's habit).
+    """
+    base = RunConfig() if base is None else base
+    names = {f.name for f in fields(RunConfig)}
+    for name in axes:
+        if name not in names:
+            raise ValueError(f"unknown RunConfig field {name!r}; fields: {sorted(names)}")
+    configs = []
+    for values in product(*(list(v) for v in axes.values())):
+        settings = dict(zip(axes, values))
+        config = replace(base, **{k: v for k, v in settings.items() if not (k == "alpha" and v == "r")})
+        if settings.get("alpha") == "r":
+            config = replace(config, alpha=float(config.r))
+        configs.append(config)
+    return configs
+
+
+@lru_cache(maxsize=None)
+def _checkpoint_digest() -> str:
+    return hashlib.sha256(pretrained.CHECKPOINT.read_bytes()).hexdigest()[:16]
+
+
+def cache_key(config: RunConfig) -> str:
+    """A stable name for a run: hash of its settings, the checkpoint, the Python version (the texts)."""
+    payload = {
+        "config": asdict(config.normalized()),
+        "checkpoint": _checkpoint_digest(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "version": CACHE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@lru_cache(maxsize=None)
+def _texts(train_bytes: int | None) -> dict[str, torch.Tensor]:
+    return {
+        "train": textdata.downstream_text("train", max_bytes=train_bytes),
+        "held_out": textdata.downstream_text("held_out"),
+        "pretraining": textdata.pretraining_text("held_out"),
+    }
+
+
+@lru_cache(maxsize=2)
+def _base_model(is_pretrained: bool) -> torch.nn.Module:
+    # Built once per process and deep-copied per run: building a LlamaForCausalLM costs more than a
+    # short finetuning. The untrained model is the pretraining seed's initialisation, i.e. the very
+    # weights the shipped checkpoint started from.
+    return pretrained.load_pretrained() if is_pretrained else pretrained.build_model(0)
+
+
+@torch.no_grad()
+def _loss_on(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    was_training = model.training
+    model.eval()
+    loss = pretrained.lm_loss(model, *batch).item()
+    model.train(was_training)
+    return loss
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    texts = _texts(config.train_bytes)
+    held = textdata.spaced_windows(texts["held_out"], config.eval_windows, config.seq_len)
+    train_eval = textdata.spaced_windows(texts["train"], config.eval_windows, config.seq_len)
+    pre = textdata.spaced_windows(texts["pretraining"], config.eval_windows, config.seq_len)
+    model = copy.deepcopy(_base_model(config.pretrained))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # LoRA's A initialisation
+        if config.method == "lora":
+            add_lora(model, list(TARGETS[config.targets]), config.r, config.alpha, rslora=config.rslora)
+        else:
+            model.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    count = count_parameters(model)
+    # Note: constant learning rate and no weight decay, as QLoRA's recipe; gradient clipping at 1.0.
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    row: dict[str, Any] = {
+        "initial_held_out_loss": _loss_on(model, held),
+        "initial_pretraining_loss": _loss_on(model, pre),
+    }
+    curve = [[0, row["initial_held_out_loss"]]]
+    start = time.perf_counter()
+    steps = range(config.steps)
+    if progress:
+        from peftlab.runtime import progress as bar
+
+        steps = bar(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False)
+    for step in steps:
+        x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
+        loss = pretrained.lm_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            curve.append([step + 1, _loss_on(model, held)])
+    row["seconds"] = time.perf_counter() - start
+    row["held_out_loss"] = _loss_on(model, held)
+    row["train_loss"] = _loss_on(model, train_eval)
+    row["pretraining_loss"] = _loss_on(model, pre)
+    row["trainable"] = count.trainable
+    row["total"] = count.total
+    row["curve"] = curve + [[config.steps, row["held_out_loss"]]]
+    adapter = {}
+    if config.keep_adapter:
+        adapter = {
+            name: p.detach().clone().contiguous()
+            for name, p in model.named_parameters()
+            if name.endswith(("lora_A", "lora_B"))
+        }
+    return row, adapter
+
+
+def finetune(
+    config: RunConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or load from ``cache_dir``) one finetuning; return its row.
+
+    The row holds every field of ``config``, plus ``scaling``; the losses in nats/byte on the
+    downstream held-out text before and after (``initial_held_out_loss``, ``held_out_loss``), on the
+    downstream train text (``train_loss``) and on the pretraining held-out text
+    (``initial_pretraining_loss``, ``pretraining_loss``: forgetting); ``trainable`` and ``total``
+    parameters; ``seconds`` of training; ``curve`` as ``[step, held-out loss]`` pairs; ``cached``.
+
+    Note: losses are measured on ``eval_windows`` windows spread evenly over each text
+    (:func:`peftlab.textdata.spaced_windows`), the same windows for every run, so runs compare
+    on identical data.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    config = config.normalized()
+    key = cache_key(config)
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"cache_dir must be a folder, got the file {str(folder)!r}")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{key}.json"
+        if path.is_file() and (not config.keep_adapter or path.with_suffix(".safetensors").is_file()):
+            row = json.loads(path.read_text())
+            return {**row, "cached": True}
+    measured, adapter = _run(config, progress)
+    row = {**asdict(config), "scaling": config.scaling, "key": key, **measured}
+    if folder is not None:
+        if adapter:
+            from safetensors.torch import save_file
+
+            _atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(adapter, tmp))
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
+    elif adapter:
+        row["adapter"] = adapter
+    return {**row, "cached": False}
+
+
+def load_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The trained ``lora_A``/``lora_B`` tensors of a run made with ``keep_adapter=True``."""
+    if "adapter" in row:
+        return row["adapter"]
+    if cache_dir is None:
+        raise ValueError("cache_dir is needed: this row's adapter was stored on disk")
+    path = Path(cache_dir) / f"{row['key']}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} not found (was the run made with keep_adapter=True?)")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def sweep(
+    configs: Sequence[RunConfig], cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every config (cached ones are loaded) and return their rows, in order."""
+    configs = list(configs)
+    runs: Iterable[RunConfig] = configs
+    if progress:
+        from peftlab.runtime import progress as bar
+
+        runs = bar(configs, desc="sweep", total=len(configs))
+    return [finetune(c, cache_dir, progress=False) for c in runs]
+
+
+def select(rows: Iterable[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:
+    """The rows whose fields equal every ``where`` value."""
+    return [row for row in rows if all(row.get(k) == v for k, v in where.items())]
+
+
+def aggregate(rows: Iterable[dict[str, Any]], value: str, by: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean, sample standard deviation and count of ``value`` over rows sharing the ``by`` fields.
+
+    Groups keep the order in which they first appear. The standard deviation of a single row is 0.
+    """
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in by), []).append(float(row[value]))
+    out = []
+    for key, values in groups.items():
+        t = torch.tensor(values, dtype=torch.float64)
+        std = t.std().item() if len(values) > 1 else 0.0
+        out.append({**dict(zip(by, key)), "mean": t.mean().item(), "std": std, "n": len(values)})
+    return out
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "{:.3f}") -> str:
+    """A MyST/Markdown table of ``columns`` (floats formatted with ``fmt``)."""
+    def cell(v: Any) -> str:
+        return fmt.format(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
+    """φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) (Hu et al. 2021, §7.2), in [0, 1].
+
+    ``A1`` (r1 × k) and ``A2`` (r2 × k) are two ``lora_A`` matrices of the same layer; U1, U2 hold
+    their right-singular vectors (directions in the input space), most important first. 1 means the
+    top-i directions of one span the top-j of the other (or vice versa); 0 means orthogonal.
+    """
+    for name, a in (("A1", A1), ("A2", A2)):
+        if not isinstance(a, torch.Tensor) or a.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D tensor (r × in_features)")
+    if A1.shape[1] != A2.shape[1]:
+        raise ValueError(f"A1 and A2 must have the same in_features, got {A1.shape[1]} and {A2.shape[1]}")
+    for name, n, a in (("i", i, A1), ("j", j, A2)):
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(a.shape):
+            raise ValueError(f"{name} must be an int in [1, {min(a.shape)}], got {n!r}")
+    u1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh[:i]  # i × k, rows orthonormal
+    u2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh[:j]
+    return (torch.linalg.matrix_norm(u1 @ u2.T) ** 2 / min(i, j)).item()
+
+
+def synthetic_rank_run(
+    r: int,
+    true_rank: int,
+    d: int = 64,
+    steps: int = 300,
+    lr: float = 1e-2,
+    alpha: float | None = None,
+    rslora: bool = False,
+    seed: int = 0,
+    n: int = 512,
+) -> dict[str, Any]:
+    """LoRA of rank ``r`` fitting a linear map whose true update ``W - W0`` has rank ``true_rank``.
+
+    The data are ``y = (W0 + ΔW) x`` with Gaussian ``x``, a random ``W0`` (d × d) and ``ΔW = U Vᵀ``
+    of rank ``true_rank`` with singular values 1 … 1/true_rank; LoRA on a frozen ``W0`` learns ΔW.
+    Returns the relative error ``‖scaling·BA - ΔW‖_F / ‖ΔW‖_F`` after training and the best any rank-r
+    matrix can do (Eckart–Young: the energy of the discarded singular values), so the chapter can
+    show the elbow at ``r = true_rank``.
+    """
+    from peftlab.lora import LoRALinear
+
+    if isinstance(true_rank, bool) or not isinstance(true_rank, int) or not 1 <= true_rank <= d:
+        raise ValueError(f"true_rank must be an int in [1, d={d}], got {true_rank!r}")
+    gen = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d, d, generator=gen) / math.sqrt(d)
+    U, _ = torch.linalg.qr(torch.randn(d, true_rank, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(d, true_rank, generator=gen))
+    sigma = 1.0 / torch.arange(1, true_rank + 1, dtype=torch.float32)
+    delta = U @ torch.diag(sigma) @ V.T
+    x = torch.randn(n, d, generator=gen)
+    y = x @ (W0 + delta).T
+    base = torch.nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = LoRALinear(base, r, float(r if alpha is None else alpha), rslora=rslora)
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        err = (torch.linalg.matrix_norm(layer.delta_weight() - delta) / torch.linalg.matrix_norm(delta)).item()
+    best = math.sqrt(float((sigma[r:] ** 2).sum() / (sigma**2).sum())) if r < true_rank else 0.0
+    return {"r": r, "true_rank": true_rank, "relative_error": err, "best_possible": best, "seed": seed}

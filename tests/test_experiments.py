@@ -1,0 +1,240 @@
+"""Tests for peftlab.experiments (chapter: book/chapters/rank_alpha.md)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from peftlab import experiments as E
+from peftlab import pretrained, textdata
+from peftlab.lora import add_lora
+
+peft = pytest.importorskip("peft")
+
+TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4)
+
+
+# ---- settings, grids, cache keys ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="qlora"), "method"),
+        (dict(targets="mlp"), "targets"),
+        (dict(r=0), "r must"),
+        (dict(r=2.0), "r must"),
+        (dict(steps=-1), "steps"),
+        (dict(alpha=0), "alpha"),
+        (dict(lr=-1e-3), "lr"),
+        (dict(eval_every=-1), "eval_every"),
+        (dict(method="full", keep_adapter=True), "keep_adapter"),
+    ],
+)
+def test_run_config_rejects(kw, match):
+    with pytest.raises(ValueError, match=match):
+        E.RunConfig(**kw)
+
+
+@pytest.mark.parametrize("r,alpha,rslora,expected", [(8, 16, False, 2.0), (64, 16, False, 0.25), (64, 16, True, 2.0), (1, 1, True, 1.0)])
+def test_scaling_matches_peft(r, alpha, rslora, expected):
+    cfg = E.RunConfig(r=r, alpha=alpha, rslora=rslora)
+    layer = peft.get_peft_model(_holder(), peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["lin"]))
+    assert cfg.scaling == pytest.approx(expected) == pytest.approx(layer.base_model.model.lin.scaling["default"])
+
+
+def _holder():
+    m = torch.nn.Module()
+    m.lin = torch.nn.Linear(8, 8)
+    return m
+
+
+def test_grid_is_the_product_in_order_and_alpha_r():
+    configs = E.grid(E.RunConfig(seed=3), r=[1, 4], alpha=[2.0, "r"])
+    assert [(c.r, c.alpha, c.seed) for c in configs] == [(1, 2.0, 3), (1, 1.0, 3), (4, 2.0, 3), (4, 4.0, 3)]
+    with pytest.raises(ValueError, match="unknown RunConfig field"):
+        E.grid(rank=[1])
+
+
+def test_cache_key_depends_on_settings_only():
+    a = E.RunConfig()
+    assert E.cache_key(a) == E.cache_key(E.RunConfig(alpha=16))  # int and float alpha are one run
+    assert E.cache_key(a) != E.cache_key(E.RunConfig(seed=1))
+    # Full finetuning ignores the LoRA fields.
+    assert E.cache_key(E.RunConfig(method="full", r=4)) == E.cache_key(E.RunConfig(method="full", r=64, rslora=True))
+
+
+# ---- runs -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_row():
+    return E.finetune(E.RunConfig(r=4, alpha=8, **TINY), progress=False)
+
+
+def test_trainable_count_matches_peft(lora_row):
+    model = pretrained.load_pretrained()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainable, total = peft.get_peft_model(model, cfg).get_nb_trainable_parameters()
+    assert lora_row["trainable"] == trainable
+    assert lora_row["total"] == total
+
+
+def test_lora_starts_at_the_pretrained_model(lora_row):
+    # B = 0 at the start: the first loss is the pretrained model's on the same windows.
+    model = pretrained.load_pretrained()
+    x, y = textdata.spaced_windows(textdata.downstream_text("held_out"), 4, 16)
+    with torch.no_grad():
+        expected = pretrained.lm_loss(model, x, y).item()
+    assert lora_row["initial_held_out_loss"] == pytest.approx(expected, rel=1e-6)
+    assert lora_row["held_out_loss"] != lora_row["initial_held_out_loss"]
+    assert lora_row["curve"][0] == [0, lora_row["initial_held_out_loss"]]
+    assert lora_row["curve"][-1] == [3, lora_row["held_out_loss"]]
+
+
+def test_one_lora_step_matches_peft_on_the_llama():
+    """Our add_lora and PEFT on the tiny LLaMA, same A and B, one AdamW step: same logits after."""
+    ids = textdata.encode("import os\nprint(os.getcwd())\n")[None]
+    ours, theirs = pretrained.load_pretrained(), pretrained.load_pretrained()
+    torch.manual_seed(0)
+    add_lora(ours, list(E.TARGETS["all"]), r=4, alpha=8)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(E.TARGETS["all"])))
+    ours_named = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                short = name.replace("base_model.model.", "").replace(".default.weight", "")
+                p.copy_(ours_named[short])
+    for model in (ours, theirs):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        pretrained.lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_runs_are_reproducible_and_seeds_differ():
+    a = E.finetune(E.RunConfig(**TINY), progress=False)
+    b = E.finetune(E.RunConfig(**TINY), progress=False)
+    c = E.finetune(E.RunConfig(seed=1, **TINY), progress=False)
+    assert a["held_out_loss"] == b["held_out_loss"]
+    assert a["held_out_loss"] != c["held_out_loss"]
+
+
+def test_full_finetuning_trains_everything_and_forgets_more():
+    full = E.finetune(E.RunConfig(method="full", lr=1e-3, **TINY), progress=False)
+    assert full["trainable"] == full["total"] == sum(p.numel() for p in pretrained.load_pretrained().parameters())
+    assert full["pretraining_loss"] != full["initial_pretraining_loss"]
+
+
+def test_untrained_start_is_near_uniform():
+    row = E.finetune(E.RunConfig(pretrained=False, **TINY), progress=False)
+    assert row["initial_held_out_loss"] == pytest.approx(math.log(256), abs=0.15)
+
+
+def test_learning_curve_points():
+    row = E.finetune(E.RunConfig(**{**TINY, "steps": 4}, eval_every=2), progress=False)
+    assert [s for s, _ in row["curve"]] == [0, 2, 4]
+
+
+def test_cache_roundtrip_and_adapter(tmp_path):
+    cfg = E.RunConfig(keep_adapter=True, **TINY)
+    first = E.finetune(cfg, tmp_path, progress=False)
+    second = E.finetune(cfg, tmp_path, progress=False)
+    assert not first["cached"] and second["cached"]
+    assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in second.items() if k != "cached"}
+    adapter = E.load_adapter(second, tmp_path)
+    assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
+    assert not list(tmp_path.glob("*.tmp"))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ValueError, match="cache_dir"):
+        E.finetune(cfg, not_a_folder, progress=False)
+
+
+def test_finetune_rejects_non_config():
+    with pytest.raises(TypeError, match="RunConfig"):
+        E.finetune({"r": 8})
+
+
+def test_sweep_returns_rows_in_order(tmp_path):
+    configs = E.grid(E.RunConfig(**TINY), r=[2, 1])
+    rows = E.sweep(configs, tmp_path, progress=False)
+    assert [row["r"] for row in rows] == [2, 1]
+    assert E.select(rows, r=1) == [rows[1]]
+
+
+def test_aggregate_matches_statistics():
+    rows = [{"r": r, "seed": s, "v": float(r * 10 + s * s)} for r in (1, 2) for s in range(3)]
+    out = E.aggregate(rows, "v", by=["r"])
+    for group in out:
+        values = [row["v"] for row in rows if row["r"] == group["r"]]
+        assert group["mean"] == pytest.approx(statistics.mean(values))
+        assert group["std"] == pytest.approx(statistics.stdev(values))
+        assert group["n"] == 3
+    assert E.aggregate(rows[:1], "v", by=["r"])[0]["std"] == 0.0
+
+
+def test_markdown_table():
+    text = E.markdown_table([{"a": 1, "b": 0.12345}], ["a", "b"])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |"]
+
+
+# ---- subspace similarity (LoRA §7.2) -------------------------------------------------------------
+
+def phi_by_projection(A1, A2, i, j):
+    """The same measure computed another way: numpy's SVD, then the trace of two projectors."""
+    import numpy as np
+
+    u1 = np.linalg.svd(A1.double().numpy())[2][:i]
+    u2 = np.linalg.svd(A2.double().numpy())[2][:j]
+    return float(np.trace(u1.T @ u1 @ u2.T @ u2) / min(i, j))
+
+
+@pytest.mark.parametrize("r1,r2,k", [(8, 64, 128), (4, 4, 32), (2, 16, 64)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_subspace_similarity_against_numpy(r1, r2, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    A1, A2 = torch.randn(r1, k, generator=gen), torch.randn(r2, k, generator=gen)
+    for i, j in [(1, 1), (r1, r2), (max(1, r1 // 2), r2)]:
+        phi = E.subspace_similarity(A1, A2, i, j)
+        assert 0.0 <= phi <= 1.0 + 1e-12
+        assert phi == pytest.approx(phi_by_projection(A1, A2, i, j), abs=1e-10)
+
+
+def test_subspace_similarity_extremes():
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 32, generator=gen)
+    M = torch.randn(4, 4, generator=gen)
+    assert E.subspace_similarity(A, M @ A, 4, 4) == pytest.approx(1.0)  # same row space
+    Q, _ = torch.linalg.qr(torch.randn(32, 8, generator=gen))
+    assert E.subspace_similarity(Q[:, :4].T, Q[:, 4:].T, 4, 4) == pytest.approx(0.0, abs=1e-12)  # orthogonal
+    # Random 1-D directions in 32 dimensions overlap by about 1/32 on average.
+    with pytest.raises(ValueError, match="in_features"):
+        E.subspace_similarity(A, torch.randn(4, 16), 1, 1)
+    with pytest.raises(ValueError, match="i must"):
+        E.subspace_similarity(A, A, 5, 1)
+    with pytest.raises(TypeError, match="A1"):
+        E.subspace_similarity(A[0], A, 1, 1)
+
+
+# ---- synthetic task of known rank ---------------------------------------------------------------
+
+@pytest.mark.parametrize("true_rank", [2, 4])
+def test_synthetic_rank_elbow(true_rank):
+    enough = E.synthetic_rank_run(r=true_rank, true_rank=true_rank, d=32, steps=300)
+    more = E.synthetic_rank_run(r=2 * true_rank, true_rank=true_rank, d=32, steps=300)
+    short = E.synthetic_rank_run(r=true_rank - 1, true_rank=true_rank, d=32, steps=300)
+    assert enough["relative_error"] < 0.05 and more["relative_error"] < 0.05
+    # No rank-(k-1) matrix beats Eckart–Young's bound; training gets close to it.
+    assert short["relative_error"] >= short["best_possible"] - 1e-6
+    assert short["relative_error"] < short["best_possible"] + 0.05
+    assert short["best_possible"] == pytest.approx(
+        (1 / true_rank) / math.sqrt(sum(1 / s**2 for s in range(1, true_rank + 1))), rel=1e-6
+    )
+
+
+def test_synthetic_rejects_bad_rank():
+    with pytest.raises(ValueError, match="true_rank"):
+        E.synthetic_rank_run(r=2, true_rank=0)

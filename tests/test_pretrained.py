@@ -1,0 +1,175 @@
+"""Tests for peftlab.pretrained (chapter: book/chapters/rank_alpha.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from peftlab import pretrained, textdata
+
+transformers = pytest.importorskip("transformers")
+
+LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return pretrained.load_pretrained()
+
+
+@pytest.fixture()
+def restore_torch_globals():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_architecture_is_llama_with_its_layer_names(model):
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == LINEAR_NAMES | {"lm_head"}
+    assert model.config.vocab_size == textdata.VOCAB_SIZE == 256
+
+
+def llama_parameter_count(V: int, d: int, L: int, f: int, kv: int | None = None, heads: int = 1) -> int:
+    """LLaMA's parameter count by hand: untied embeddings, 2 RMSNorms per block, one final norm."""
+    kv_dim = d if kv is None else d // heads * kv
+    return 2 * V * d + L * (2 * d * d + 2 * d * kv_dim + 3 * d * f + 2 * d) + d
+
+
+def test_tiny_config_counts_as_llama(model):
+    c = pretrained.TINY_LLAMA
+    expected = llama_parameter_count(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"])
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_llama_7b_shape_gives_the_papers_parameter_count():
+    # The same config function at LLaMA-7B's shape (LLaMA Table 2) gives 6,738,415,616 parameters:
+    # the tiny model is LLaMA, only smaller.
+    cfg = pretrained.tiny_llama_config(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32,
+    )
+    with torch.device("meta"):
+        big = transformers.LlamaForCausalLM(cfg)
+    assert sum(p.numel() for p in big.parameters()) == 6_738_415_616
+
+
+def test_config_overrides_checked():
+    with pytest.raises(ValueError, match="unknown config overrides"):
+        pretrained.tiny_llama_config(hidden_sise=64)
+
+
+def test_lm_loss_equals_transformers_own_loss(model):
+    # transformers shifts the labels inside the model; lm_loss takes targets already shifted. By
+    # causality, the logits of ids[:, :-1] are the first n - 1 logits of ids.
+    ids = textdata.encode("def f(x):\n    return x + 1\n" * 4)[None, :96]
+    theirs = model(input_ids=ids, labels=ids).loss
+    ours = pretrained.lm_loss(model, ids[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_shipped_checkpoint_is_small_and_documented():
+    assert pretrained.CHECKPOINT.stat().st_size <= 8 * 1024 * 1024
+    info = pretrained.checkpoint_info()
+    assert info["command"].startswith("python -m peftlab.pretrained --out ")
+    assert {"python", "torch", "transformers"} <= set(info["versions"])
+    assert info["config"] == json.loads(json.dumps(pretrained.TINY_LLAMA))
+    assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining").held_out_documents)
+
+
+def test_shipped_checkpoint_held_out_loss_is_far_below_untrained(model):
+    held = textdata.pretraining_text("held_out")
+    untrained = pretrained.evaluate_loss(pretrained.build_model(0), held, 128, 16, max_windows=64)
+    trained = pretrained.evaluate_loss(model, held, 128, 16, max_windows=64)
+    assert abs(untrained - math.log(256)) < 0.1  # an untrained model is about uniform over bytes
+    assert trained < 0.5 * untrained  # far below: at most half of ln 256
+    # And the record beside the checkpoint is what this checkpoint scores on the whole held-out text.
+    info = pretrained.checkpoint_info()
+    seq_len, batch = info["settings"]["seq_len"], info["settings"]["batch_size"]
+    assert pretrained.evaluate_loss(model, held, seq_len, batch) == pytest.approx(info["final_held_out_loss"], abs=1e-4)
+
+
+def test_brief_retraining_makes_the_loss_fall():
+    model, record = pretrained.pretrain(
+        steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=40, eval_windows=16, progress=False
+    )
+    assert record["untrained_held_out_loss"] > 5.0
+    assert record["final_held_out_loss"] < record["untrained_held_out_loss"] - 1.5
+    assert not model.training
+
+
+def test_pretraining_is_deterministic_for_a_seed():
+    kw = dict(steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=3, eval_windows=2, progress=False)
+    a, _ = pretrained.pretrain(seed=1, **kw)
+    b, _ = pretrained.pretrain(seed=1, **kw)
+    c, _ = pretrained.pretrain(seed=2, **kw)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+    assert not all(torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_pretrain_rejects_bad_steps(bad):
+    with pytest.raises(ValueError, match="steps"):
+        pretrained.pretrain(steps=bad, progress=False)
+
+
+def test_lr_schedule():
+    lrs = [pretrained.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_cli_writes_a_loadable_checkpoint_atomically(tmp_path, restore_torch_globals):
+    out = tmp_path / "m.safetensors"
+    pretrained.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                     "--warmup", "1", "--eval-every", "2", "--threads", "1", "--no-progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
+    info = pretrained.checkpoint_info(out)
+    assert info["command"].endswith("--threads 1 --no-progress") and info["settings"]["steps"] == 2
+    loaded = pretrained.load_pretrained(out)
+    assert loaded.config.hidden_size == pretrained.TINY_LLAMA["hidden_size"]
+
+
+def test_load_pretrained_refuses_bad_files(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pretrained.load_pretrained(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match="dtype"):
+        pretrained.load_pretrained(dtype=torch.int8)
+    # A file whose tensors do not match the model (one missing) is refused, not loaded half.
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "cut.safetensors"))
+    (tmp_path / "cut.json").write_text(json.dumps(pretrained.checkpoint_info()))
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        pretrained.load_pretrained(tmp_path / "cut.safetensors")
+
+
+def test_save_checkpoint_checks_suffix(tmp_path, model):
+    with pytest.raises(ValueError, match=".safetensors"):
+        pretrained.save_checkpoint(model, tmp_path / "m.pt", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_pretrained_dtype(dtype):
+    m = pretrained.load_pretrained(dtype=dtype)
+    assert all(p.dtype == dtype for p in m.parameters())
+    assert not m.training
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_load_pretrained_on_cuda_matches_cpu(model):
+    ids = textdata.encode("for i in range(10):\n    print(i)\n")[None]
+    gpu = pretrained.load_pretrained(device="cuda")
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = gpu(input_ids=ids.cuda()).logits.cpu()
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
