@@ -1,0 +1,225 @@
+"""Codebooks and the shared blockwise quantizer, against bitsandbytes 0.50.2 and torch.bucketize."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+from peftlab.codebooks import (  # noqa: E402
+    BLOCKSIZES,
+    NF4_OFFSET,
+    _bucket_codes,
+    check_blocksize,
+    dequantize_blockwise,
+    fp4_code,
+    get_code,
+    int4_code,
+    nf4_code,
+    pack_nibbles,
+    quantize_blockwise,
+    roundtrip,
+    unpack_nibbles,
+)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bnb_reference_dequantize(packed, state):
+    """bitsandbytes' pure-PyTorch dequantize (``backends/default/ops.py``), run eagerly.
+
+    Note: its native CPU kernel (what ``dequantize_4bit`` runs on the CPU for even last dims) mis-
+    indexes ``absmax`` for some shapes whose blocks straddle rows (e.g. (7, 320) in blocks of 128), so
+    for arbitrary shapes the reference path is the one that agrees with its own quantizer.
+    """
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    code = _get_4bit_code(state.quant_type, packed.device)
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    return eager(packed.reshape(-1), state.absmax, code, state.blocksize, state.shape, state.dtype)
+
+
+# --- the tables -------------------------------------------------------------------------------------
+
+
+def test_nf4_code_is_bitsandbytes_table_bit_for_bit():
+    assert torch.equal(nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+def test_nf4_code_structure():
+    code = nf4_code()
+    assert code.dtype == torch.float32 and code.shape == (16,)
+    assert bool((code[1:] > code[:-1]).all())
+    assert (code < 0).sum() == 7 and (code > 0).sum() == 8 and code[7].item() == 0.0
+    assert code[0].item() == -1.0 and code[-1].item() == 1.0
+
+
+def test_nf4_code_levels_are_normal_quantiles():
+    # Independent of bitsandbytes: the positive levels sit at the N(0,1) quantiles of equally spaced
+    # probabilities, scaled by the largest; check with the CDF (erf), not the ppf.
+    code = nf4_code().double()
+    scale = torch.special.ndtri(torch.tensor(NF4_OFFSET, dtype=torch.float64))
+    p = 0.5 * (1 + torch.erf(code[8:] * scale / 2**0.5))
+    expected = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1].flip(0)
+    torch.testing.assert_close(p, expected, rtol=0, atol=2e-7)
+
+
+def test_nf4_offset_matches_the_known_expression():
+    assert abs(NF4_OFFSET - (1 - 0.5 * (1 / 30 + 1 / 32))) < 1e-7
+
+
+def test_nf4_code_other_offsets_change_the_table():
+    assert not torch.equal(nf4_code(0.99), nf4_code())
+    for bad in (0.5, 1.0, 1.5, "0.96", True):
+        with pytest.raises(ValueError, match="offset"):
+            nf4_code(bad)
+
+
+def test_fp4_code_is_bitsandbytes_table_bit_for_bit():
+    ours, theirs = fp4_code(), bnbF.get_4bit_type("fp4", device="cpu")
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))  # index 8 is +0.0 there too
+
+
+def test_int4_code_is_bitsandbytes_int4_list():
+    # bitsandbytes' get_4bit_type("int4") fails in 0.50.2 (in-place division of an integer tensor),
+    # so compare with its list divided by its absmax.
+    data = [7, 6, 5, 4, 3, 2, 1, 0, -0, -1, -2, -3, -4, -5, -6, -7]
+    expected = torch.tensor(data, dtype=torch.float32) / 7
+    assert torch.equal(int4_code(), expected)
+    assert torch.equal(torch.signbit(int4_code()), torch.signbit(expected))
+    assert torch.unique(int4_code()).numel() == 15
+
+
+def test_get_code():
+    assert torch.equal(get_code("nf4"), nf4_code())
+    with pytest.raises(ValueError, match="nf4"):
+        get_code("af4")
+
+
+# --- bucketing: the 16-bit prefix table against torch.bucketize --------------------------------------
+
+
+def _hard_values(code: torch.Tensor) -> torch.Tensor:
+    """Every midpoint, its float32 neighbours, the levels, zeros, subnormals and out-of-range values."""
+    ordered = code.sort(stable=True).values
+    mids = (ordered[:-1] + ordered[1:]) / 2
+    inf = torch.tensor(float("inf"))
+    extra = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, -1e-39, 1.0, -1.0, 1.0000001, -1.0000001, 3e38, -3e38])
+    return torch.cat([mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf), code, extra])
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int4"])
+def test_bucket_codes_equal_bucketize_on_hard_values_and_random(name):
+    code = get_code(name)
+    order = torch.sort(code, stable=True).indices
+    ordered = code[order]
+    mids = (ordered[:-1] + ordered[1:]) / 2
+    x = torch.cat([_hard_values(code), torch.rand(100_000) * 2 - 1, torch.randn(10_000) * 1e-3])
+    expected = order[torch.bucketize(x, mids)].to(torch.uint8)
+    assert torch.equal(_bucket_codes(x, code), expected)
+
+
+def test_bucket_codes_tie_takes_lower_level():
+    code = nf4_code()
+    mids = (code[:-1] + code[1:]) / 2
+    assert torch.equal(_bucket_codes(mids, code), torch.arange(15, dtype=torch.uint8))
+
+
+def test_every_16bit_prefix_against_bucketize():
+    # Exhaustive over cells: the smallest and largest float32 of each of the 65,536 prefix cells.
+    prefix = torch.arange(65536, dtype=torch.int32) << 16
+    x = torch.cat([prefix.view(torch.float32), (prefix | 0xFFFF).view(torch.float32)])
+    x = x[torch.isfinite(x)]
+    for name in ("nf4", "fp4", "int4"):
+        code = get_code(name)
+        order = torch.sort(code, stable=True).indices
+        mids = (code[order][:-1] + code[order][1:]) / 2
+        assert torch.equal(_bucket_codes(x, code), order[torch.bucketize(x, mids)].to(torch.uint8)), name
+
+
+# --- packing -----------------------------------------------------------------------------------------
+
+
+def test_pack_first_value_in_high_nibble():
+    assert pack_nibbles(torch.tensor([1, 2, 15, 0], dtype=torch.uint8)).tolist() == [0x12, 0xF0]
+    assert pack_nibbles(torch.tensor([3], dtype=torch.uint8)).tolist() == [0x30]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1001])
+def test_pack_unpack_roundtrip(n):
+    q = torch.randint(0, 16, (n,), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q), n), q)
+
+
+# --- FP4 through the shared quantizer, against bitsandbytes ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (3, 5, 64), (2, 4100)])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
+    g = torch.Generator().manual_seed(hash((str(dtype), shape, blocksize)) % 2**31)
+    w = torch.randn(shape, generator=g).to(dtype)
+    packed, absmax = quantize_blockwise(w, fp4_code(), blocksize)
+    bpacked, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="fp4")
+    assert torch.equal(packed, bpacked.reshape(-1))
+    assert torch.equal(absmax, state.absmax)
+    ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
+    assert torch.equal(ours, bnb_reference_dequantize(bpacked, state).reshape(-1))
+    if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (see above)
+        assert torch.equal(ours, bnbF.dequantize_4bit(bpacked, state).reshape(-1))
+
+
+# --- error ordering, bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_nf4_has_the_lowest_error_on_normal_data(blocksize):
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0))
+    err = {name: (roundtrip(w, name, blocksize) - w).pow(2).mean().item() for name in ("nf4", "fp4", "int4")}
+    assert err["nf4"] < min(err["fp4"], err["int4"])
+
+
+def test_roundtrip_keeps_shape_and_dtype():
+    w = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    out = roundtrip(w, "int4", 32)
+    assert out.shape == w.shape and out.dtype == w.dtype
+
+
+@pytest.mark.parametrize("bad", [64.0, "64", True, None])
+def test_blocksize_type(bad):
+    with pytest.raises(TypeError, match="blocksize"):
+        check_blocksize(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -64, 16, 63, 100, 8192])
+def test_blocksize_value_names_allowed(bad):
+    with pytest.raises(ValueError, match=r"blocksize must be one of \(32, 64"):
+        check_blocksize(bad)
+
+
+def test_bad_code():
+    w = torch.randn(64)
+    with pytest.raises(TypeError, match="code"):
+        quantize_blockwise(w, [0.0] * 16)
+    with pytest.raises(ValueError, match="code"):
+        quantize_blockwise(w, torch.zeros(15))
+    with pytest.raises(ValueError, match="code"):
+        quantize_blockwise(w, torch.full((16,), 2.0))
+
+
+def test_dequantize_blockwise_checks_sizes():
+    packed, absmax = quantize_blockwise(torch.randn(100), nf4_code(), 32)
+    with pytest.raises(ValueError, match="packed must hold 50 bytes"):
+        dequantize_blockwise(packed[:-1], absmax, nf4_code(), 32, 100)
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_blockwise(packed, absmax, nf4_code(), 64, 100)
+    with pytest.raises(TypeError, match="packed"):
+        dequantize_blockwise(packed.int(), absmax, nf4_code(), 32, 100)
+    with pytest.raises(TypeError, match="absmax"):
+        dequantize_blockwise(packed, absmax.double(), nf4_code(), 32, 100)
+    with pytest.raises(ValueError, match="numel"):
+        dequantize_blockwise(packed, absmax, nf4_code(), 32, 0)
