@@ -1,0 +1,197 @@
+"""QLoRA's frozen base: a 4-bit linear layer (NF4, double quantization) and a function that quantizes a model.
+
+Explained in the chapter *QLoRA end to end* (book/chapters/qlora.md).
+
+Storage and compute are separate (Dettmers et al. 2023, §3, Eq. 5–6): weights are stored in NF4 with
+double-quantized constants and dequantized to the compute dtype for every matmul; only LoRA adapters on
+top (:func:`peftlab.lora.add_lora`) get gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
+
+__all__ = ["KERNELS", "Linear4bit", "quantize_model"]
+
+KERNELS = ("torch", "bnb")
+
+
+def _default_compute_dtype(device: torch.device) -> torch.dtype:
+    # bfloat16 where GPUs compute it natively; a CPU computes float32 faster and exactly.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class _Dequantize4bitMatmul(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with ``W`` dequantized from 4 bits, in forward and again in backward.
+
+    Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a dequantized ``W`` would
+    keep ``W`` (needed for the input gradient) until backward: every layer's full-precision weight at
+    once, which is the memory QLoRA exists to save. Dequantizing twice costs time, not memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+        ctx.layer = layer
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer stored in NF4 (``weight`` is a :class:`peftlab.nf4.NF4Tensor`).
+
+    ``forward`` casts the input to ``compute_dtype``, dequantizes the weight to it, multiplies, and casts
+    the result back to the input's dtype (as bitsandbytes' ``Linear4bit`` does). With
+    ``kernels="bnb"`` the product runs in bitsandbytes' ``matmul_4bit`` on the same bytes.
+
+    Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``, ``.bfloat16()``...)
+    only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit values never drift.
+    Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it; ``merge()`` refuses it
+    (merging into 4 bits would round the update away), so keep adapters separate or dequantize first.
+    """
+
+    peftlab_linear = True
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> None:
+        super().__init__()
+        if not isinstance(weight, NF4Tensor):
+            raise TypeError(f"weight must be an NF4Tensor (see peftlab.nf4.quantize_nf4), got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must stand for a 2-D (out_features × in_features) matrix, got shape {tuple(weight.shape)}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        compute_dtype = _default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
+                raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got {getattr(bias, 'shape', bias)!r}")
+            bias = bias.detach().clone()
+        self.weight = weight
+        self.bias = bias
+        self.compute_dtype = compute_dtype
+        self.kernels = kernels
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> Linear4bit:
+        """Quantize ``linear``'s weight to NF4 (QLoRA's default: blocks of 64, double quantization)."""
+        if isinstance(linear, Linear4bit):
+            raise ValueError("linear is already a Linear4bit: quantizing it again would compound the error")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(weight, linear.bias, compute_dtype=compute_dtype, kernels=kernels)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in ``dtype`` (default: ``compute_dtype``), out_features × in_features."""
+        return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"x must be a tensor whose last dimension is in_features={self.in_features}, "
+                f"got shape {tuple(getattr(x, 'shape', ()))}"
+            )
+        x_c = x.to(self.compute_dtype)
+        if self.kernels == "bnb":
+            import bitsandbytes as bnb
+
+            packed, state = to_bnb(self.weight)
+            state.dtype = self.compute_dtype
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            y = bnb.matmul_4bit(x_c, packed.t(), quant_state=state, bias=bias)
+        else:
+            y = _Dequantize4bitMatmul.apply(x_c, self)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # nn.Module.to()/cuda()/half() all arrive here with a function on tensors. Probe it with an empty
+        # tensor: the device it returns moves the packed bytes; a new dtype becomes the compute dtype.
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
+        if probe.device != self.weight.device:
+            self.weight = self.weight.to(probe.device)
+        if self.bias is not None:
+            self.bias = self.bias.to(probe.device)
+        self.compute_dtype = probe.dtype
+        return super()._apply(fn, recurse)
+
+    def memory_tensors(self) -> dict[str, list[Any]]:
+        """The tensors this layer holds, by kind (used by :func:`peftlab.memory.measure_step`)."""
+        absmax = self.weight.absmax
+        constants = [absmax] if isinstance(absmax, torch.Tensor) else [absmax.codes, absmax.absmax2, absmax.offset]
+        weights = [self.weight.packed] + ([] if self.bias is None else [self.bias])
+        return {"weights": weights, "quant_constants": constants}
+
+    def extra_parameter_count(self) -> int:
+        """Logical frozen parameters held outside nn.Parameters: in × out (+ bias), for count_parameters."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
+                f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}")
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None, *, blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   kernels: str = "torch", progress: bool = True) -> nn.Module:
+    """Replace linear layers of ``model`` by :class:`Linear4bit` (in place); returns ``model``.
+
+    ``target_modules``: names, each matching a module whose qualified name equals it or ends with
+    ``"." + name`` (PEFT's rule); default: every ``nn.Linear`` except ``lm_head``, i.e. all linear layers
+    of the blocks, as QLoRA does.
+
+    Note: ``lm_head`` is never quantized (QLoRA keeps it in 16 bits: it is one matrix, and the logits
+    are sensitive to it); naming it is an error, not a silent skip.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if target_modules is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"]
+        if not names:
+            raise ValueError("model has no nn.Linear layers to quantize (besides lm_head); is it already quantized?")
+    else:
+        if isinstance(target_modules, str):
+            target_modules = [target_modules]
+        targets = list(target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+        if any(t.split(".")[-1] == "lm_head" for t in targets):
+            raise ValueError("target_modules must not include lm_head: QLoRA keeps it in 16 bits")
+        names = [n for n, _ in model.named_modules() if n and _matches(n, targets)]
+        if not names:
+            raise ValueError(f"no module of model matches target_modules={targets}")
+        for n in names:
+            m = model.get_submodule(n)
+            if isinstance(m, Linear4bit):
+                raise ValueError(f"module {n!r} is already a Linear4bit: quantizing it again would compound the error")
+            if not isinstance(m, nn.Linear):
+                raise TypeError(f"target module {n!r} must be an nn.Linear, got {type(m).__name__}")
+    from peftlab.runtime import progress as bar
+
+    for name in (bar(names, desc="quantize", unit="layer") if progress else names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = Linear4bit.from_linear(getattr(parent, child), blocksize=blocksize, double_quant=double_quant,
+                                       compute_dtype=compute_dtype, kernels=kernels)
+        setattr(parent, child, layer)
+    return model
