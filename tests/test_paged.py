@@ -471,3 +471,17 @@ def test_count_saved_bytes_with_checkpointing_counts_block_inputs():
             h = checkpoint(b, h, use_reentrant=False)
     assert plain.nbytes == 3 * 4 * 10 * (16 + 64 + 64)
     assert ckpt.nbytes == 3 * 4 * 10 * 16  # only each block's input is kept
+
+
+def test_page_in_and_out_are_real_copies():
+    pool = PagePool(1000, page_bytes=400)
+    t = pool.from_tensor(torch.arange(100, dtype=torch.float32))
+    page = t.pages[0]
+    pool.evict_all()
+    host = page.host
+    pool._acquire([page])
+    assert page.data.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+    page.data.add_(1)  # an update on the device copy ...
+    assert torch.equal(host, torch.arange(100, dtype=torch.float32))  # ... leaves the host copy stale until paged out
+    pool.evict_all()
+    assert torch.equal(t.to_tensor(), torch.arange(100, dtype=torch.float32) + 1)

@@ -292,7 +292,9 @@ class PagePool:
 
     def _page_in(self, page: _Page) -> None:
         t = time.perf_counter()
-        page.data = page.host.to(self.device, non_blocking=self._async)
+        # Note: a fresh buffer and an explicit copy: on cpu, ``host.to("cpu")`` would alias the host buffer.
+        page.data = torch.empty_like(page.host, device=self.device)
+        page.data.copy_(page.host, non_blocking=self._async)
         self._resident[id(page)] = page
         self._resident_bytes += page.nbytes
         self._host_bytes -= page.nbytes
