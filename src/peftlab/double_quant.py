@@ -111,6 +111,41 @@ def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor
     return code.to(device)
 
 
+_CPU_CHUNK = 16384
+"""Elements per step on the CPU: small enough for the cache and below PyTorch's parallel grain."""
+
+
+def _rows_per_step(blocks: int, blocksize: int, device: torch.device) -> int:
+    # Note: on a CPU, whole-tensor element-wise passes run out of memory bandwidth and, on a busy
+    # machine, stall on their thread pool; cache-sized steps are several times faster. A GPU wants
+    # one launch per operation instead.
+    return max(1, _CPU_CHUNK // blocksize) if device.type == "cpu" else blocks
+
+
+def _quantize_rows(x: torch.Tensor, lut: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Quantize the blocks (rows) of ``x`` into ``codes`` and ``absmax`` (preallocated)."""
+    rows, blocksize = x.shape
+    step = _rows_per_step(rows, blocksize, x.device)
+    work = torch.empty(min(step, rows), blocksize, device=x.device)
+    index = torch.empty(min(step, rows), blocksize, dtype=torch.int32, device=x.device)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        xs, t, i = x[start:stop], work[: stop - start], index[: stop - start]
+        torch.abs(xs, out=t)
+        am = torch.amax(t, dim=1, out=absmax[start:stop])
+        if not bool(torch.isfinite(am).all()):  # a NaN or inf anywhere reaches its block's absmax
+            raise ValueError("A must contain only finite values")
+        # bitsandbytes multiplies by the float32 reciprocal; it does not divide.
+        inv = torch.where(am == 0, 0.0, 1.0 / am)
+        torch.mul(xs, inv[:, None], out=t)
+        # ((v + 1) * 0.5) * 65535 + 0.5, each step rounded to float32 like bitsandbytes' AVX2 code;
+        # (v + 1) * 0.5 is exact, so multiplying by 32767.5 at once rounds identically. The clamp
+        # to [-1, 1] is left out: |v| <= 1 + 2**-23 and that excess never changes the bin.
+        t.add_(1.0).mul_(0.5 * (LUT_SIZE - 1)).add_(0.5)
+        i.copy_(t)  # float -> int32 truncates, as cvttps2dq
+        torch.index_select(lut, 0, i.view(-1), out=codes[start:stop].view(-1))
+
+
 def quantize_blockwise(
     A: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,11 +155,11 @@ def quantize_blockwise(
     of ``blocksize`` values of the flattened ``A`` (a trailing partial block gets its own).
 
     Note: bitsandbytes' CPU quantizer (``quantize_cpu_impl`` / ``avx2_quantize_8bit_block``) does
-    not search for the nearest code. It scales by the reciprocal, ``x * (1/absmax)``, clamps to
-    [-1, 1], maps to one of ``LUT_SIZE`` bins with ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` (each
-    step rounded to float32) and reads the code from a table built from the code midpoints. Near
-    zero the bins (width 2/65535) are far wider than the dynamic map's spacing, so an exact 0 gets
-    code 131 (2.1e-5), not code 127 (0.0). We reproduce the table, not the ideal.
+    not search for the nearest code. It scales by the reciprocal, ``x * (1/absmax)``, maps the
+    result to one of ``LUT_SIZE`` bins with ``trunc(((x + 1) * 0.5) * 65535 + 0.5)`` and reads the
+    code from a table built from the code midpoints. Near zero the bins (width 2/65535) are far
+    wider than the dynamic map's spacing, so an exact 0 gets code 131 (2.1e-5), not code 127
+    (0.0). We reproduce the table, not the ideal.
 
     Note: a block whose values are all zero gets ``absmax = 0`` and codes 0, as in bitsandbytes
     (without the guard, 0 * (1/0) would be NaN).
@@ -137,23 +172,59 @@ def quantize_blockwise(
         raise ValueError("A must not be empty")
     blocksize = _check_blocksize(blocksize, "blocksize")
     lut = _default_lut(str(A.device)) if code is None else _build_lut(_check_code(code, A.device)).to(A.device)
-    x = A.reshape(-1).float()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("A must contain only finite values")
+    x = A.detach().reshape(-1).float()
 
     n = x.numel()
-    blocks = -(-n // blocksize)
-    # Zero padding changes no block's absmax; the padded codes are dropped below.
-    x = torch.nn.functional.pad(x, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    absmax = x.abs().amax(dim=1)
-    inv = 1.0 / absmax  # bitsandbytes multiplies by the float32 reciprocal, it does not divide
-    scaled = (x * inv[:, None]).clamp(-1.0, 1.0)
-    t = (scaled + 1.0) * 0.5
-    t = t * float(LUT_SIZE - 1) + 0.5
+    full, blocks = n // blocksize, -(-n // blocksize)
+    codes = torch.empty(blocks, blocksize, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(blocks, device=A.device)
+    if full:
+        _quantize_rows(x[: full * blocksize].view(full, blocksize), lut, codes[:full], absmax[:full])
+    if blocks > full:  # the trailing partial block, padded with zeros (they change no absmax)
+        tail = torch.nn.functional.pad(x[full * blocksize :], (0, blocks * blocksize - n))
+        _quantize_rows(tail.view(1, blocksize), lut, codes[full:], absmax[full:])
     zero = absmax == 0
-    index = torch.where(zero[:, None], 0.0, t).to(torch.int64)  # trunc, as cvttps2dq
-    codes = torch.where(zero[:, None], torch.zeros((), dtype=torch.uint8, device=A.device), lut[index])
-    return codes.reshape(-1)[:n].reshape(A.shape), absmax
+    if bool(zero.any()):
+        codes[zero] = 0
+    return codes.view(-1)[:n].view(A.shape), absmax
+
+
+def _dequantize_rows(
+    codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor, offset: torch.Tensor | None
+) -> None:
+    """``out = code[codes] * absmax[row] (+ offset)``, rows at a time, two float32 roundings."""
+    rows, blocksize = codes.shape
+    step = _rows_per_step(rows, blocksize, codes.device)
+    index = torch.empty(min(step, rows), blocksize, dtype=torch.int32, device=codes.device)
+    work = torch.empty(min(step, rows), blocksize, device=codes.device) if out.dtype != torch.float32 else None
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        i = index[: stop - start]
+        i.copy_(codes[start:stop])
+        o = out[start:stop] if work is None else work[: stop - start]
+        torch.index_select(code, 0, i.view(-1), out=o.view(-1))
+        o.mul_(absmax[start:stop, None])
+        if offset is not None:
+            o.add_(offset)
+        if work is not None:
+            out[start:stop].copy_(o)
+
+
+def _dequantize(
+    codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor, dtype: torch.dtype,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    n = codes.numel()
+    flat = codes.reshape(-1)
+    full, blocks = n // blocksize, -(-n // blocksize)
+    out = torch.empty(blocks * blocksize, dtype=dtype, device=codes.device)
+    if full:
+        _dequantize_rows(flat[: full * blocksize].view(full, blocksize), absmax[:full], code,
+                         out[: full * blocksize].view(full, blocksize), offset)
+    if blocks > full:
+        tail = torch.nn.functional.pad(flat[full * blocksize :], (0, blocks * blocksize - n))
+        _dequantize_rows(tail.view(1, blocksize), absmax[full:], code, out[full * blocksize :].view(1, blocksize), offset)
+    return out[:n].view(codes.shape)
 
 
 def dequantize_blockwise(
@@ -171,15 +242,11 @@ def dequantize_blockwise(
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     blocksize = _check_blocksize(blocksize, "blocksize")
-    n = codes.numel()
-    blocks = -(-n // blocksize)
+    blocks = -(-codes.numel() // blocksize)
     if absmax.numel() != blocks:
         raise ValueError(f"absmax must have {blocks} values (one per block of {blocksize}), got {absmax.numel()}")
     code = _check_code(code, codes.device)
-    values = code[codes.reshape(-1).long()]
-    values = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    out = (values * absmax.to(codes.device)[:, None]).reshape(-1)[:n]
-    return out.to(dtype).reshape(codes.shape)
+    return _dequantize(codes, absmax.to(codes.device), blocksize, code, dtype)
 
 
 @dataclass(frozen=True)
@@ -266,8 +333,8 @@ def dequantize_absmax(state: DoubleQuantState) -> torch.Tensor:
     """
     if not isinstance(state, DoubleQuantState):
         raise TypeError(f"state must be a DoubleQuantState, got {type(state).__name__}")
-    centred = dequantize_blockwise(state.codes, state.absmax2, state.blocksize2)
-    return centred + state.offset
+    return _dequantize(state.codes, state.absmax2, state.blocksize2, _default_code(str(state.device)),
+                       torch.float32, offset=state.offset)
 
 
 Scheme = Literal["dynamic", "fp8_e4m3", "int8"]
