@@ -485,3 +485,25 @@ def test_page_in_and_out_are_real_copies():
     assert torch.equal(host, torch.arange(100, dtype=torch.float32))  # ... leaves the host copy stale until paged out
     pool.evict_all()
     assert torch.equal(t.to_tensor(), torch.arange(100, dtype=torch.float32) + 1)
+
+
+def test_params_on_another_device_are_refused():
+    with pytest.raises(ValueError, match="pool's device"):
+        PagedAdamW([torch.nn.Parameter(torch.empty(3, device="meta"))], pool=PagePool(100))
+
+
+def test_learning_rate_schedulers_drive_it_like_adamw():
+    ref, ours, opt_ref, opt, _ = _run_pair(torch.float32, 128, 1024, _no_paging, steps=1)
+    sched_ref = torch.optim.lr_scheduler.StepLR(opt_ref, step_size=2, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(1, 8):
+        for a, b, g in zip(ref, ours, _grads(ref, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+        sched_ref.step()
+        sched.step()
+        with opt.pool.reserve(900):
+            pass
+    assert opt.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] < 1e-3
+    _assert_same(ref, ours, opt_ref, opt)
