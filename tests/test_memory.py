@@ -200,12 +200,17 @@ def _tiny(method, L, ckpt=False, dtype=torch.float32, dropout=0.0, d=128, f=352,
     model = transformers.LlamaForCausalLM(cfg).to(dtype).train()
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "qlora":
+        from peftlab.qlora import quantize_model
+
+        quantize_model(model, progress=False)
     if method != "full":
         add_lora(model, ALL_LINEARS, r=8, alpha=16, dropout=dropout)
     return cfg, model
 
 
 @pytest.mark.parametrize("method, dtype, dropout", [("full", torch.float32, 0.0), ("full", torch.bfloat16, 0.0),
+                                                    ("qlora", torch.float32, 0.0), ("qlora", torch.float32, 0.1),
                                                     ("lora", torch.float32, 0.0), ("lora", torch.bfloat16, 0.0),
                                                     ("lora", torch.float32, 0.1)])
 def test_per_block_activations_equal_what_autograd_saves(method, dtype, dropout):
@@ -245,11 +250,11 @@ def _measure(method, L, ckpt, dropout=0.0):
     return measured, estimated, model
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_estimate_matches_a_measured_step(method, ckpt):
     measured, estimated, model = _measure(method, 2, ckpt)
-    for c in ("lora_weights", "gradients"):
+    for c in ("lora_weights", "gradients", "quant_constants"):
         assert getattr(measured, c) == getattr(estimated, c), c
     # states: plus AdamW's float32 step counter per tensor, which the estimate does not count
     trained = [p for p in model.parameters() if p.requires_grad]

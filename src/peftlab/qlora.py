@@ -10,6 +10,7 @@ top (:func:`peftlab.lora.add_lora`) get gradients.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -95,6 +96,9 @@ class Linear4bit(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        if double_quant and weight.absmax.codes.untyped_storage().nbytes() > weight.absmax.codes.nbytes:
+            # The 8-bit codes can be a view of a buffer padded to whole blocks of 256; keep only the codes.
+            weight = replace(weight, absmax=replace(weight.absmax, codes=weight.absmax.codes.clone()))
         return cls(weight, linear.bias, compute_dtype=compute_dtype, kernels=kernels)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
