@@ -30,7 +30,7 @@ def _grads(params, step):
     return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(p.device) for p in params]
 
 
-def _run_pair(dtype, page_bytes, capacity, perturb, device="cpu", steps=40, **hyper):
+def _run_pair(dtype, page_bytes, capacity, perturb, device="cpu", steps=25, **hyper):
     """Run torch's AdamW and ours side by side on the same gradients; perturb the pool between steps."""
     init = _params(dtype, device)
     ref = [p.clone().requires_grad_() for p in init]

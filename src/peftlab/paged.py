@@ -93,14 +93,14 @@ class PoolStats:
 class _Page:
     """One chunk of a paged tensor: its live copy is ``data`` (device) or ``host``, never both."""
 
-    __slots__ = ("numel", "nbytes", "data", "host", "pinned")
+    __slots__ = ("numel", "nbytes", "data", "host", "in_use")
 
     def __init__(self, data: torch.Tensor) -> None:
         self.numel = data.numel()
         self.nbytes = self.numel * data.element_size()
         self.data: torch.Tensor | None = data
         self.host: torch.Tensor | None = None  # kept once allocated: the page's backing store
-        self.pinned = False  # True while an update uses it: not evictable
+        self.in_use = False  # True while an update uses it: not evictable
 
 
 class PagedTensor:
@@ -127,11 +127,11 @@ class PagedTensor:
         return out.view(self.shape)
 
 
-def _as_positive_int(value: Any, name: str) -> int:
+def _as_positive_int(value: Any, name: str, unit: str = "bytes") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of bytes, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int number of {unit}, got {type(value).__name__}")
     if value <= 0:
-        raise ValueError(f"{name} must be > 0 bytes, got {value}")
+        raise ValueError(f"{name} must be > 0 {unit}, got {value}")
     return value
 
 
@@ -170,7 +170,7 @@ class PagePool:
         self._out_bytes = self._in_bytes = self._outs = self._ins = 0
         self._paging_seconds = 0.0
         self._t0 = time.perf_counter()
-        self._timeline: deque[Event] = deque(maxlen=_as_positive_int(timeline_len, "timeline_len"))
+        self._timeline: deque[Event] = deque(maxlen=_as_positive_int(timeline_len, "timeline_len", "events"))
 
     # -- accounting -------------------------------------------------------------------------------
     @property
@@ -263,17 +263,17 @@ class PagePool:
         self._record("free")
 
     def evict_all(self) -> None:
-        """Page every unpinned page out to the host (as a very large spike would)."""
+        """Page every page not in use out to the host (as a very large spike would)."""
         self._make_room(self.capacity_bytes)
 
     def _make_room(self, nbytes: int) -> None:
-        """Evict LRU pages until ``nbytes`` more fit (callers have checked that they can)."""
+        """Evict LRU pages (not those in use) until ``nbytes`` more fit (callers have checked that they can)."""
         if self.free_bytes >= nbytes:
             return
         for page in list(self._resident.values()):
             if self.free_bytes >= nbytes:
                 break
-            if not page.pinned:
+            if not page.in_use:
                 self._page_out(page)
 
     def _page_out(self, page: _Page) -> None:
@@ -306,7 +306,7 @@ class PagePool:
     def _acquire(self, pages: Sequence[_Page]) -> None:
         """Make ``pages`` resident together and most recently used (callers have checked that they fit)."""
         for page in pages:
-            page.pinned = True
+            page.in_use = True
         try:
             for page in pages:
                 if page.data is None:
@@ -316,7 +316,7 @@ class PagePool:
                     self._resident.move_to_end(id(page))
         finally:
             for page in pages:
-                page.pinned = False
+                page.in_use = False
 
     # -- spikes -------------------------------------------------------------------------------------
     @contextmanager
