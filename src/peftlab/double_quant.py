@@ -122,15 +122,20 @@ def _rows_per_step(blocks: int, blocksize: int, device: torch.device) -> int:
     return max(1, _CPU_CHUNK // blocksize) if device.type == "cpu" else blocks
 
 
-def _quantize_rows(x: torch.Tensor, lut: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Quantize the blocks (rows) of ``x`` into ``codes`` and ``absmax`` (preallocated)."""
+def _quantize_rows(
+    x: torch.Tensor, lut: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, shift: torch.Tensor | None = None
+) -> None:
+    """Quantize the blocks (rows) of ``x - shift`` into ``codes`` and ``absmax`` (preallocated)."""
     rows, blocksize = x.shape
     step = _rows_per_step(rows, blocksize, x.device)
     work = torch.empty(min(step, rows), blocksize, device=x.device)
     index = torch.empty(min(step, rows), blocksize, dtype=torch.int32, device=x.device)
+    centred = torch.empty_like(work) if shift is not None else None
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         xs, t, i = x[start:stop], work[: stop - start], index[: stop - start]
+        if centred is not None:  # centring step by step saves a pass over the whole tensor
+            xs = torch.sub(xs, shift, out=centred[: stop - start])
         torch.abs(xs, out=t)
         am = torch.amax(t, dim=1, out=absmax[start:stop])
         if not bool(torch.isfinite(am).all()):  # a NaN or inf anywhere reaches its block's absmax
@@ -147,12 +152,13 @@ def _quantize_rows(x: torch.Tensor, lut: torch.Tensor, codes: torch.Tensor, absm
 
 
 def quantize_blockwise(
-    A: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None
+    A: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None, *, shift: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization, byte-identical to bitsandbytes' CPU ``quantize_blockwise``.
 
     Returns ``(codes, absmax)``: uint8 codes shaped like ``A`` and one float32 ``absmax`` per block
-    of ``blocksize`` values of the flattened ``A`` (a trailing partial block gets its own).
+    of ``blocksize`` values of the flattened ``A`` (a trailing partial block gets its own). With
+    ``shift`` (a float32 scalar tensor), ``A - shift`` is quantized, as if subtracted beforehand.
 
     Note: bitsandbytes' CPU quantizer (``quantize_cpu_impl`` / ``avx2_quantize_8bit_block``) does
     not search for the nearest code. It scales by the reciprocal, ``x * (1/absmax)``, maps the
@@ -173,15 +179,18 @@ def quantize_blockwise(
     blocksize = _check_blocksize(blocksize, "blocksize")
     lut = _default_lut(str(A.device)) if code is None else _build_lut(_check_code(code, A.device)).to(A.device)
     x = A.detach().reshape(-1).float()
+    if shift is not None and (not isinstance(shift, torch.Tensor) or shift.dtype != torch.float32 or shift.dim() != 0):
+        raise TypeError("shift must be a 0-dim float32 torch.Tensor or None")
 
     n = x.numel()
     full, blocks = n // blocksize, -(-n // blocksize)
     codes = torch.empty(blocks, blocksize, dtype=torch.uint8, device=A.device)
     absmax = torch.empty(blocks, device=A.device)
     if full:
-        _quantize_rows(x[: full * blocksize].view(full, blocksize), lut, codes[:full], absmax[:full])
+        _quantize_rows(x[: full * blocksize].view(full, blocksize), lut, codes[:full], absmax[:full], shift)
     if blocks > full:  # the trailing partial block, padded with zeros (they change no absmax)
-        tail = torch.nn.functional.pad(x[full * blocksize :], (0, blocks * blocksize - n))
+        tail = x[full * blocksize :] if shift is None else x[full * blocksize :] - shift
+        tail = torch.nn.functional.pad(tail, (0, blocks * blocksize - n))
         _quantize_rows(tail.view(1, blocksize), lut, codes[full:], absmax[full:])
     zero = absmax == 0
     if bool(zero.any()):
@@ -295,14 +304,14 @@ class DoubleQuantState:
         )
 
 
-def _check_absmax(absmax: torch.Tensor) -> None:
+def _check_absmax(absmax: torch.Tensor, finite: bool = True) -> None:
     if not isinstance(absmax, torch.Tensor):
         raise TypeError(f"absmax must be a torch.Tensor, got {type(absmax).__name__}")
     if absmax.dtype != torch.float32:
         raise TypeError(f"absmax must be float32 (the first-level constants), got {absmax.dtype}")
     if absmax.dim() != 1 or absmax.numel() == 0:
         raise ValueError(f"absmax must be 1-D and non-empty (one value per block), got shape {tuple(absmax.shape)}")
-    if not bool(torch.isfinite(absmax).all()):
+    if finite and not bool(torch.isfinite(absmax).all()):
         raise ValueError("absmax must contain only finite values")
 
 
@@ -318,10 +327,12 @@ def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantS
     Note: if all constants are equal, the centred block is zero: ``absmax2 = 0`` and the
     constants dequantize to ``offset`` exactly, with no NaN.
     """
-    _check_absmax(absmax)
+    _check_absmax(absmax, finite=False)
     blocksize2 = _check_blocksize(blocksize2, "blocksize2")
     offset = absmax.mean()  # the same reduction as bitsandbytes, so the same float32 rounding
-    codes, absmax2 = quantize_blockwise(absmax - offset, blocksize=blocksize2)
+    if not bool(torch.isfinite(offset)):  # any NaN or inf makes the mean non-finite
+        raise ValueError("absmax must contain only finite values")
+    codes, absmax2 = quantize_blockwise(absmax, blocksize=blocksize2, shift=offset)
     return DoubleQuantState(codes, absmax2, offset, blocksize2)
 
 
