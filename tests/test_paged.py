@@ -507,3 +507,14 @@ def test_learning_rate_schedulers_drive_it_like_adamw():
             pass
     assert opt.param_groups[0]["lr"] == opt_ref.param_groups[0]["lr"] < 1e-3
     _assert_same(ref, ours, opt_ref, opt)
+
+
+def test_a_page_larger_than_the_pool_is_refused():
+    pool = PagePool(100, page_bytes=400)
+    with pytest.raises(PoolMemoryError, match="a new page: 400 bytes requested"):
+        pool.zeros((100,))
+    assert pool.stats.device_bytes == 0 and pool.stats.timeline == ()
+    opt = PagedAdamW([torch.nn.Parameter(torch.zeros(100))], pool=pool)
+    opt.param_groups[0]["params"][0].grad = torch.ones(100)
+    with pytest.raises(PoolMemoryError, match="one page of each AdamW state: 800 bytes"):
+        opt.step()
