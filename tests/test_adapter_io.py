@@ -285,3 +285,17 @@ def test_failed_save_leaves_existing_adapter_intact(saved, monkeypatch):
     monkeypatch.undo()
     save_adapter(model, saved)  # overwriting works and changes the weights
     assert (saved / WEIGHTS_NAME).read_bytes() != before[WEIGHTS_NAME]
+
+
+def test_failed_config_write_removes_the_new_weights(saved, monkeypatch):
+    before = {name: (saved / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    model = add_lora(Net(seed=5), ["q_proj", "v_proj"], r=4, alpha=8)
+
+    def broken_dumps(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io.json, "dumps", broken_dumps)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, saved)
+    assert {name: (saved / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME]

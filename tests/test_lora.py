@@ -355,7 +355,7 @@ def _peft_targets(model: nn.Module, target_modules) -> set[str]:
 
 @pytest.mark.parametrize(
     "targets",
-    [["q_proj"], ["q_proj", "v_proj"], ["0", "2"], ["mlp.0"], ["lm_head"], r".*_proj", r"mlp\.[02]", ("q_proj",)],
+    [["q_proj"], ["q_proj", "v_proj"], ["proj", "q_proj"], ["0", "2"], ["mlp.0"], ["lm_head"], r".*_proj", r"mlp\.[02]", ("q_proj",)],
 )
 def test_matching_equals_peft(targets):
     expected = _peft_targets(Tiny(), list(targets) if isinstance(targets, tuple) else targets)
