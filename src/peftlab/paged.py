@@ -305,6 +305,10 @@ class PagePool:
 
     def _acquire(self, pages: Sequence[_Page]) -> None:
         """Make ``pages`` resident together and most recently used (callers have checked that they fit)."""
+        if all(page.data is not None for page in pages):  # the common case: nothing to page in
+            for page in pages:
+                self._resident.move_to_end(id(page))
+            return
         for page in pages:
             page.in_use = True
         try:
@@ -469,11 +473,12 @@ class PagedAdamW(torch.optim.Optimizer):
                 self.pool._acquire((m_page, v_page))
                 m, v = m_page.data, v_page.data
                 stop = start + m_page.numel
-                g = g_flat[start:stop]
+                whole = stop - start == p_flat.numel()  # one page: skip making slices (Python time per param)
+                g = g_flat if whole else g_flat[start:stop]
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-                p_flat[start:stop].addcdiv_(m, denom, value=-step_size)
+                (p_flat if whole else p_flat[start:stop]).addcdiv_(m, denom, value=-step_size)
                 start = stop
         return loss
 
