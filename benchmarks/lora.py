@@ -1,6 +1,6 @@
 """Benchmark: peftlab's LoRA layer against PEFT's, and a merged layer against a plain nn.Linear.
 
-    python benchmarks/lora.py [--repeats 30] [--device cpu|cuda]
+    python benchmarks/lora.py [--repeats 30] [--device cpu|cuda] [--threads N]
 
 Explained in the chapter *LoRA* (book/chapters/lora.md). Both sides run in one process, alternating
 call by call, so drifts in machine load hit both; medians are reported. Targets (issue 3): a training
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be a positive int")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.repeats} alternating repeats, medians")
