@@ -355,7 +355,8 @@ def _peft_targets(model: nn.Module, target_modules) -> set[str]:
 
 @pytest.mark.parametrize(
     "targets",
-    [["q_proj"], ["q_proj", "v_proj"], ["proj", "q_proj"], ["0", "2"], ["mlp.0"], ["lm_head"], r".*_proj", r"mlp\.[02]", ("q_proj",)],
+    [["q_proj"], ["q_proj", "v_proj"], ["proj", "q_proj"], ["0", "2"], ["mlp.0"], ["lm_head"],
+     r".*_proj", r"mlp\.[02]", ("q_proj",)],
 )
 def test_matching_equals_peft(targets):
     expected = _peft_targets(Tiny(), list(targets) if isinstance(targets, tuple) else targets)
@@ -459,7 +460,23 @@ class FakePacked(nn.Module):
         return self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.packed.T
+        return x @ self.packed.T.to(x.dtype)  # computes in the input's dtype, like bnb's Linear4bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_packed_base_output_dtype_follows_input(dtype):
+    torch.manual_seed(10)
+    layer = LoRALinear(FakePacked(8, 6), r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype and layer.lora_A.dtype == torch.float32
+    expected = (x.float() @ layer.base.packed.T.to(dtype).float()
+                + layer.scaling * x.float() @ (layer.lora_B @ layer.lora_A).T)
+    torch.testing.assert_close(y.float(), expected, **TOL[dtype])
+    y.sum().backward()
+    assert x.grad.dtype == dtype and layer.lora_A.grad.dtype == torch.float32
 
 
 def test_packed_base_wraps_counts_and_refuses_merge():
