@@ -59,7 +59,8 @@ def _check_hyperparameters(r: object, alpha: object, dropout: object, rslora: ob
 class LoRAFunction(torch.autograd.Function):
     """``scaling · x Aᵀ Bᵀ`` with a backward written from the notes' formulas.
 
-    With ``g_ΔW = g_yᵀ x`` (summed over tokens), the notes give ``g_B = s · g_ΔW Aᵀ`` and
+    With tokens as rows (``x``: tokens × in_features, ``g_y``: tokens × out_features) and
+    ``g_ΔW = g_yᵀ x``, the notes give ``g_B = s · g_ΔW Aᵀ`` and
     ``g_A = s · Bᵀ g_ΔW``. Both are evaluated right to left, ``g_B = s · g_yᵀ (x Aᵀ)`` and
     ``g_A = s · (g_y B)ᵀ x``, which is the same product by associativity.
 
