@@ -11,6 +11,7 @@ from peftlab.codebooks import (  # noqa: E402
     BLOCKSIZES,
     NF4_OFFSET,
     _bucket_codes,
+    _prefix16,
     check_blocksize,
     dequantize_blockwise,
     fp4_code,
@@ -120,6 +121,13 @@ def test_bucket_codes_equal_bucketize_on_hard_values_and_random(name):
     x = torch.cat([_hard_values(code), torch.rand(100_000) * 2 - 1, torch.randn(10_000) * 1e-3])
     expected = order[torch.bucketize(x, mids)].to(torch.uint8)
     assert torch.equal(_bucket_codes(x, code), expected)
+
+
+def test_prefix_by_uint16_view_equals_prefix_by_shift():
+    x = torch.cat([torch.randn(10_000), _hard_values(nf4_code())])
+    expected = torch.tensor([(v >> 16) & 0xFFFF for v in x.view(torch.int32).tolist()], dtype=torch.int32)
+    assert torch.equal(_prefix16(x, shift=False), expected)
+    assert torch.equal(_prefix16(x, shift=True), expected)
 
 
 def test_bucket_codes_tie_takes_lower_level():

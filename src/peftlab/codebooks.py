@@ -178,11 +178,20 @@ def _prefix_tables(code_key: tuple[float, ...], device: str) -> tuple[torch.Tens
     return base.to(torch.uint8).to(device), threshold.to(device), order.to(torch.uint8).to(device)
 
 
+def _prefix16(x: torch.Tensor, shift: bool | None = None) -> torch.Tensor:
+    """The top 16 bits of each float32 as an int32 in [0, 65535] (``shift``: force the portable way)."""
+    if shift is None:
+        shift = x.device.type != "cpu"
+    if shift:  # uint16 has few kernels off the CPU
+        return (x.view(torch.int32) >> 16) & 0xFFFF
+    # The high half of each float32 (little-endian: the odd uint16) is its prefix: one pass.
+    return x.view(torch.uint16)[1::2].to(torch.int32)
+
+
 def _bucket_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The 4-bit index (uint8) of the nearest code for each float32 value; a tie takes the lower code."""
     base, threshold, order = _prefix_tables(tuple(code.tolist()), str(scaled.device))
-    # The high half of each float32 (little-endian: the odd uint16) is its 16-bit prefix.
-    prefix = scaled.view(torch.uint16)[1::2].to(torch.int32)
+    prefix = _prefix16(scaled)
     q = torch.index_select(base, 0, prefix)
     q.add_(torch.gt(scaled, torch.index_select(threshold, 0, prefix)))
     if not bool((order == torch.arange(16, device=order.device, dtype=torch.uint8)).all()):

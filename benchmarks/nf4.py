@@ -1,0 +1,106 @@
+"""NF4 on the CPU: peftlab against bitsandbytes (and torchao for contrast), 4096 x 4096 float32.
+
+    python benchmarks/nf4.py [--reps 15] [--size 4096]
+
+Explained in the chapter *4-bit NormalFloat* (book/chapters/nf4.md), closing note. Every contender runs
+in one process, in turn within each repetition, so machine noise hits all alike; we report medians.
+Targets (issue 4): our quantize / bitsandbytes' <= 1.0, our dequantize / bitsandbytes' <= 1.25. The
+script prints PASS or MISS for each and always exits 0 (shared machines are noisy).
+
+Note: what bitsandbytes runs on the CPU: ``quantize_4bit`` is its pure-PyTorch reference
+(``backends/default/ops.py``: ``bucketize`` on the midpoints); ``dequantize_4bit`` is a native
+(AVX-512 where available) C++ kernel from ``backends/cpu/ops.py``. Our time includes the input
+checks (NaN/inf, dtype). Dequantize's effective bandwidth counts bytes read (codes, absmax) plus
+written (float32 output); a plain ``clone`` (read + write) is the physical limit beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def measure(size: int = 4096, reps: int = 15, torchao: bool = True) -> dict[str, float]:
+    """Median milliseconds of each contender on a ``size`` x ``size`` float32 N(0, 1) tensor."""
+    import bitsandbytes.functional as bnbF
+
+    from peftlab.nf4 import dequantize_nf4, quantize_nf4
+
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    q = quantize_nf4(w)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    if not torch.equal(q.packed, packed.reshape(-1)) or not torch.equal(dequantize_nf4(q), bnbF.dequantize_4bit(packed, state)):
+        raise AssertionError("peftlab and bitsandbytes disagree: the timing would compare different work")
+    fns: dict[str, Callable[[], object]] = {
+        "ours quantize": lambda: quantize_nf4(w),
+        "bnb quantize": lambda: bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4"),
+        "ours dequantize": lambda: dequantize_nf4(q),
+        "bnb dequantize": lambda: bnbF.dequantize_4bit(packed, state),
+        "copy": lambda: w.clone(),
+    }
+    if torchao:
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+            nf4 = to_nf4(w)
+            fns["torchao to_nf4"] = lambda: to_nf4(w)
+            fns["torchao dequantize"] = lambda: nf4.get_original_weight()
+        except Exception as exc:  # torchao is optional: say why it is missing
+            print(f"torchao skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+    for fn in fns.values():  # warm-up: caches, lazy tables, allocator
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out = {name: _median_ms(t) for name, t in times.items()}
+    out["dequantize bytes"] = float(w.numel() * 4 + packed.numel() + q.absmax.numel() * 4)
+    out["copy bytes"] = float(2 * w.numel() * 4)
+    return out
+
+
+def report(res: dict[str, float]) -> list[str]:
+    lines = [f"{name:20s} {ms:9.2f} ms" for name, ms in res.items() if not name.endswith("bytes")]
+    for what, target in (("quantize", 1.0), ("dequantize", 1.25)):
+        ratio = res[f"ours {what}"] / res[f"bnb {what}"]
+        verdict = "PASS" if ratio <= target else "MISS"
+        lines.append(f"{what:10s}: ours / reference = {ratio:.2f}  (target <= {target:.2f}: {verdict})")
+    if "torchao to_nf4" in res:
+        lines.append(f"quantize  : ours / torchao to_nf4 = {res['ours quantize'] / res['torchao to_nf4']:.2f}  (for contrast)")
+    dq_gbps = res["dequantize bytes"] / (res["ours dequantize"] / 1e3) / 1e9
+    bnb_gbps = res["dequantize bytes"] / (res["bnb dequantize"] / 1e3) / 1e9
+    copy_gbps = res["copy bytes"] / (res["copy"] / 1e3) / 1e9
+    lines.append(
+        f"dequantize bandwidth: ours {dq_gbps:.1f} GB/s, bitsandbytes {bnb_gbps:.1f} GB/s, plain copy {copy_gbps:.1f} GB/s"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--no-torchao", action="store_true", help="skip torchao's to_nf4")
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.size < 64:
+        parser.error("--reps must be >= 1 and --size >= 64")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} x {args.size} float32, "
+          f"{args.reps} alternating repetitions (medians)")
+    for line in report(measure(args.size, args.reps, torchao=not args.no_torchao)):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
