@@ -155,7 +155,8 @@ def test_quantize_blockwise_custom_code() -> None:
     codes, absmax = quantize_blockwise(A, 128, code=code)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, code=code, blocksize=128)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
-    assert torch.equal(dequantize_blockwise(codes, absmax, 128, code=code), bnb_F.dequantize_blockwise(ref_codes, ref_state))
+    ours = dequantize_blockwise(codes, absmax, 128, code=code)
+    assert torch.equal(ours, bnb_F.dequantize_blockwise(ref_codes, ref_state))
 
 
 # --- double quantization of the NF4 constants -----------------------------------------------------
@@ -285,7 +286,10 @@ def test_quantize_absmax_bad_absmax(absmax, error, match) -> None:
         quantize_absmax(absmax)
 
 
-@pytest.mark.parametrize(("blocksize2", "error"), [(100, ValueError), (0, ValueError), (8192, ValueError), (True, TypeError), ("256", TypeError), (256.0, TypeError)])
+@pytest.mark.parametrize(
+    ("blocksize2", "error"),
+    [(100, ValueError), (0, ValueError), (8192, ValueError), (True, TypeError), ("256", TypeError), (256.0, TypeError)],
+)
 def test_bad_blocksize2(blocksize2, error) -> None:
     with pytest.raises(error, match="blocksize2"):
         quantize_absmax(torch.rand(10), blocksize2)

@@ -50,7 +50,7 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     Equal, value for value, to ``bitsandbytes.functional.create_dynamic_map(signed)``: for each
     decade ``10**(i-6)``, i = 0..6, the midpoints of ``2**i + 1`` (signed) or ``2**(i+1) + 1``
     (unsigned) points evenly spaced on [0.1, 1], scaled by the decade, with both signs when
-    ``signed``; then 0 and 1 (unsigned: zeros pad the rest), sorted.
+    ``signed``; then 0 and 1, sorted (256 values either way).
 
     Note: the arithmetic follows bitsandbytes exactly (linspace and midpoints in float32, the
     decade as a Python float applied to a float32 tensor), so the table is equal bit for bit.
@@ -232,7 +232,8 @@ def _dequantize(
                          out[: full * blocksize].view(full, blocksize), offset)
     if blocks > full:
         tail = torch.nn.functional.pad(flat[full * blocksize :], (0, blocks * blocksize - n))
-        _dequantize_rows(tail.view(1, blocksize), absmax[full:], code, out[full * blocksize :].view(1, blocksize), offset)
+        _dequantize_rows(tail.view(1, blocksize), absmax[full:], code,
+                         out[full * blocksize :].view(1, blocksize), offset)
     return out[:n].view(codes.shape)
 
 
@@ -276,7 +277,8 @@ class DoubleQuantState:
         for name, dtype in (("codes", torch.uint8), ("absmax2", torch.float32), ("offset", torch.float32)):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) or value.dtype != dtype:
-                raise TypeError(f"{name} must be a {dtype} torch.Tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+                got = getattr(value, "dtype", type(value).__name__)
+                raise TypeError(f"{name} must be a {dtype} torch.Tensor, got {got}")
         if self.codes.dim() != 1 or self.absmax2.dim() != 1 or self.offset.dim() != 0:
             raise ValueError("codes and absmax2 must be 1-D and offset 0-dim")
         blocks = -(-self.codes.numel() // self.blocksize2)
