@@ -10,7 +10,9 @@ both; medians are reported. The workload is the first-level absmax of LLaMA-65B'
 - quantize: ``quantize_absmax`` against ``mean`` + bitsandbytes ``quantize_blockwise`` (what
   ``quantize_4bit(compress_statistics=True)`` runs), target at most 1.5× bitsandbytes;
 - dequantize: ``dequantize_absmax`` against bitsandbytes ``dequantize_blockwise`` + offset (what
-  ``dequantize_4bit`` runs first), target at most 1.5× bitsandbytes.
+  ``dequantize_4bit`` runs first), target at most 1.5× bitsandbytes;
+- and the 8-bit quantizer on its own, on a 4096 × 4096 bfloat16 weight in blocks of 256
+  (``quantize_blockwise`` against bitsandbytes' ``quantize_blockwise``), target at most 1.5×.
 
 Both sides' outputs are checked equal before timing. Exits 0 either way (shared machines are
 noisy): read the ratios.
@@ -27,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 
-from peftlab.double_quant import dequantize_absmax, quantize_absmax
+from peftlab.double_quant import dequantize_absmax, quantize_absmax, quantize_blockwise
 
-TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5}
+TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5, "8-bit quantize of bf16 weights": 1.5}
 CONSTANTS = 8192 * 22016 // 64  # LLaMA-65B's FFN matrix in blocks of 64
 
 
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     report("dequantize constants", *alternate(lambda: dequantize_absmax(state),
                                               lambda: bnb_F.dequantize_blockwise(codes, state2) + offset,
                                               args.repeats, device))
+    weight = (torch.randn(4096, 4096, device=device) * 0.02).to(torch.bfloat16)
+    if device.type == "cpu":
+        assert torch.equal(quantize_blockwise(weight, 256)[0], bnb_F.quantize_blockwise(weight, blocksize=256)[0])
+    report("8-bit quantize of bf16 weights", *alternate(lambda: quantize_blockwise(weight, 256),
+                                                        lambda: bnb_F.quantize_blockwise(weight, blocksize=256),
+                                                        args.repeats, device))
     return 0
 
 

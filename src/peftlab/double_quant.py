@@ -133,7 +133,7 @@ def _quantize_rows(
     centred = torch.empty_like(work) if shift is not None else None
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        xs, t, i = x[start:stop], work[: stop - start], index[: stop - start]
+        xs, t, i = x[start:stop].float(), work[: stop - start], index[: stop - start]  # 16-bit: step by step
         if centred is not None:  # centring step by step saves a pass over the whole tensor
             xs = torch.sub(xs, shift, out=centred[: stop - start])
         torch.abs(xs, out=t)
@@ -178,7 +178,7 @@ def quantize_blockwise(
         raise ValueError("A must not be empty")
     blocksize = _check_blocksize(blocksize, "blocksize")
     lut = _default_lut(str(A.device)) if code is None else _build_lut(_check_code(code, A.device)).to(A.device)
-    x = A.detach().reshape(-1).float()
+    x = A.detach().reshape(-1)
     if shift is not None and (not isinstance(shift, torch.Tensor) or shift.dtype != torch.float32 or shift.dim() != 0):
         raise TypeError("shift must be a 0-dim float32 torch.Tensor or None")
 
@@ -189,7 +189,7 @@ def quantize_blockwise(
     if full:
         _quantize_rows(x[: full * blocksize].view(full, blocksize), lut, codes[:full], absmax[:full], shift)
     if blocks > full:  # the trailing partial block, padded with zeros (they change no absmax)
-        tail = x[full * blocksize :] if shift is None else x[full * blocksize :] - shift
+        tail = x[full * blocksize :].float() if shift is None else x[full * blocksize :].float() - shift
         tail = torch.nn.functional.pad(tail, (0, blocks * blocksize - n))
         _quantize_rows(tail.view(1, blocksize), lut, codes[full:], absmax[full:])
     zero = absmax == 0
