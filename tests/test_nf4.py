@@ -54,8 +54,9 @@ def test_identical_to_bitsandbytes(dtype, shape, blocksize):
     out = dequantize_nf4(q)
     assert out.shape == w.shape and out.dtype == dtype
     assert torch.equal(out.reshape(-1), bnb_reference_dequantize(packed, state).reshape(-1))
-    if shape[-1] % blocksize == 0 or shape[-1] % 2:  # where the native CPU kernel is right
-        assert torch.equal(out.reshape(-1), bnbF.dequantize_4bit(packed, state).reshape(-1))
+    if shape[-1] % blocksize == 0 or shape[-1] % 2:  # where the public CPU path is right
+        with torch.compiler.set_stance("force_eager"):  # odd last dims: its torch.compile'd fallback, run eagerly
+            assert torch.equal(out.reshape(-1), bnbF.dequantize_4bit(packed, state).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
