@@ -231,3 +231,14 @@ def test_dequantize_blockwise_checks_sizes():
         dequantize_blockwise(packed, absmax.double(), nf4_code(), 32, 100)
     with pytest.raises(ValueError, match="numel"):
         dequantize_blockwise(packed, absmax, nf4_code(), 32, 0)
+
+
+def test_signed_zero_codebooks_do_not_share_cached_tables():
+    # +0.0 == -0.0 as Python floats: the table caches must key on bits, or the sign of zero leaks.
+    plus = int4_code()
+    minus = plus.clone()
+    minus[8] = -0.0
+    packed = pack_nibbles(torch.tensor([8, 8], dtype=torch.uint8))
+    one = torch.ones(1)
+    assert not torch.signbit(dequantize_blockwise(packed, one, plus, 32, 2)).any()
+    assert torch.signbit(dequantize_blockwise(packed, one, minus, 32, 2)).all()

@@ -153,8 +153,17 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel]
 
 
+def _key(code: torch.Tensor) -> tuple[int, ...]:
+    """A cache key for a codebook: its float32 bit patterns (so +0.0 and -0.0 stay apart)."""
+    return tuple(code.detach().to("cpu", torch.float32).contiguous().view(torch.int32).tolist())
+
+
+def _from_key(code_key: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(code_key, dtype=torch.int32).view(torch.float32)
+
+
 @lru_cache(maxsize=16)
-def _prefix_tables(code_key: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefix_tables(code_key: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tables that turn the top 16 bits of a float32 into its bucket: ``(base, threshold, order)``.
 
     The 65,536 top-16-bit prefixes split the float32 line into cells. For each cell, ``base`` is the
@@ -162,7 +171,7 @@ def _prefix_tables(code_key: tuple[float, ...], device: str) -> tuple[torch.Tens
     (``inf`` if none). With at most one midpoint per cell (checked), a value's bucket — the number of
     midpoints strictly below it, as ``torch.bucketize`` counts — is ``base + (x > threshold)``.
     """
-    code = torch.tensor(code_key, dtype=torch.float32)
+    code = _from_key(code_key)
     order = torch.sort(code, stable=True).indices
     ordered = code[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2
@@ -190,7 +199,7 @@ def _prefix16(x: torch.Tensor, shift: bool | None = None) -> torch.Tensor:
 
 def _bucket_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The 4-bit index (uint8) of the nearest code for each float32 value; a tie takes the lower code."""
-    base, threshold, order = _prefix_tables(tuple(code.tolist()), str(scaled.device))
+    base, threshold, order = _prefix_tables(_key(code), str(scaled.device))
     prefix = _prefix16(scaled)
     q = torch.index_select(base, 0, prefix)
     q.add_(torch.gt(scaled, torch.index_select(threshold, 0, prefix)))
@@ -244,9 +253,9 @@ def quantize_blockwise(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
 
 
 @lru_cache(maxsize=16)
-def _pair_table(code_key: tuple[float, ...], device: str) -> torch.Tensor:
+def _pair_table(code_key: tuple[int, ...], device: str) -> torch.Tensor:
     """For each byte, the float32 pair (code[high nibble], code[low nibble]), viewed as one int64."""
-    code = torch.tensor(code_key, dtype=torch.float32)
+    code = _from_key(code_key)
     byte = torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
     return pairs.view(torch.int64).reshape(256).to(device)
@@ -275,7 +284,7 @@ def dequantize_blockwise(
             f"packed must hold {(numel + 1) // 2} bytes and absmax {blocks} values for numel={numel} and "
             f"blocksize={blocksize}, got {packed.numel()} and {absmax.numel()}"
         )
-    table = _pair_table(tuple(code.tolist()), str(packed.device))
+    table = _pair_table(_key(code), str(packed.device))
     values = torch.index_select(table, 0, packed.reshape(-1).to(torch.int32)).view(torch.float32)
     full = (numel // blocksize) * blocksize
     values[:full].view(-1, blocksize).mul_(absmax[: numel // blocksize, None])
