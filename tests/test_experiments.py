@@ -14,7 +14,7 @@ from peftlab.lora import add_lora
 
 peft = pytest.importorskip("peft")
 
-TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4)
+TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4, eval_every=0)
 
 
 # ---- settings, grids, cache keys ---------------------------------------------------------------
@@ -30,7 +30,6 @@ TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4)
         (dict(alpha=0), "alpha"),
         (dict(lr=-1e-3), "lr"),
         (dict(eval_every=-1), "eval_every"),
-        (dict(method="full", keep_adapter=True), "keep_adapter"),
     ],
 )
 def test_run_config_rejects(kw, match):
@@ -89,8 +88,8 @@ def test_lora_starts_at_the_pretrained_model(lora_row):
         expected = pretrained.lm_loss(model, x, y).item()
     assert lora_row["initial_held_out_loss"] == pytest.approx(expected, rel=1e-6)
     assert lora_row["held_out_loss"] != lora_row["initial_held_out_loss"]
-    assert lora_row["curve"][0] == [0, lora_row["initial_held_out_loss"]]
-    assert lora_row["curve"][-1] == [3, lora_row["held_out_loss"]]
+    assert lora_row["curve"][0][:2] == [0, lora_row["initial_held_out_loss"]]
+    assert lora_row["curve"][-1] == [3, lora_row["held_out_loss"], lora_row["train_loss"]]
 
 
 def test_one_lora_step_matches_peft_on_the_llama():
@@ -134,12 +133,13 @@ def test_untrained_start_is_near_uniform():
 
 
 def test_learning_curve_points():
-    row = E.finetune(E.RunConfig(**{**TINY, "steps": 4}, eval_every=2), progress=False)
-    assert [s for s, _ in row["curve"]] == [0, 2, 4]
+    row = E.finetune(E.RunConfig(**{**TINY, "steps": 4, "eval_every": 2}), progress=False)
+    assert [point[0] for point in row["curve"]] == [0, 2, 4]
+    assert all(len(point) == 3 for point in row["curve"])
 
 
 def test_cache_roundtrip_and_adapter(tmp_path):
-    cfg = E.RunConfig(keep_adapter=True, **TINY)
+    cfg = E.RunConfig(**TINY)
     first = E.finetune(cfg, tmp_path, progress=False)
     second = E.finetune(cfg, tmp_path, progress=False)
     assert not first["cached"] and second["cached"]
@@ -147,6 +147,9 @@ def test_cache_roundtrip_and_adapter(tmp_path):
     adapter = E.load_adapter(second, tmp_path)
     assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
     assert not list(tmp_path.glob("*.tmp"))
+    full = E.finetune(E.RunConfig(method="full", **TINY), tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="only LoRA runs"):
+        E.load_adapter(full, tmp_path)
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     with pytest.raises(ValueError, match="cache_dir"):

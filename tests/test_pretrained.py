@@ -119,6 +119,20 @@ def test_pretrain_rejects_bad_steps(bad):
         pretrained.pretrain(steps=bad, progress=False)
 
 
+def test_complete_is_greedy_decoding(model):
+    prompt = "The "
+    text = pretrained.complete(model, prompt, max_new_bytes=5)
+    ids = textdata.encode(prompt)[None]
+    for _ in range(5):  # argmax by hand, one forward per byte
+        with torch.no_grad():
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    assert text == textdata.decode(ids[0, 4:])
+    with pytest.raises(ValueError, match="prompt"):
+        pretrained.complete(model, "")
+    with pytest.raises(ValueError, match="max_new_bytes"):
+        pretrained.complete(model, "x", 0)
+
+
 def test_lr_schedule():
     lrs = [pretrained.lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

@@ -53,7 +53,8 @@ class RunConfig:
     ``targets`` are then ignored and normalised away). ``targets`` names a set in :data:`TARGETS`.
     ``train_bytes`` keeps only the first bytes of the downstream train split (``None``: all of it).
     ``pretrained=False`` starts from the same architecture untrained. ``eval_every`` > 0 records a
-    learning curve; ``keep_adapter`` stores the trained ``lora_A``/``lora_B`` next to the row.
+    learning curve (held-out and train loss every ``eval_every`` steps). ``device`` is where the run
+    trains (``"cuda"`` for the chapter's larger sweep).
     """
 
     method: str = "lora"
@@ -69,8 +70,8 @@ class RunConfig:
     pretrained: bool = True
     train_bytes: int | None = None
     eval_windows: int = 32
-    eval_every: int = 0
-    keep_adapter: bool = False
+    eval_every: int = 10
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
@@ -83,12 +84,12 @@ class RunConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
         for name in ("alpha", "lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.method == "full" and self.keep_adapter:
-            raise ValueError("keep_adapter needs method='lora'")
 
     def normalized(self) -> "RunConfig":
         """The same run with the LoRA-only fields of a full finetuning fixed, so both spellings share a key."""
@@ -183,14 +184,17 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
     held = textdata.spaced_windows(texts["held_out"], config.eval_windows, config.seq_len)
     train_eval = textdata.spaced_windows(texts["train"], config.eval_windows, config.seq_len)
     pre = textdata.spaced_windows(texts["pretraining"], config.eval_windows, config.seq_len)
+    device = torch.device(config.device)
+    held, train_eval, pre = ((x.to(device), y.to(device)) for x, y in (held, train_eval, pre))
     model = copy.deepcopy(_base_model(config.pretrained))
+    # LoRA's A is drawn on the CPU before the move, so CPU and GPU runs start from the same A.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # LoRA's A initialisation
+        torch.random.default_generator.manual_seed(config.seed)  # CPU only: CUDA RNG untouched
         if config.method == "lora":
             add_lora(model, list(TARGETS[config.targets]), config.r, config.alpha, rslora=config.rslora)
         else:
             model.requires_grad_(True)
-    model.train()
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     count = count_parameters(model)
     # Note: constant learning rate and no weight decay, as QLoRA's recipe; gradient clipping at 1.0.
@@ -200,7 +204,7 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
         "initial_held_out_loss": _loss_on(model, held),
         "initial_pretraining_loss": _loss_on(model, pre),
     }
-    curve = [[0, row["initial_held_out_loss"]]]
+    curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
     start = time.perf_counter()
     steps = range(config.steps)
     if progress:
@@ -209,24 +213,24 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
         steps = bar(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False)
     for step in steps:
         x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
-        loss = pretrained.lm_loss(model, x, y)
+        loss = pretrained.lm_loss(model, x.to(device), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            curve.append([step + 1, _loss_on(model, held)])
+            curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
     row["seconds"] = time.perf_counter() - start
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
     row["trainable"] = count.trainable
     row["total"] = count.total
-    row["curve"] = curve + [[config.steps, row["held_out_loss"]]]
+    row["curve"] = curve + [[config.steps, row["held_out_loss"], row["train_loss"]]]
     adapter = {}
-    if config.keep_adapter:
+    if config.method == "lora":
         adapter = {
-            name: p.detach().clone().contiguous()
+            name: p.detach().to("cpu", copy=True).contiguous()
             for name, p in model.named_parameters()
             if name.endswith(("lora_A", "lora_B"))
         }
@@ -242,7 +246,9 @@ def finetune(
     downstream held-out text before and after (``initial_held_out_loss``, ``held_out_loss``), on the
     downstream train text (``train_loss``) and on the pretraining held-out text
     (``initial_pretraining_loss``, ``pretraining_loss``: forgetting); ``trainable`` and ``total``
-    parameters; ``seconds`` of training; ``curve`` as ``[step, held-out loss]`` pairs; ``cached``.
+    parameters; ``seconds`` of training; ``curve`` as ``[step, held-out loss, train loss]`` rows;
+    ``cached``. A LoRA run's trained ``lora_A``/``lora_B`` are stored beside its row in ``cache_dir``
+    (or kept in the row under ``"adapter"`` without one): see :func:`load_adapter`.
 
     Note: losses are measured on ``eval_windows`` windows spread evenly over each text
     (:func:`peftlab.textdata.spaced_windows`), the same windows for every run, so runs compare
@@ -259,7 +265,7 @@ def finetune(
             raise ValueError(f"cache_dir must be a folder, got the file {str(folder)!r}")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{key}.json"
-        if path.is_file() and (not config.keep_adapter or path.with_suffix(".safetensors").is_file()):
+        if path.is_file() and (config.method == "full" or path.with_suffix(".safetensors").is_file()):
             row = json.loads(path.read_text())
             return {**row, "cached": True}
     measured, adapter = _run(config, progress)
@@ -276,14 +282,14 @@ def finetune(
 
 
 def load_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The trained ``lora_A``/``lora_B`` tensors of a run made with ``keep_adapter=True``."""
+    """The trained ``lora_A``/``lora_B`` tensors of a LoRA run, by parameter name."""
     if "adapter" in row:
         return row["adapter"]
     if cache_dir is None:
         raise ValueError("cache_dir is needed: this row's adapter was stored on disk")
     path = Path(cache_dir) / f"{row['key']}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} not found (was the run made with keep_adapter=True?)")
+        raise FileNotFoundError(f"adapter file {path} not found (only LoRA runs have one)")
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -388,7 +394,7 @@ def synthetic_rank_run(
     with torch.no_grad():
         base.weight.copy_(W0)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         layer = LoRALinear(base, r, float(r if alpha is None else alpha), rslora=rslora)
     opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
     for _ in range(steps):

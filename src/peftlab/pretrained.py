@@ -9,7 +9,7 @@ the 256 byte values (:mod:`peftlab.textdata`), so no tokenizer is needed.
 
 The shipped checkpoint ``peftlab/data/tiny_llama.safetensors`` was made by::
 
-    python -m peftlab.pretrained --out src/peftlab/data/tiny_llama.safetensors --steps 3000 --no-progress
+    python -m peftlab.pretrained --out src/peftlab/data/tiny_llama.safetensors --steps 2000 --threads 1
 
 on the CPython help topics; ``tiny_llama.json`` beside it records the config, the exact command,
 the Python, torch and transformers versions, and the losses. Use :func:`load_pretrained`.
@@ -55,7 +55,7 @@ TINY_LLAMA: dict[str, Any] = {
 rounded up to a multiple of 32, as LLaMA rounds 8/3 · 4096 to 11008), untied embeddings, byte vocab."""
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 3000,
+    "steps": 2000,
     "batch_size": 16,
     "seq_len": 128,
     "lr": 3e-3,
@@ -90,7 +90,7 @@ def build_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
     config = tiny_llama_config(**overrides)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
 
@@ -165,6 +165,25 @@ def evaluate_loss(
     return total / count
 
 
+@torch.no_grad()
+def complete(model: torch.nn.Module, prompt: str, max_new_bytes: int = 80) -> str:
+    """Greedy continuation of ``prompt``, byte by byte (a quick look at what the model learned)."""
+    if not isinstance(max_new_bytes, int) or max_new_bytes < 1:
+        raise ValueError(f"max_new_bytes must be a positive int, got {max_new_bytes!r}")
+    device = next(model.parameters()).device
+    ids = textdata.encode(prompt)[None].to(device)
+    if ids.numel() == 0:
+        raise ValueError("prompt must not be empty")
+    limit = model.config.max_position_embeddings
+    new = []
+    for _ in range(max_new_bytes):
+        logits = model(input_ids=ids[:, -limit:]).logits[0, -1]
+        nxt = int(logits.argmax())
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return textdata.decode(new)
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of ``lr``."""
     if step < warmup:
@@ -235,13 +254,17 @@ def pretrain(
 
 
 def _temp_beside(path: Path) -> str:
-    """A temp file in ``path``'s folder (so ``os.replace`` is atomic) with ordinary permissions."""
+    """A temp file in ``path``'s folder, so that ``os.replace`` onto ``path`` is atomic."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
+    return tmp
+
+
+def _ordinary_permissions(path: str) -> None:
+    # mkstemp makes owner-only files; a checkpoint is meant to be shared like any other file.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -261,6 +284,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dic
         tmp = _temp_beside(target)
         try:
             write(tmp)
+            _ordinary_permissions(tmp)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in PRETRAIN_DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for determinism)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for determinism)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     import transformers
