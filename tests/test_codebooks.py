@@ -242,3 +242,21 @@ def test_signed_zero_codebooks_do_not_share_cached_tables():
     one = torch.ones(1)
     assert not torch.signbit(dequantize_blockwise(packed, one, plus, 32, 2)).any()
     assert torch.signbit(dequantize_blockwise(packed, one, minus, 32, 2)).all()
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_roundtrip_equals_nearest_level_by_argmin(name, blocksize):
+    # An independent, slow definition: scale by the block's absmax, take the nearest level (argmin of
+    # the distance), multiply back. Random data has no exact ties, so the tie rule does not matter here.
+    w = torch.randn(5000, generator=torch.Generator().manual_seed(blocksize))
+    code = get_code(name)
+    padded = torch.nn.functional.pad(w, (0, -w.numel() % blocksize)).view(-1, blocksize)
+    absmax = padded.abs().amax(1, keepdim=True)
+    scaled = (padded * (1.0 / absmax)).reshape(-1)[: w.numel()]
+    nearest = code[(scaled[:, None] - code[None, :]).abs().argmin(1)]
+    expected = (torch.nn.functional.pad(nearest, (0, -w.numel() % blocksize)).view(-1, blocksize) * absmax)
+    expected = expected.reshape(-1)[: w.numel()]
+    full = w.numel() - w.numel() % blocksize  # the trailing block divides instead of multiplying
+    torch.testing.assert_close(roundtrip(w, name, blocksize)[:full], expected[:full], rtol=0, atol=0)
+    torch.testing.assert_close(roundtrip(w, name, blocksize), expected, rtol=1e-6, atol=0)
