@@ -331,3 +331,19 @@ def test_cuda_double_quant_to_bnb():
     q = quantize_nf4(w, 64, double_quant=True)
     packed, state = to_bnb(q)
     assert torch.equal(bnbF.dequantize_4bit(packed, state), dequantize_nf4(q))
+
+
+def test_division_vs_reciprocal_is_followed_per_block():
+    # Values whose bucket differs between x / absmax and x * (1 / absmax) (found by search, checked
+    # below): bitsandbytes divides in the trailing partial block and multiplies in full blocks.
+    code = nf4_code()
+    mids = (code[:-1] + code[1:]) / 2
+    a = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) + 0.5
+    x = mids[3] * a
+    split = (x / a <= mids[3]) != (x * (1.0 / a) <= mids[3])
+    i = int(split.nonzero()[0])
+    pair = torch.tensor([a[i].item(), x[i].item()])
+    for w in (pair, torch.cat([torch.randn(64), pair]), torch.cat([pair, torch.zeros(62)])):
+        q = quantize_nf4(w, 64)  # the pair sits in a trailing block, then in a full block
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        assert torch.equal(q.packed, packed.reshape(-1)) and torch.equal(q.absmax, state.absmax)
