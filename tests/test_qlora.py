@@ -258,3 +258,23 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_linear4bit(shape):
         torch.testing.assert_close(fast(x), expected, rtol=0, atol=0)
         torch.testing.assert_close(ours(x), expected, rtol=1.6e-2, atol=1e-2)  # bf16 matmul order
     assert torch.equal(ours.weight.packed, fast.weight.packed)
+
+
+# ------------------------------------------------------------------------------------------ finetuning
+
+
+def test_finetune_rows_and_bad_input():
+    from peftlab.qlora import finetune
+
+    rows = {m: finetune(m, steps=2, eval_every=1, eval_windows=2, progress=False) for m in ("lora", "qlora")}
+    for row in rows.values():
+        assert [c[0] for c in row["curve"]] == [0, 1, 2]
+        assert row["memory"].lora_weights == 4 * row["trainable"]  # float32 factors
+    # same batches, same adapters: the only difference is the base's storage
+    assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
+    assert rows["qlora"]["memory"].weights < rows["lora"]["memory"].weights
+    assert rows["qlora"]["memory"].quant_constants > 0 == rows["lora"]["memory"].quant_constants
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        finetune("adapter")
+    with pytest.raises(ValueError, match="steps"):
+        finetune("qlora", steps=0)

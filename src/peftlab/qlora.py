@@ -213,7 +213,8 @@ def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int 
     """Finetune the book's pretrained tiny LLaMA on the downstream text one of three ways; return a row.
 
     ``method``: ``"full"`` (every parameter, float32), ``"lora"`` (LoRA on all seven linear layers of a
-    frozen 16-bit base: bfloat16) or ``"qlora"`` (the same adapters on an NF4 + double-quantized base).
+    frozen bfloat16 base) or ``"qlora"`` (the same adapters on an NF4 + double-quantized base computing in
+    bfloat16, as in the paper, on any device).
     All three use :class:`peftlab.paged.PagedAdamW` at a constant learning rate without weight decay and
     clip the gradient norm at 0.3 (the QLoRA paper's recipe), on the same batches. The row holds the
     settings, ``curve`` (``[step, held-out loss, train loss]``, nats/byte), the final and initial losses,
@@ -238,13 +239,15 @@ def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int 
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     lr = (5e-4 if method == "full" else 2e-3) if lr is None else lr
-    # QLoRA's compute dtype; 16-bit LoRA's base dtype: bf16 (a CPU computes QLoRA in float32, see Linear4bit).
-    compute = _default_compute_dtype(device)
+    # Both adapted runs compute in bfloat16, QLoRA's compute dtype and 16-bit LoRA's base dtype, also on a CPU:
+    # otherwise the comparison would mix precision into what should only be the base's storage format.
+    compute = torch.bfloat16
     model = pretrained.load_pretrained(device="cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if method == "lora":
-            model.to(torch.bfloat16)
+        if method != "full":
+            # As in the paper, the model is loaded in bf16 and its blocks' linear layers quantized from there.
+            model.to(compute)
         if method == "qlora":
             quantize_model(model, compute_dtype=compute, kernels=kernels, progress=False)
         if method == "full":
