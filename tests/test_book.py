@@ -86,7 +86,7 @@ def test_chapter_conventions(md: Path):
     text = md.read_text()
     assert "from myst_nb import glue" not in text, "use peftlab.runtime.glue (myst-nb is not on Colab)"
     assert f'start_chapter("{md.stem}"' in text, f"{md.name} must call start_chapter({md.stem!r}, ...)"
-    assert re.search(r"^\(chapter-[a-z-]+\)=$", text, re.M), f"{md.name} has no (chapter-...)= label"
+    assert re.search(r"^\(chapter-[a-z0-9-]+\)=$", text, re.M), f"{md.name} has no (chapter-...)= label"
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
