@@ -18,6 +18,7 @@ from peftlab.memory import (
     _LiveTensors,
     activation_bytes,
     estimate,
+    measure_llama,
     measure_step,
     quantized_bytes,
 )
@@ -289,3 +290,15 @@ def test_estimate_matches_max_memory_allocated_on_cuda(method):
     estimated = estimate(shape, method, lora_dtype=torch.float32 if method == "lora" else None,
                          optimizer_bits=16 if method == "full" else 32)
     assert measured.activations == pytest.approx(estimated.activations, rel=0.15)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_measure_llama_agrees_with_its_estimate(method):
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=1,
+                                   num_key_value_heads=1, num_hidden_layers=2, vocab_size=512)
+    measured, estimated = measure_llama(cfg, method, batch=2, seq=64, r=8, device="cpu")
+    assert measured.lora_weights == estimated.lora_weights and measured.gradients == estimated.gradients
+    assert measured.quant_constants == estimated.quant_constants
+    assert measured.activations == pytest.approx(estimated.activations, rel=0.10)
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        measure_llama(cfg, "prefix")

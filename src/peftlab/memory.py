@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -397,10 +397,6 @@ def _storages(tensors: Iterable[Any]) -> list[torch.UntypedStorage]:
         elif hasattr(t, "pages"):  # peftlab.paged.PagedTensor: resident pages are device tensors
             out.extend(pg.data.untyped_storage() for pg in t.pages if getattr(pg, "data", None) is not None)
     return out
-
-
-def _nbytes(storages: Iterable[torch.UntypedStorage]) -> int:
-    return sum(s.nbytes() for s in {id(s): s for s in storages}.values())
 
 
 def _static_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, list]:
