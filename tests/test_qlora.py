@@ -244,20 +244,28 @@ def test_bad_input():
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_linear4bit(shape):
+def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
+    from peftlab.nf4 import to_bnb
+
     lin = _linear(*shape)
-    ours = Linear4bit.from_linear(lin).to("cuda")
-    assert ours.compute_dtype == torch.float32  # quantized on the CPU: its default; now ask for bf16
+    ours = Linear4bit.from_linear(lin).to("cuda")  # quantized on the CPU (bit-identical to bnb), then moved
+    assert ours.compute_dtype == torch.float32 and ours.weight.device.type == "cuda"
     ours.to(torch.bfloat16)
-    fast = Linear4bit.from_linear(lin.to("cuda"), kernels="bnb")
-    assert fast.compute_dtype == torch.bfloat16
-    ref = _bnb_reference(lin.cpu(), 64, True, torch.bfloat16, device="cuda")
-    x = torch.randn(8, shape[1], device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        expected = ref(x)
-        torch.testing.assert_close(fast(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(ours(x), expected, rtol=1.6e-2, atol=1e-2)  # bf16 matmul order
+    fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").to(torch.bfloat16)
     assert torch.equal(ours.weight.packed, fast.weight.packed)
+    packed, state = to_bnb(ours.weight)
+    w = bnb.functional.dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
+    assert torch.equal(ours.dequantize(torch.float32), w.float())
+    x = torch.randn(8, shape[1], device="cuda", dtype=torch.bfloat16)
+    expected = F.linear(x, w.to(torch.bfloat16), lin.bias.to("cuda", torch.bfloat16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fast(x), expected, rtol=1.6e-2, atol=1e-2)  # fused kernel, bf16 sums
+    xg = x.clone().requires_grad_()
+    fast(xg).float().sum().backward()
+    g_fast, xg.grad = xg.grad, None
+    ours(xg).float().sum().backward()
+    torch.testing.assert_close(g_fast, xg.grad, rtol=1.6e-2, atol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------ finetuning
