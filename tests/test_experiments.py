@@ -61,8 +61,17 @@ def test_cache_key_depends_on_settings_only():
     a = E.RunConfig()
     assert E.cache_key(a) == E.cache_key(E.RunConfig(alpha=16))  # int and float alpha are one run
     assert E.cache_key(a) != E.cache_key(E.RunConfig(seed=1))
-    # Full finetuning ignores the LoRA fields.
+    # Full finetuning ignores the LoRA fields; rsLoRA at r = 1 is plain LoRA.
     assert E.cache_key(E.RunConfig(method="full", r=4)) == E.cache_key(E.RunConfig(method="full", r=64, rslora=True))
+    assert E.cache_key(E.RunConfig(r=1, rslora=True)) == E.cache_key(E.RunConfig(r=1))
+    assert E.cache_key(E.RunConfig(r=2, rslora=True)) != E.cache_key(E.RunConfig(r=2))
+
+
+def test_shared_run_reports_the_settings_asked(tmp_path):
+    plain = E.finetune(E.RunConfig(r=1, **TINY), tmp_path, progress=False)
+    rs = E.finetune(E.RunConfig(r=1, rslora=True, **TINY), tmp_path, progress=False)
+    assert rs["cached"] and rs["rslora"] is True and plain["rslora"] is False
+    assert rs["held_out_loss"] == plain["held_out_loss"]
 
 
 # ---- runs -------------------------------------------------------------------------------------

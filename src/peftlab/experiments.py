@@ -92,10 +92,14 @@ class RunConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
     def normalized(self) -> "RunConfig":
-        """The same run with the LoRA-only fields of a full finetuning fixed, so both spellings share a key."""
+        """The same run spelled one way, so that identical runs share a cache key.
+
+        Full finetuning ignores the LoRA fields; at ``r = 1``, ``alpha / sqrt(r) == alpha / r``, so
+        rsLoRA is the same run as plain LoRA.
+        """
         if self.method == "full":
             return replace(self, r=1, alpha=1.0, rslora=False, targets="qv")
-        return replace(self, alpha=float(self.alpha))
+        return replace(self, alpha=float(self.alpha), rslora=self.rslora and self.r > 1)
 
     @property
     def scaling(self) -> float:
@@ -256,6 +260,7 @@ def finetune(
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    asked = asdict(config)  # the row reports the settings as asked, even when the run is shared
     config = config.normalized()
     key = cache_key(config)
     folder = None
@@ -267,7 +272,7 @@ def finetune(
         path = folder / f"{key}.json"
         if path.is_file() and (config.method == "full" or path.with_suffix(".safetensors").is_file()):
             row = json.loads(path.read_text())
-            return {**row, "cached": True}
+            return {**row, **asked, "cached": True}
     measured, adapter = _run(config, progress)
     row = {**asdict(config), "scaling": config.scaling, "key": key, **measured}
     if folder is not None:
@@ -278,7 +283,7 @@ def finetune(
         _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     elif adapter:
         row["adapter"] = adapter
-    return {**row, "cached": False}
+    return {**row, **asked, "cached": False}
 
 
 def load_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
