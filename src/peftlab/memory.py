@@ -213,11 +213,21 @@ def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int
     ``f``-wide tensors of the SwiGLU MLP (gate, SiLU(gate), up, product). With a frozen base the norms'
     scaled outputs are not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of
     each adapter, and a copy of the adapter's input where dropout or a different LoRA dtype makes one.
-    The head keeps the final norm's input and, at its peak in backward, the logits (``p``), the float32
-    log-probabilities, their gradient and the logits' float32 gradient: ``(p + 12)`` bytes per vocabulary
-    entry and token. With gradient checkpointing only each block's input is kept, and one block is
-    recomputed at a time. QLoRA adds one dequantized weight matrix (the largest), a transient.
+    The head keeps the final norm's input and, at its peak in backward, the float32 log-probabilities,
+    their gradient and the logits' float32 gradient: 12 bytes per vocabulary entry and token. With
+    gradient checkpointing only each block's input is kept, and one block is recomputed at a time.
+    QLoRA adds one dequantized weight matrix (the largest), a transient.
+
+    Note: the logits themselves are not counted: a training loop that keeps only the loss (as
+    ``transformers.Trainer`` does) frees them before backward. Keeping ``outputs`` alive adds ``p`` bytes
+    per vocabulary entry and token.
+    Note: the adapters are assumed on all seven linear layers (QLoRA's setup); with fewer, frozen layers
+    keep less and the count is an upper bound.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    for value, name in ((batch, "batch"), (seq, "seq"), (r, "r")):
+        _positive_int(value, name)
     p = _dtype_bytes(compute_dtype, "compute_dtype")
     pl = p if lora_dtype is None else _dtype_bytes(lora_dtype, "lora_dtype")
     if device not in ("cuda", "cpu"):
