@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} alternating repeats, medians")
     bench_training_step(args.repeats)
     bench_load(max(5, args.repeats // 3))
