@@ -61,6 +61,9 @@ class Linear4bit(nn.Module):
 
     Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``, ``.bfloat16()``...)
     only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit values never drift.
+    Note: the NF4 weight is a plain attribute, not a buffer, so ``state_dict()`` leaves it out (it would
+    otherwise hold uint8 codes that ``load_state_dict`` into an ``nn.Linear`` cannot read); save the
+    adapters, and quantize the base again from its checkpoint — quantization is deterministic.
     Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it; ``merge()`` refuses it
     (merging into 4 bits would round the update away), so keep adapters separate or dequantize first.
     """
