@@ -91,6 +91,7 @@ class Linear4bit(nn.Module):
         self.bias = bias
         self.compute_dtype = compute_dtype
         self.kernels = kernels
+        self._bnb_state: tuple[NF4Tensor, torch.Tensor, Any] | None = None  # bitsandbytes' view of the bytes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
@@ -120,7 +121,10 @@ class Linear4bit(nn.Module):
         if self.kernels == "bnb":
             import bitsandbytes as bnb
 
-            packed, state = to_bnb(self.weight)
+            # Built once per weight (and device): building it costs more than a small matmul.
+            if self._bnb_state is None or self._bnb_state[0] is not self.weight:
+                self._bnb_state = (self.weight, *to_bnb(self.weight))
+            _, packed, state = self._bnb_state
             state.dtype = self.compute_dtype
             bias = None if self.bias is None else self.bias.to(self.compute_dtype)
             y = bnb.matmul_4bit(x_c, packed.t(), quant_state=state, bias=bias)
