@@ -259,3 +259,13 @@ def test_synthetic_rank_elbow(true_rank):
 def test_synthetic_rejects_bad_rank():
     with pytest.raises(ValueError, match="true_rank"):
         E.synthetic_rank_run(r=2, true_rank=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_on_cuda_matches_cpu():
+    cpu = E.finetune(E.RunConfig(**TINY), progress=False)
+    gpu = E.finetune(E.RunConfig(device="cuda", **TINY), progress=False)
+    assert gpu["initial_held_out_loss"] == pytest.approx(cpu["initial_held_out_loss"], abs=1e-3)
+    assert gpu["held_out_loss"] == pytest.approx(cpu["held_out_loss"], abs=2e-2)
+    assert gpu["adapter"]["model.layers.0.self_attn.q_proj.lora_A"].device.type == "cpu"
