@@ -22,39 +22,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
 from peftlab.double_quant import dequantize_absmax, quantize_absmax, quantize_blockwise
+from _timing import alternate  # benchmarks/_timing.py
 
 TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5, "8-bit quantize of bf16 weights": 1.5}
 CONSTANTS = 8192 * 22016 // 64  # LLaMA-65B's FFN matrix in blocks of 64
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
-
-def alternate(ours: Callable[[], object], reference: Callable[[], object], repeats: int, device: torch.device,
-              warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of ``ours`` and ``reference``, called alternately (order flipped every round)."""
-    for _ in range(warmup):
-        ours(), reference()
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    for i in range(repeats):
-        pair = [("ours", ours), ("reference", reference)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["reference"])
 
 
 def report(name: str, ours: float, reference: float) -> float:

@@ -11,9 +11,7 @@ forward at most 1.05× nn.Linear's. Exits 0 either way (shared machines are nois
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
@@ -21,30 +19,12 @@ import torch
 from torch import nn
 
 from peftlab.lora import LoRALinear, merge_lora
+from _timing import alternate  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "merged forward vs nn.Linear": 1.05}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
-
-def alternate(ours: Callable[[], None], reference: Callable[[], None], repeats: int, device: torch.device,
-              warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of ``ours`` and ``reference``, called alternately (order flipped every round)."""
-    for _ in range(warmup):
-        ours(), reference()
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    for i in range(repeats):
-        pair = [("ours", ours), ("reference", reference)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["reference"])
 
 
 def peft_lora_layer(base: nn.Linear, r: int, alpha: float) -> nn.Module:

@@ -15,38 +15,18 @@ same kernel behind a thin wrapper). Exits 0 either way (shared machines are nois
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from peftlab.qlora import Linear4bit
+from _timing import alternate  # benchmarks/_timing.py
 
 TARGETS = {"forward vs bnb": 1.5, "forward + backward vs bnb": 1.5, "kernels='bnb' forward vs bnb": 1.05}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
-
-def alternate(ours: Callable[[], object], reference: Callable[[], object], repeats: int, device: torch.device,
-              warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of ``ours`` and ``reference``, called alternately (order flipped every round)."""
-    for _ in range(warmup):
-        ours(), reference()
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    for i in range(repeats):
-        pair = [("ours", ours), ("reference", reference)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["reference"])
 
 
 def bnb_linear4bit(base: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -19,10 +19,8 @@ noisy): read the ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 
@@ -31,23 +29,11 @@ import torch
 from peftlab import pretrained, textdata
 from peftlab.experiments import TARGETS as MODULES
 from peftlab.lora import add_lora
+from _timing import alternate  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "load checkpoint vs from_pretrained": 1.5}
 
 
-def alternate(ours: Callable[[], object], reference: Callable[[], object], repeats: int,
-              warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of ``ours`` and ``reference``, called alternately (order flipped every round)."""
-    for _ in range(warmup):
-        ours(), reference()
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    for i in range(repeats):
-        pair = [("ours", ours), ("reference", reference)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["ours"]), statistics.median(times["reference"])
 
 
 def report(name: str, ours: float, reference: float) -> None:
