@@ -87,6 +87,10 @@ def test_chapter_conventions(md: Path):
     assert "from myst_nb import glue" not in text, "use peftlab.runtime.glue (myst-nb is not on Colab)"
     assert f'start_chapter("{md.stem}"' in text, f"{md.name} must call start_chapter({md.stem!r}, ...)"
     assert re.search(r"^\(chapter-[a-z0-9-]+\)=$", text, re.M), f"{md.name} has no (chapter-...)= label"
+    header = text.split("\n---\n", 1)[0]
+    assert re.search(r"^  execution_timeout: \d+", header, re.M), f"{md.name} sets no per-notebook timeout"
+    if re.search(r"^  gpu: true", header, re.M):
+        assert "{include} ../_gpu_note.md" in text, f"{md.name} wants a GPU but lacks the shared GPU admonition"
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
