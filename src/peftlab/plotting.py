@@ -88,7 +88,7 @@ def _write_atomic(fig: Figure, path: Path, fmt: str) -> None:
             os.unlink(tmp)
 
 
-def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -> dict[str, Any]:
+def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -> None:
     """Export ``fig`` as ``<name>.svg/.pdf/.png``, glue it, and record it for the Figures page.
 
     The prose shows it with::
@@ -100,7 +100,8 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
         ```
 
     ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.runtime.provenance` (device, seed,
-    versions), so the caption always says what produced the figure. Returns the record.
+    versions), so the caption always says what produced the figure. Returns None, so a cell that ends
+    with it shows nothing; :func:`load_figure_records` reads the records back.
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
@@ -128,7 +129,6 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
         Markdown = str  # type: ignore[assignment,misc]
     glue(f"{name}-caption", Markdown(full_caption), display=False)
     plt.close(fig)  # shown once, where the prose places it
-    return record
 
 
 def load_figure_records() -> list[dict[str, Any]]:
