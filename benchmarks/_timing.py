@@ -34,3 +34,13 @@ def alternate(ours: Callable[[], object], reference: Callable[[], object], repea
             sync(device)
             times[name].append(time.perf_counter() - start)
     return statistics.median(times["ours"]), statistics.median(times["reference"])
+
+
+def report(name: str, ours: float, reference: float, targets: dict[str, float]) -> float:
+    """Print ours, the reference and their ratio against ``targets[name]`` (PASS/MISS); return the ratio."""
+    ratio = ours / reference
+    target = targets[name]
+    verdict = "PASS" if ratio <= target else "MISS"
+    print(f"{name}: ours {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms, "
+          f"ours / reference = {ratio:.2f} (target <= {target:.2f}: {verdict})")
+    return ratio

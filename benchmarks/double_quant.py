@@ -27,7 +27,7 @@ import sys
 import torch
 
 from peftlab.double_quant import dequantize_absmax, quantize_absmax, quantize_blockwise
-from _timing import alternate  # benchmarks/_timing.py
+from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5, "8-bit quantize of bf16 weights": 1.5}
 CONSTANTS = 8192 * 22016 // 64  # LLaMA-65B's FFN matrix in blocks of 64
@@ -35,14 +35,6 @@ CONSTANTS = 8192 * 22016 // 64  # LLaMA-65B's FFN matrix in blocks of 64
 
 
 
-
-def report(name: str, ours: float, reference: float) -> float:
-    ratio = ours / reference
-    target = TARGETS[name]
-    verdict = "PASS" if ratio <= target else "MISS"
-    print(f"{name}: ours {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms, "
-          f"ours / reference = {ratio:.2f} (target <= {target:.2f}: {verdict})")
-    return ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         print("(on CUDA bitsandbytes uses its own kernels; the outputs are not required to match)")
 
     report("quantize constants", *alternate(lambda: quantize_absmax(absmax), reference_quantize,
-                                            args.repeats, device))
+                                            args.repeats, device), TARGETS)
     report("dequantize constants", *alternate(lambda: dequantize_absmax(state),
                                               lambda: bnb_F.dequantize_blockwise(codes, state2) + offset,
-                                              args.repeats, device))
+                                              args.repeats, device), TARGETS)
     weight = (torch.randn(4096, 4096, device=device) * 0.02).to(torch.bfloat16)
     if device.type == "cpu":
         assert torch.equal(quantize_blockwise(weight, 256)[0], bnb_F.quantize_blockwise(weight, blocksize=256)[0])
     report("8-bit quantize of bf16 weights", *alternate(lambda: quantize_blockwise(weight, 256),
                                                         lambda: bnb_F.quantize_blockwise(weight, blocksize=256),
-                                                        args.repeats, device))
+                                                        args.repeats, device), TARGETS)
     return 0
 
 

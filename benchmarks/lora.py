@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from peftlab.lora import LoRALinear, merge_lora
-from _timing import alternate  # benchmarks/_timing.py
+from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "merged forward vs nn.Linear": 1.05}
 
@@ -89,14 +89,6 @@ def merged_forward(repeats: int, device: torch.device, d: int = 1024, r: int = 1
     return alternate(run(layer), run(plain), repeats, device)
 
 
-def report(name: str, ours: float, reference: float) -> float:
-    ratio = ours / reference
-    target = TARGETS[name]
-    verdict = "PASS" if ratio <= target else "MISS"
-    print(f"{name}: ours {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms, "
-          f"ours / reference = {ratio:.2f} (target <= {target:.2f}: {verdict})")
-    return ratio
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.repeats} alternating repeats, medians")
-    report("training step vs PEFT", *training_step(args.repeats, device))
-    report("merged forward vs nn.Linear", *merged_forward(args.repeats, device))
+    report("training step vs PEFT", *training_step(args.repeats, device), TARGETS)
+    report("merged forward vs nn.Linear", *merged_forward(args.repeats, device), TARGETS)
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from peftlab.codebooks import BLOCKSIZES, check_blocksize  # the same block sizes as the 4-bit path
+
 __all__ = [
     "BLOCKSIZES",
     "LUT_SIZE",
@@ -34,8 +36,6 @@ __all__ = [
     "overhead_bits",
 ]
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-"""Block sizes accepted here: bitsandbytes' 4-bit block sizes (all multiples of 8)."""
 
 LUT_SIZE = 65536
 """Bins of bitsandbytes' CPU lookup table over [-1, 1] (``kLUTSize`` in ``csrc/cpu_ops.cpp``)."""
@@ -89,14 +89,6 @@ def _build_lut(code: torch.Tensor) -> torch.Tensor:
     centres = -1.0 + (2.0 * i) / float(LUT_SIZE - 1)
     # bitsandbytes advances while ``midpoint < centre``: the count of midpoints strictly below.
     return torch.searchsorted(midpoints, centres, right=False).to(torch.uint8)
-
-
-def _check_blocksize(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value not in BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {value}")
-    return value
 
 
 def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -176,7 +168,7 @@ def quantize_blockwise(
         raise TypeError(f"A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.numel() == 0:
         raise ValueError("A must not be empty")
-    blocksize = _check_blocksize(blocksize, "blocksize")
+    blocksize = check_blocksize(blocksize, "blocksize")
     lut = _default_lut(str(A.device)) if code is None else _build_lut(_check_code(code, A.device)).to(A.device)
     x = A.detach().reshape(-1)
     if shift is not None and (not isinstance(shift, torch.Tensor) or shift.dtype != torch.float32 or shift.dim() != 0):
@@ -251,7 +243,7 @@ def dequantize_blockwise(
         raise TypeError("absmax must be a 1-D float32 torch.Tensor")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    blocksize = _check_blocksize(blocksize, "blocksize")
+    blocksize = check_blocksize(blocksize, "blocksize")
     blocks = -(-codes.numel() // blocksize)
     if absmax.numel() != blocks:
         raise ValueError(f"absmax must have {blocks} values (one per block of {blocksize}), got {absmax.numel()}")
@@ -273,7 +265,7 @@ class DoubleQuantState:
     blocksize2: int = 256
 
     def __post_init__(self) -> None:
-        _check_blocksize(self.blocksize2, "blocksize2")
+        check_blocksize(self.blocksize2, "blocksize2")
         for name, dtype in (("codes", torch.uint8), ("absmax2", torch.float32), ("offset", torch.float32)):
             value = getattr(self, name)
             if not isinstance(value, torch.Tensor) or value.dtype != dtype:
@@ -330,7 +322,7 @@ def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantS
     constants dequantize to ``offset`` exactly, with no NaN.
     """
     _check_absmax(absmax, finite=False)
-    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    blocksize2 = check_blocksize(blocksize2, "blocksize2")
     offset = absmax.mean()  # the same reduction as bitsandbytes, so the same float32 rounding
     if not bool(torch.isfinite(offset)):  # any NaN or inf makes the mean non-finite
         raise ValueError("absmax must contain only finite values")
@@ -366,7 +358,7 @@ def roundtrip_absmax(absmax: torch.Tensor, blocksize2: int = 256, scheme: Scheme
     they cost the same 0.127 bits per parameter; only the 256 levels differ.
     """
     _check_absmax(absmax)
-    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    blocksize2 = check_blocksize(blocksize2, "blocksize2")
     if scheme == "dynamic":
         return dequantize_absmax(quantize_absmax(absmax, blocksize2))
     if scheme not in ("fp8_e4m3", "int8"):
@@ -393,8 +385,8 @@ def overhead_bits(blocksize: int = 64, blocksize2: int | None = 256) -> float:
     ``32/blocksize`` without double quantization (``blocksize2=None``), else
     ``8/blocksize + 32/(blocksize*blocksize2)``: 0.5 and 0.127 for blocks of 64 and 256.
     """
-    blocksize = _check_blocksize(blocksize, "blocksize")
+    blocksize = check_blocksize(blocksize, "blocksize")
     if blocksize2 is None:
         return 32 / blocksize
-    blocksize2 = _check_blocksize(blocksize2, "blocksize2")
+    blocksize2 = check_blocksize(blocksize2, "blocksize2")
     return 8 / blocksize + 32 / (blocksize * blocksize2)
