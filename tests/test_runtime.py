@@ -136,3 +136,16 @@ def test_claim_accepts_tensors(book):
     claims.claim("demo-t", torch.tensor(2.0), 2, abs=0.0, source="s", what="w")
     (c,) = claims.load_claims()
     assert c.measured == 2.0 and isinstance(c.measured, float)
+
+
+def test_figures_are_listed_in_book_order(book):
+    (book / "_toc.yml").write_text(
+        "root: intro\nparts:\n  - chapters:\n    - file: book/chapters/zeta\n    - file: book/chapters/alpha\n"
+    )
+    runtime.start_chapter("alpha")
+    plotting.save_figure(_draw(0), "alpha-b", "Second saved in alpha.")
+    runtime.start_chapter("zeta")
+    plotting.save_figure(_draw(0), "zeta-z", "First saved in zeta.")
+    plotting.save_figure(_draw(0), "zeta-a", "Second saved in zeta.")
+    names = [r["name"] for r in plotting.load_figure_records()]
+    assert names == ["zeta-z", "zeta-a", "alpha-b"]  # TOC order, then the order the chapter saved them

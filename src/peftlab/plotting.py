@@ -21,7 +21,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from peftlab.runtime import current_chapter, glue, output_dir, provenance
+from peftlab.runtime import chapter_order, current_chapter, glue, next_figure_index, output_dir, provenance
 
 __all__ = ["PALETTE", "FORMATS", "figures_markdown", "load_figure_records", "new_figure", "save_figure", "use_style"]
 
@@ -118,6 +118,7 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
         "label": f"fig-{name}",
         "caption": full_caption,
         "chapter": current_chapter(),
+        "index": next_figure_index(),
         "files": [f"{name}.{fmt}" for fmt in FORMATS],
     }
     records = output_dir("figure-records")
@@ -132,9 +133,10 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
 
 
 def load_figure_records() -> list[dict[str, Any]]:
-    """Every figure saved by this build, ordered by chapter then name."""
+    """Every figure saved by this build, in the book's order: chapters as in ``_toc.yml``, then saved order."""
     records = [json.loads(p.read_text()) for p in output_dir("figure-records").glob("*.json")]
-    return sorted(records, key=lambda r: (r["chapter"] or "", r["name"]))
+    order = {name: i for i, name in enumerate(chapter_order())}
+    return sorted(records, key=lambda r: (order.get(r["chapter"], len(order)), r["chapter"] or "", r.get("index", 0)))
 
 
 def figures_markdown(static_prefix: str = "../../_static/figures") -> str:

@@ -33,7 +33,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: The chapter that is running (set by :func:`start_chapter`); figures and claims are filed under it.
-_state: dict[str, Any] = {"chapter": None, "seed": None}
+_state: dict[str, Any] = {"chapter": None, "seed": None, "figures": 0}
 
 
 def device() -> torch.device:
@@ -92,6 +92,7 @@ def start_chapter(name: str, seed: int = 0) -> None:
     from peftlab.plotting import use_style
 
     _state["chapter"] = name
+    _state["figures"] = 0
     seed_everything(seed)
     # Why: two clean builds must draw the same figures; warn_only keeps ops that have no
     # deterministic variant usable instead of failing a reader's run.
@@ -102,6 +103,24 @@ def start_chapter(name: str, seed: int = 0) -> None:
 def current_chapter() -> str | None:
     """The name given to :func:`start_chapter`, or None outside a chapter."""
     return _state["chapter"]
+
+
+def next_figure_index() -> int:
+    """0, 1, 2, ... for the figures of the running chapter, in the order they are saved."""
+    _state["figures"] += 1
+    return _state["figures"] - 1
+
+
+def chapter_order() -> list[str]:
+    """The chapters' file stems in the order of ``_toc.yml`` (empty outside the book)."""
+    root = book_root()
+    if root is None:
+        return []
+    import yaml
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    parts = toc.get("parts", [{"chapters": toc.get("chapters", [])}])
+    return [Path(entry["file"]).name for part in parts for entry in part.get("chapters", [])]
 
 
 def book_root(start: Path | None = None) -> Path | None:
