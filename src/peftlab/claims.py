@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from peftlab.runtime import current_chapter, glue, output_dir
+from peftlab.runtime import chapter_order, current_chapter, glue, output_dir
 
 __all__ = ["Claim", "ClaimError", "RELATIONS", "claim", "claims_markdown", "load_claims"]
 
@@ -126,11 +126,10 @@ def claim(
 
 
 def load_claims() -> list[Claim]:
-    """Every claim recorded by this build, ordered by chapter then key."""
-    records = [
-        Claim(**json.loads(p.read_text())) for p in sorted(output_dir("claims").glob("*.json"))
-    ]
-    return sorted(records, key=lambda c: (c.chapter or "", c.key))
+    """Every claim recorded by this build, chapters in the book's order (``_toc.yml``), then by key."""
+    records = [Claim(**json.loads(p.read_text())) for p in output_dir("claims").glob("*.json")]
+    order = {name: i for i, name in enumerate(chapter_order())}
+    return sorted(records, key=lambda c: (order.get(c.chapter, len(order)), c.chapter or "", c.key))
 
 
 def claims_markdown() -> str:
