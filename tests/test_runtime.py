@@ -149,3 +149,12 @@ def test_figures_are_listed_in_book_order(book):
     plotting.save_figure(_draw(0), "zeta-a", "Second saved in zeta.")
     names = [r["name"] for r in plotting.load_figure_records()]
     assert names == ["zeta-z", "zeta-a", "alpha-b"]  # TOC order, then the order the chapter saved them
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(6_738_415_616.0, "6,738,415,616"), (1e4, "10,000"), (9250.4, "9250"), (174_600_000_000.5, "174,600,000,000"),
+     (0.127, "0.127"), (3.0437, "3.044"), (-0.0, "0"), (2.5e-5, "2.5e-05")],
+)
+def test_claim_numbers_print_readably(x, text):
+    assert claims.format_number(x) == text

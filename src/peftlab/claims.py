@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from peftlab.runtime import chapter_order, current_chapter, glue, output_dir
 
-__all__ = ["Claim", "ClaimError", "RELATIONS", "claim", "claims_markdown", "load_claims"]
+__all__ = ["Claim", "ClaimError", "RELATIONS", "claim", "claims_markdown", "format_number", "load_claims"]
 
 _KEY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -59,6 +59,15 @@ def _number(name: str, value: Any) -> float:
     return value
 
 
+def format_number(x: float) -> str:
+    """Whole numbers in full with thousands separators (6,738,415,616); others to 4 significant digits."""
+    if x == int(x) and abs(x) < 1e16:
+        return f"{int(x):,}"
+    if abs(x) >= 1e4:
+        return f"{x:,.0f}"
+    return f"{x:.4g}"
+
+
 def claim(
     key: str,
     measured: Any,
@@ -69,13 +78,14 @@ def claim(
     abs: float | None = None,  # noqa: A002 - mirrors math.isclose
     source: str,
     what: str,
-    fmt: str = "{:,.4g}",
+    fmt: str | None = None,
 ) -> None:
     """Check ``measured`` against ``expected`` and glue both (``key``, ``key-expected``).
 
     ``relation="approx"`` passes when ``|measured - expected| <= max(rel * |expected|, abs)``; the other
     relations compare ``measured <relation> expected`` (e.g. ``"<"`` for "below 48 GB").
-    ``source`` cites where ``expected`` comes from ("QLoRA §3"), ``what`` says it in words.
+    ``source`` cites where ``expected`` comes from ("QLoRA §3"), ``what`` says it in words; ``fmt``
+    (e.g. ``"{:.3f}"``) sets how the Claims page prints both numbers, default :func:`format_number`.
     Raises :class:`ClaimError` when the claim fails, after recording it. Returns None, so a cell that
     ends with a claim shows nothing; the prose shows the glued numbers.
     """
@@ -111,8 +121,8 @@ def claim(
         tolerance=tolerance,
         passed=passed,
         chapter=current_chapter(),
-        measured_text=fmt.format(m),
-        expected_text=fmt.format(e),
+        measured_text=fmt.format(m) if fmt else format_number(m),
+        expected_text=fmt.format(e) if fmt else format_number(e),
     )
     path = output_dir("claims") / f"{key}.json"
     path.write_text(json.dumps(asdict(record), indent=1, sort_keys=True))
