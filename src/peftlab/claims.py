@@ -60,10 +60,11 @@ def _number(name: str, value: Any) -> float:
 
 
 def format_number(x: float) -> str:
-    """Whole numbers in full with thousands separators (6,738,415,616); others to 4 significant digits."""
+    """Whole numbers and numbers from 1,000 up in full with thousands separators (6,738,415,616, 9,250);
+    others to 4 significant digits."""
     if x == int(x) and abs(x) < 1e16:
         return f"{int(x):,}"
-    if abs(x) >= 1e4:
+    if abs(x) >= 1e3:
         return f"{x:,.0f}"
     return f"{x:.4g}"
 
