@@ -17,13 +17,7 @@ peft = pytest.importorskip("peft")
 TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4, eval_every=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is as fast, and does not collapse when the machine is oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- settings, grids, cache keys ---------------------------------------------------------------
