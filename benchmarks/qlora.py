@@ -20,22 +20,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peftlab.qlora import Linear4bit
+from peftlab.qlora import Linear4bit, bnb_linear4bit
 from _timing import alternate  # benchmarks/_timing.py
 
 TARGETS = {"forward vs bnb": 1.5, "forward + backward vs bnb": 1.5, "kernels='bnb' forward vs bnb": 1.05}
 
 
 
-
-
-def bnb_linear4bit(base: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
-    import bitsandbytes as bnb
-
-    ref = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=False, compute_dtype=compute_dtype,
-                            compress_statistics=True, quant_type="nf4")
-    ref.load_state_dict(base.state_dict())
-    return ref.to(device)  # bitsandbytes quantizes on this move
 
 
 def main(argv: list[str] | None = None) -> int:

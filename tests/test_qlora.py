@@ -10,7 +10,7 @@ from torch import nn
 from peftlab.lora import LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4
 from peftlab.paged import count_saved_bytes
-from peftlab.qlora import Linear4bit, quantize_model
+from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,11 +24,7 @@ def _linear(out_f, in_f, bias=True, seed=0, device="cpu"):
 
 
 def _bnb_reference(lin, blocksize, double_quant, compute_dtype, device="cpu"):
-    ref = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
-    ref.load_state_dict(lin.state_dict())
-    ref.weight.blocksize = blocksize
-    return ref.to(device)  # bitsandbytes quantizes on this move
+    return bnb_linear4bit(lin, compute_dtype, device, blocksize, double_quant)
 
 
 def _bnb_dequantized(ref):
@@ -286,3 +282,8 @@ def test_finetune_rows_and_bad_input():
         finetune("adapter")
     with pytest.raises(ValueError, match="steps"):
         finetune("qlora", steps=0)
+
+
+def test_bnb_linear4bit_refuses_non_linear():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        bnb_linear4bit(nn.Conv1d(4, 4, 1))

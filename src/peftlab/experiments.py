@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from peftlab import pretrained, textdata
-from peftlab.lora import add_lora, count_parameters
+from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters
 
 CACHE_VERSION = 1
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
@@ -39,7 +39,7 @@ CACHE_VERSION = 1
 TARGETS: dict[str, tuple[str, ...]] = {
     "qv": ("q_proj", "v_proj"),
     "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "all": LLAMA_LINEARS,
 }
 """Named sets of target modules: the LoRA paper's W_q, W_v; attention; every linear layer of a block
 (QLoRA's choice; never ``lm_head``)."""

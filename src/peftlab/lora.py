@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "LLAMA_LINEARS",
     "LoRAFunction",
     "LoRALinear",
     "ParameterCount",
@@ -28,6 +29,9 @@ __all__ = [
     "is_linear_like",
     "merge_lora",
 ]
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven linear layers of a LLaMA block (attention, then MLP): QLoRA's "all linear layers", never ``lm_head``."""
 
 
 def is_linear_like(module: nn.Module) -> bool:

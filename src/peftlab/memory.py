@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from peftlab.lora import LLAMA_LINEARS
+
 __all__ = [
     "COMPONENTS",
     "GPUS",
@@ -50,7 +52,7 @@ GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
 PAGE_BYTES = 2 * 1024**2
 """Page size of the paged optimizer (peftlab.paged.DEFAULT_PAGE_BYTES, NVIDIA's unified-memory large page)."""
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = LLAMA_LINEARS
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -98,6 +100,11 @@ class LlamaShape:
     def linear_params(self) -> int:
         """Parameters in the blocks' linear layers (what QLoRA quantizes)."""
         return self.n_layers * sum(o * i for o, i in self.block_linears().values())
+
+    def lora_params(self, r: int, targets: Iterable[str] = LINEAR_NAMES) -> int:
+        """LoRA parameters with rank ``r`` on ``targets`` of every block: r × (in + out) per matrix."""
+        linears = self.block_linears()
+        return self.n_layers * sum(r * (linears[t][0] + linears[t][1]) for t in targets)
 
     @property
     def other_params(self) -> int:
@@ -317,7 +324,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
     wl = _dtype_bytes(lora_dtype, "lora_dtype")
     state = 2 * optimizer_bits // 8
 
-    lora_params = shape.n_layers * sum(r * (linears[t][0] + linears[t][1]) for t in targets)
+    lora_params = shape.lora_params(r, targets)
     if method == "full":
         trained, trained_bytes = shape.n_params, w
         parts = dict(weights=w * shape.n_params)

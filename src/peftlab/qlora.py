@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.lora import LLAMA_LINEARS
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
 
-__all__ = ["ALL_LINEARS", "FINETUNE_METHODS", "KERNELS", "Linear4bit", "finetune", "quantize_model"]
+__all__ = ["ALL_LINEARS", "FINETUNE_METHODS", "KERNELS", "Linear4bit", "bnb_linear4bit", "finetune", "quantize_model"]
 
 KERNELS = ("torch", "bnb")
-ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The seven linear layers of a LLaMA block: where QLoRA puts adapters (never ``lm_head``)."""
+ALL_LINEARS = LLAMA_LINEARS  # where QLoRA puts adapters and what it quantizes (never ``lm_head``)
 
 
 def _default_compute_dtype(device: torch.device) -> torch.dtype:
@@ -162,6 +162,23 @@ class Linear4bit(nn.Module):
 
 def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """bitsandbytes' own NF4 ``Linear4bit`` holding ``linear``'s weights: the reference ours is checked against.
+
+    Note: bitsandbytes quantizes when the layer is moved to ``device``, not when it is built.
+    """
+    import bitsandbytes as bnb
+
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    ref = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
+    ref.load_state_dict(linear.state_dict())
+    ref.weight.blocksize = blocksize
+    return ref.to(device)
 
 
 def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None, *, blocksize: int = 64,
