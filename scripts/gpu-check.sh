@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: run the CUDA-marked tests, then execute every chapter that has GPU cells
-# (front matter `peftlab: gpu: true`) top to bottom, so its `# GPU:` cells run for real.
+# (front matter `peftlab: gpu: true`) top to bottom, so its `# GPU:` cells run for real. What those cells
+# measure is recorded, with its provenance, in results/gpu/*.json: commit it, and the book's CPU build draws
+# it in the chapters' "Measured on a GPU" sections.
 # Usage: bash scripts/gpu-check.sh   (after: pip install -r requirements.txt, or with Colab's torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +23,13 @@ rc=$?
 set -e
 [ $rc -eq 0 ] || [ $rc -eq 5 ] || exit $rc   # 5: no CUDA test selected
 
-echo "== chapters with GPU cells"
+echo "== chapters with GPU cells (recording into results/gpu)"
+export PEFTLAB_RECORD_DIR="$PWD/results/gpu"   # peftlab.records.RECORD_DIR_ENV
+mkdir -p "$PEFTLAB_RECORD_DIR"
 for md in book/chapters/*.md; do
   if sed -n '/^---$/,/^---$/p' "$md" | grep -q '^ *gpu: *true'; then
     timeout 900 "$PY" scripts/run_chapter.py "$md"
   fi
 done
-echo "gpu-check: all passed"
+git status --short -- results/gpu || true
+echo "gpu-check: all passed; commit results/gpu to put these measurements in the book"

@@ -11,25 +11,50 @@ salt — so two clean builds on the same machine produce identical downloads.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from peftlab.runtime import chapter_order, current_chapter, glue, next_figure_index, output_dir, provenance
+from peftlab.files import atomic_write
+from peftlab.runtime import (
+    chapter_order,
+    current_chapter,
+    glue,
+    in_book_build,
+    next_figure_index,
+    output_dir,
+    provenance,
+)
 
-__all__ = ["PALETTE", "FORMATS", "figures_markdown", "load_figure_records", "new_figure", "save_figure", "use_style"]
+if TYPE_CHECKING:
+    from peftlab.records import Record
+
+__all__ = [
+    "PALETTE",
+    "FORMATS",
+    "figure_markdown",
+    "figures_markdown",
+    "load_figure_records",
+    "new_figure",
+    "save_figure",
+    "use_style",
+]
 
 #: Okabe & Ito's colour-blind-safe palette (blue, orange, green, vermillion, purple, sky, yellow, black).
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 
 #: The formats every citable figure is exported in.
 FORMATS = ("svg", "pdf", "png")
+
+#: Resolution of the small PNG the Figures page shows (``_static/figures/thumbnails/<name>.png``).
+THUMBNAIL_DPI = 40
+
+#: Where the chapters (book/chapters/*.md) find the exported figures, as a relative link.
+FIGURES_FROM_CHAPTER = "../../_static/figures"
 
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -77,19 +102,31 @@ def new_figure(
     return plt.subplots(nrows=nrows, ncols=ncols, figsize=(width, height), **kwargs)
 
 
-def _write_atomic(fig: Figure, path: Path, fmt: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".{fmt}")
-    os.close(fd)
+def _export(fig: Figure, path: Path, fmt: str, dpi: float | None = None) -> None:
+    extra = {} if dpi is None else {"dpi": dpi}
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt], **extra))
+
+
+def _show(fig: Figure) -> None:
+    """Display ``fig`` as the cell's output in Jupyter or Colab; in the book's build, leave it to the glue.
+
+    Note: the book places each figure once, where the prose's ``{glue:figure}`` puts it; everywhere else
+    (a Colab twin, a reader's Jupyter) the figure appears under the cell that drew it.
+    """
+    if in_book_build():
+        return
     try:
-        fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # plain Python: nothing to render
+        return
+    if get_ipython() is not None:
+        display(fig)
 
 
-def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -> None:
-    """Export ``fig`` as ``<name>.svg/.pdf/.png``, glue it, and record it for the Figures page.
+def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None,
+                record: Record | None = None) -> None:
+    """Export ``fig`` as ``<name>.svg/.pdf/.png``, show it, glue it, and record it for the Figures page.
 
     The prose shows it with::
 
@@ -100,8 +137,11 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
         ```
 
     ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.runtime.provenance` (device, seed,
-    versions), so the caption always says what produced the figure. Returns None, so a cell that ends
-    with it shows nothing; :func:`load_figure_records` reads the records back.
+    versions), so the caption always says what produced the figure. A figure drawn from a GPU
+    measurement passes its :class:`~peftlab.records.Record`, whose provenance (device, CUDA, versions,
+    date) then ends the caption instead. Outside the book's build the figure is also displayed under the
+    cell. Returns None, so a cell that ends with it shows nothing twice; :func:`load_figure_records` reads
+    the records back.
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
@@ -111,25 +151,30 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None) -
         raise ValueError("caption must be a non-empty str saying what the figure shows")
     folder = output_dir("figures")
     for fmt in FORMATS:
-        _write_atomic(fig, folder / f"{name}.{fmt}", fmt)
-    full_caption = f"{caption.strip()} {provenance(seed)}"
-    record = {
+        _export(fig, folder / f"{name}.{fmt}", fmt)
+    (folder / "thumbnails").mkdir(exist_ok=True)
+    _export(fig, folder / "thumbnails" / f"{name}.png", "png", dpi=THUMBNAIL_DPI)
+    made_by = provenance(seed) if record is None else record.caption()
+    full_caption = f"{caption.strip()} {made_by}"
+    entry = {
         "name": name,
         "label": f"fig-{name}",
         "caption": full_caption,
         "chapter": current_chapter(),
         "index": next_figure_index(),
         "files": [f"{name}.{fmt}" for fmt in FORMATS],
+        "gpu": None if record is None else record.device,
     }
-    records = output_dir("figure-records")
-    (records / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    entries = output_dir("figure-records")
+    (entries / f"{name}.json").write_text(json.dumps(entry, indent=1, sort_keys=True))
+    _show(fig)
     glue(name, fig, display=False)
     try:
         from IPython.display import Markdown
     except ImportError:  # plain Python: nothing to render
         Markdown = str  # type: ignore[assignment,misc]
     glue(f"{name}-caption", Markdown(full_caption), display=False)
-    plt.close(fig)  # shown once, where the prose places it
+    plt.close(fig)  # free it: it has been shown, exported and glued
 
 
 def load_figure_records() -> list[dict[str, Any]]:
@@ -139,17 +184,40 @@ def load_figure_records() -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (order.get(r["chapter"], len(order)), r["chapter"] or "", r.get("index", 0)))
 
 
-def figures_markdown(static_prefix: str = "../../_static/figures") -> str:
-    """The Figures page's table (MyST): number, caption and download links for every figure."""
+def figures_markdown(static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
+    """The Figures page's table (MyST): thumbnail, number, caption and downloads for every figure.
+
+    The thumbnail links to the full-size PNG; a figure drawn from a GPU record is marked with its device.
+    """
     records = load_figure_records()
     if not records:
         return "*No figures were recorded by this build.*"
-    rows = ["| Figure | Caption | Files |", "|---|---|---|"]
+    rows = ["| | Figure | Caption | Files |", "|---|---|---|---|"]
     for r in records:
+        name = r["name"]
+        thumb = (f'<a href="{static_prefix}/{name}.png"><img src="{static_prefix}/thumbnails/{name}.png" '
+                 f'alt="Thumbnail of {name}" width="160" loading="lazy"></a>')
         files = " ".join(
             f'<a href="{static_prefix}/{f}" download>{f.rsplit(".", 1)[1].upper()}</a>'
             for f in r["files"]
         )
+        number = f"{{numref}}`{r['label']}`"
+        if r.get("gpu"):
+            number += f"<br>**GPU**: {r['gpu']}"
         caption = r["caption"].replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {{numref}}`{r['label']}` | {caption} | {files} |")
+        rows.append(f"| {thumb} | {number} | {caption} | {files} |")
     return "\n".join(rows)
+
+
+def figure_markdown(name: str, static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
+    """A MyST ``{figure}`` block for a figure saved by this run, for prose that exists only sometimes.
+
+    A chapter's *Measured on a GPU* section is glued as MyST (``{glue:md}`` with ``:format: myst``)
+    because it depends on whether a GPU record exists; its figures are numbered and captioned like the
+    others, from the record :func:`save_figure` wrote.
+    """
+    path = output_dir("figure-records") / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"no figure named {name!r} was saved by this run (save_figure first)")
+    entry = json.loads(path.read_text())
+    return (f"```{{figure}} {static_prefix}/{name}.svg\n:name: {entry['label']}\n\n{entry['caption']}\n```")

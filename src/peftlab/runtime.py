@@ -8,6 +8,7 @@ nothing here needs the build tools: :func:`glue` falls back to a no-op when myst
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import sys
@@ -22,6 +23,7 @@ __all__ = [
     "device",
     "describe_environment",
     "glue",
+    "in_book_build",
     "output_dir",
     "progress",
     "provenance",
@@ -34,6 +36,15 @@ T = TypeVar("T")
 
 #: The chapter that is running (set by :func:`start_chapter`); figures and claims are filed under it.
 _state: dict[str, Any] = {"chapter": None, "seed": None, "figures": 0}
+
+
+#: Set to "1" in the book's build (by book/_ext/peftlab_build.py), for the kernels it starts.
+BOOK_BUILD_ENV = "PEFTLAB_BOOK_BUILD"
+
+
+def in_book_build() -> bool:
+    """True while the book's own build executes the chapter; False on Colab, in Jupyter or a script."""
+    return os.environ.get(BOOK_BUILD_ENV) == "1"
 
 
 def device() -> torch.device:
