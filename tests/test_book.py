@@ -141,3 +141,22 @@ def test_requirements_pin_exactly():
     assert "torch==2.13.0" in lines
     loose = [l for l in lines if l != "-e ." and "==" not in l]
     assert not loose, f"requirements.txt must pin exactly: {loose}"
+
+
+def test_publishing_workflow_builds_with_the_readme_command_and_deploys_pages():
+    readme = (ROOT / "README.md").read_text()
+    build = re.findall(r"```bash\n(python3 -m venv .+jupyter-book build.+)\n```", readme)
+    assert len(build) == 1
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    steps = workflow["jobs"]["build"]["steps"]
+    assert [s["run"] for s in steps if "run" in s] == build
+    assert any(s.get("uses", "").startswith("actions/upload-pages-artifact") and s["with"]["path"] == "_build/html"
+               for s in steps)
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in workflow["jobs"]["deploy"]["steps"])
+    assert workflow["permissions"]["pages"] == "write"
+
+
+def test_the_repository_url_is_set_once_and_the_citation_agrees():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["repository-code"] == config["repository"]["url"]
