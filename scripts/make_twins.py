@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jupytext
 import nbformat
@@ -146,8 +146,12 @@ class Book:
     references_url: str
 
     @classmethod
-    def load(cls) -> Book:
-        """Read the book's _config.yml, _toc.yml, documents and bibliography."""
+    def load(cls, values_of: Callable[[Path], Mapping[str, Mapping[str, str]]] | None = None) -> Book:
+        """Read the book's _config.yml, _toc.yml, documents and bibliography.
+
+        ``values_of(md)`` gives a chapter's glued values: a ``{glue:md}`` block may hold figures of its own
+        (a *Measured on a GPU* section, present only when a record is), which the book numbers in place.
+        """
         from pybtex.database import parse_file
 
         config = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -164,7 +168,8 @@ class Book:
             for label, level, title in re.findall(r"^\(([^)\s]+)\)=\s*\n(#+)\s+(.+)$", text, re.M):
                 sections[label] = (title.strip(), page if level == "#" else f"{page}#{label}")
             # Figures are numbered in the order of the book (Sphinx numfig, no section numbers: 1, 2, ...).
-            for label in re.findall(r"^`{3,}\{glue:figure\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*?:name:\s*(\S+)", text, re.M):
+            values = values_of(ROOT / f"{docname}.md") if values_of else {}
+            for label in figure_labels(text, values):
                 figures[label] = (f"Fig. {len(figures) + 1}", f"{page}#{label}")
         bib = parse_file(str(ROOT / "book" / "references.bib"))
         citations = {key: author_year(entry.persons.get("author", []), entry.fields.get("year", "n.d."))
@@ -174,6 +179,21 @@ class Book:
     def page_url(self, md: Path) -> str:
         """The published page of the document ``md``."""
         return f"{self.site}{md.relative_to(ROOT).with_suffix('.html').as_posix()}"
+
+
+FIGURE_BLOCK = re.compile(r"^`{3,}\{(?P<kind>glue:figure|figure|glue:md)\}[ \t]*(?P<arg>[^\n]*)\n"
+                          r"(?P<options>(?::[\w-]+:[^\n]*\n)*)", re.M)
+
+
+def figure_labels(text: str, values: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The labels of the figures ``text`` shows, in order, including those inside glued MyST blocks."""
+    labels = []
+    for block in FIGURE_BLOCK.finditer(text):
+        if block["kind"] == "glue:md":
+            labels += figure_labels(values.get(block["arg"].strip(), {}).get("text/markdown", ""), {})
+        elif name := re.search(r"^:name:\s*(\S+)", block["options"], re.M):
+            labels.append(name[1])
+    return labels
 
 
 # --- Glue values ------------------------------------------------------------------------------------------------
@@ -282,7 +302,9 @@ class Converter:
             return Converter(self.book, path, self.values, self.used).markdown(path.read_text().strip("\n"))
         if name == "literalinclude":
             return self.literalinclude(arg, options)
-        if name == "glue:figure":
+        if name == "glue:md":  # a glued block of markdown (MyST with :format: myst), converted in turn
+            return self.markdown(self.value(arg, "text/markdown").strip("\n"))
+        if name in ("glue:figure", "figure"):  # the figure itself is displayed by the cell that saves it
             label = options.get("name")
             number = self.book.figures[label][0] if label in self.book.figures else "Figure"
             return f"*{number} — {self.markdown(content).strip()}*"
@@ -470,14 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="only report twins whose prose or code is out of date (numbers are not compared)")
     args = parser.parse_args(argv)
-    book = Book.load()
+    def values_of(md: Path) -> dict[str, dict[str, str]]:
+        # --check: the committed twin's own values, so a number that moved in a new build is no change.
+        stored = stored_values(md.with_suffix(".ipynb"))
+        return stored if args.check else {**stored, **executed_values(md)}
+
+    book = Book.load(values_of)
     stale = []
     for md in chapters():
         path = md.with_suffix(".ipynb")
-        stored = stored_values(path)
         try:
-            # --check: the committed twin's own values, so a number that moved in a new build is no change.
-            text = twin(md, stored if args.check else {**stored, **executed_values(md)}, book)
+            text = twin(md, values_of(md), book)
         except MissingValue as err:
             if not args.check:
                 raise

@@ -78,6 +78,7 @@ def test_twin_shows_every_number_it_stores(path: Path):
     stored = nb.metadata["peftlab"][make_twins.VALUES_KEY]
     md = path.with_suffix(".md").read_text()
     used = {content.split(":")[0] for content in re.findall(r"\{glue:(?:text|md)\}`([^`]+)`", md)}
+    used |= set(re.findall(r"^`{3,}\{glue:md\}\s+(\S+)", md, re.M))  # glued blocks, e.g. a GPU section
     assert used == set(stored)
     assert "Numbers in the text are those of the book's build" in nb.cells[1].source
 
@@ -284,11 +285,25 @@ def test_glue_figure_becomes_its_numbered_caption():
     assert convert(text, {"a-caption": {"text/markdown": "What it shows."}}) == "*Fig. 3 — What it shows.*"
 
 
+def test_glued_myst_block_is_converted_with_its_figures_numbered():
+    section = "```{figure} ../../_static/figures/x-gpu.svg\n:name: fig-a\n\nTimings. Measured on a GPU.\n```\n\nSee {cite}`k1`."
+    text = convert("```{glue:md} gpu-section\n:format: myst\n```", {"gpu-section": {"text/markdown": section}})
+    assert text == f"*Fig. 3 — Timings. Measured on a GPU.*\n\nSee ([Smith et al., 2020]({REFS}))."
+
+
+def test_figures_inside_glued_blocks_take_their_place_in_the_numbering():
+    text = ("```{glue:figure} one\n:name: fig-one\n\ncap\n```\n\n```{glue:md} section\n:format: myst\n```\n\n"
+            "```{glue:figure} three\n:name: fig-three\n\ncap\n```\n")
+    values = {"section": {"text/markdown": "```{figure} a.svg\n:name: fig-two\n\ncap\n```"}}
+    assert make_twins.figure_labels(text, values) == ["fig-one", "fig-two", "fig-three"]
+    assert make_twins.figure_labels(text, {}) == ["fig-one", "fig-three"]  # no record: no figure
+
+
 def test_unknown_role_or_directive_fails_instead_of_leaking_myst():
     with pytest.raises(make_twins.TwinError, match="role"):
         convert("{sup}`2`")
     with pytest.raises(make_twins.TwinError, match="directive"):
-        convert("```{figure} x.png\n```")
+        convert("```{sidebar} x\n```")
 
 
 @pytest.mark.parametrize("url, site", [
@@ -316,7 +331,8 @@ def test_figure_numbers_match_the_rendered_book():
                                         page.read_text(), re.S):
             rendered[label] = number
     assert rendered, "no numbered figures found in the HTML"
-    assert {label: number for label, (number, _) in make_twins.Book.load().figures.items()} == rendered
+    book = make_twins.Book.load(make_twins.executed_values)  # the build's values: its GPU sections too
+    assert {label: number for label, (number, _) in book.figures.items()} == rendered
 
 
 # --- --check and write mode, on a copy of the book ---------------------------------------------------------------
