@@ -255,6 +255,15 @@ def test_synthetic_rejects_bad_rank():
         E.synthetic_rank_run(r=2, true_rank=0)
 
 
+def test_run_times_its_training_between_synchronizations_of_its_device(monkeypatch):
+    from peftlab import runtime
+
+    synced = []
+    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    row = E.finetune(E.RunConfig(**TINY), progress=False)
+    assert synced == [torch.device("cpu")] * 2 and row["seconds"] > 0  # once before, once after the loop
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_on_cuda_matches_cpu():

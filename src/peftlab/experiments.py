@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from itertools import product
@@ -32,6 +31,7 @@ import torch
 
 from peftlab import pretrained, textdata
 from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters
+from peftlab.runtime import Stopwatch
 
 CACHE_VERSION = 1
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
@@ -209,22 +209,23 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
         "initial_pretraining_loss": _loss_on(model, pre),
     }
     curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
-    start = time.perf_counter()
     steps = range(config.steps)
     if progress:
         from peftlab.runtime import progress as bar
 
         steps = bar(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False)
-    for step in steps:
-        x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
-        loss = pretrained.lm_loss(model, x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
-    row["seconds"] = time.perf_counter() - start
+    watch = Stopwatch(device)  # synchronizes a GPU before reading the clock: its kernels run asynchronously
+    with watch:
+        for step in steps:
+            x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
+            loss = pretrained.lm_loss(model, x.to(device), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
+    row["seconds"] = watch.seconds
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
