@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 import torch
 
+from peftlab.runtime import synchronize
+
 
 def sync(device: torch.device | None) -> None:
-    """Wait for queued CUDA work, so a timer measures the kernels and not their launch."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for queued CUDA work, so a timer measures the kernels and not their launch
+    (:func:`peftlab.runtime.synchronize`, the one the package and the chapters use)."""
+    synchronize(device)
 
 
 def alternate(ours: Callable[[], object], reference: Callable[[], object], repeats: int,

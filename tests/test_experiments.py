@@ -255,6 +255,15 @@ def test_synthetic_rejects_bad_rank():
         E.synthetic_rank_run(r=2, true_rank=0)
 
 
+def test_run_times_its_training_between_synchronizations_of_its_device(monkeypatch):
+    from peftlab import runtime
+
+    synced = []
+    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    row = E.finetune(E.RunConfig(**TINY), progress=False)
+    assert synced == [torch.device("cpu")] * 2 and row["seconds"] > 0  # once before, once after the loop
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_on_cuda_matches_cpu():
@@ -263,3 +272,29 @@ def test_run_on_cuda_matches_cpu():
     assert gpu["initial_held_out_loss"] == pytest.approx(cpu["initial_held_out_loss"], abs=1e-3)
     assert gpu["held_out_loss"] == pytest.approx(cpu["held_out_loss"], abs=2e-2)
     assert gpu["adapter"]["model.layers.0.self_attn.q_proj.lora_A"].device.type == "cpu"
+
+
+def test_count_ops_counts_more_operators_for_more_trained_tensors():
+    lora_qv, lora_all, full = E.count_ops("lora", "qv"), E.count_ops("lora", "all"), E.count_ops("full")
+    assert 0 < lora_qv[0] < lora_all[0] and lora_qv[0] < full[0]
+    assert all(0 < ev < step for step, ev in (lora_qv, lora_all, full))  # a forward is a part of a step
+
+
+def test_estimate_seconds_takes_the_larger_of_launches_and_arithmetic():
+    config = E.RunConfig(steps=10, batch_size=2, seq_len=8, eval_windows=4, eval_every=5)
+    step_ops, eval_ops = E.count_ops("lora", "qv")
+    evals = 6 + 2 * 1  # before and after (three texts each), and one curve point at step 5
+    launch_bound = E.estimate_seconds(config, flops_per_second=1e30, seconds_per_op=1e-5, seconds_per_run=0)
+    assert launch_bound == pytest.approx(1e-5 * (10 * step_ops + evals * eval_ops))
+    n = sum(p.numel() for p in pretrained.load_pretrained().parameters())
+    cfg = pretrained.tiny_llama_config()
+    attention = 4 * cfg.num_hidden_layers * 8 * cfg.hidden_size
+    flops = 10 * 2 * 8 * (6 * n + 3 * attention) + evals * 4 * 8 * (2 * n + attention)
+    assert E.estimate_seconds(config, 1e9, 0.0, seconds_per_run=0) == pytest.approx(flops / 1e9)
+    assert E.estimate_seconds(replace_steps(config, 20), 1e9, 1e-5) > E.estimate_seconds(config, 1e9, 1e-5)
+
+
+def replace_steps(config, steps):
+    from dataclasses import replace
+
+    return replace(config, steps=steps)

@@ -495,6 +495,55 @@ def test_packed_base_wraps_counts_and_refuses_merge():
     assert isinstance(model[0], LoRALinear) and isinstance(model[2], LoRALinear)  # nothing replaced
 
 
+# --- device and dtype of the factors ---------------------------------------------------------------------
+
+
+def _linear4bit(fan_in=128, fan_out=64, compute_dtype=None):
+    from peftlab.qlora import Linear4bit
+
+    torch.manual_seed(3)
+    return Linear4bit.from_linear(nn.Linear(fan_in, fan_out), compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32, torch.bfloat16, torch.float16])
+def test_factors_on_a_meta_linear4bit_base_are_meta_and_float32(compute_dtype):
+    base = _linear4bit(compute_dtype=compute_dtype).to("meta")
+    assert base.weight.device.type == "meta"  # the NF4Tensor's bytes, not a torch.Tensor weight
+    layer = LoRALinear(base, r=4, alpha=8)
+    for factor in (layer.lora_A, layer.lora_B):
+        assert factor.device.type == "meta" and factor.dtype == torch.float32  # float32 whatever the compute dtype
+    assert layer.lora_A.shape == (4, 128) and layer.lora_B.shape == (64, 4)
+
+
+@pytest.mark.parametrize("dtype,factor_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_factors_on_a_meta_linear_base_are_meta(dtype, factor_dtype):
+    layer = LoRALinear(nn.Linear(32, 16, device="meta", dtype=dtype), r=2, alpha=4)
+    assert layer.lora_A.device.type == layer.lora_B.device.type == "meta"
+    assert layer.lora_A.dtype == layer.lora_B.dtype == factor_dtype
+
+
+def test_add_lora_on_a_quantized_model_moved_to_meta_puts_every_factor_on_meta():
+    from peftlab.qlora import quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    quantize_model(model, progress=False).to("meta")
+    add_lora(model, ["0", "2"], r=4, alpha=8)
+    factors = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert len(factors) == 4 and all(p.device.type == "meta" and p.dtype == torch.float32 for p in factors)
+
+
+def test_lora_A_of_a_4bit_base_is_the_same_draw_as_of_its_float_base():
+    # A is drawn from the CPU generator before it is placed, so a seed gives one A whatever the base.
+    base, base_4bit = nn.Linear(128, 64), _linear4bit()
+    torch.manual_seed(7)
+    a_float = LoRALinear(base, r=4, alpha=8).lora_A
+    torch.manual_seed(7)
+    a_4bit = LoRALinear(base_4bit, r=4, alpha=8).lora_A
+    torch.testing.assert_close(a_4bit, a_float, rtol=0, atol=0)
+
+
 # --- counting --------------------------------------------------------------------------------------------
 
 
@@ -534,3 +583,21 @@ def test_cuda_matches_peft(dtype):
     ours.merge()
     theirs.merge()
     torch.testing.assert_close(ours.base.weight, theirs.base_layer.weight, **TOL[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_factors_follow_a_linear4bit_base_and_train(compute_dtype):
+    cpu_base = _linear4bit(compute_dtype=compute_dtype)
+    cuda_base = _linear4bit(compute_dtype=compute_dtype).to("cuda")
+    torch.manual_seed(5)
+    on_cpu = LoRALinear(cpu_base, r=8, alpha=16)
+    torch.manual_seed(5)
+    layer = LoRALinear(cuda_base, r=8, alpha=16)
+    assert layer.lora_A.is_cuda and layer.lora_B.is_cuda and layer.lora_A.dtype == torch.float32
+    torch.testing.assert_close(layer.lora_A.cpu(), on_cpu.lora_A, rtol=0, atol=0)  # same draw on either device
+    x = torch.randn(4, 16, 128, device="cuda", dtype=compute_dtype)
+    y = layer(x)
+    y.float().square().mean().backward()
+    assert y.dtype == compute_dtype and layer.lora_B.grad.is_cuda and layer.lora_B.grad.abs().sum() > 0

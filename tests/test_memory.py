@@ -302,3 +302,61 @@ def test_measure_llama_agrees_with_its_estimate(method):
     assert measured.activations == pytest.approx(estimated.activations, rel=0.10)
     with pytest.raises(ValueError, match="full, lora, qlora"):
         measure_llama(cfg, "prefix")
+
+
+# ------------------------------------------------------------------------------------------- CUDA plumbing
+
+
+def test_cuda_peak_names_the_models_device_and_synchronizes_before_reading(monkeypatch):
+    from peftlab.memory import _cuda_peak_above_start
+
+    calls = []
+    counters = {"allocated": 1000, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: calls.append(("reset_peak_memory_stats", device)))
+
+    def allocated(device=None):
+        calls.append(("memory_allocated", device))
+        return counters["allocated"]
+
+    def peak(device=None):
+        calls.append(("max_memory_allocated", device))
+        return counters["peak"]
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", peak)
+
+    def step():
+        calls.append(("step", None))
+        counters["peak"] = 1700
+
+    dev = torch.device("cuda", 1)
+    assert _cuda_peak_above_start(step, dev) == 700
+    assert calls == [("synchronize", dev), ("reset_peak_memory_stats", dev), ("memory_allocated", dev),
+                     ("step", None), ("synchronize", dev), ("max_memory_allocated", dev)]
+
+
+def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                   num_key_value_heads=1, num_hidden_layers=1, vocab_size=128)
+    measured, estimated = measure_llama(cfg, "qlora", batch=1, seq=16, r=4)
+    # float32 on the CPU: 4 bytes per LoRA parameter
+    assert measured.lora_weights == estimated.lora_weights == 4 * LlamaShape.from_config(cfg).lora_params(4)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_estimate(method):
+    from peftlab.runtime import compute_dtype
+
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4,
+                                   num_key_value_heads=4, num_hidden_layers=2, vocab_size=512)
+    measured, estimated = measure_llama(cfg, method, batch=2, seq=128, r=8, device="cuda")
+    assert measured.lora_weights == estimated.lora_weights and measured.gradients == estimated.gradients
+    assert measured.quant_constants == estimated.quant_constants
+    assert measured.activations > 0
+    # the weights' bytes are those of the native 16-bit dtype (bf16 on sm80+, fp16 before): 2 bytes each
+    assert compute_dtype("cuda").itemsize == 2 and measured.weights == pytest.approx(estimated.weights, rel=0.01)

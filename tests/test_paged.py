@@ -383,6 +383,66 @@ def test_reserve_bad_input(nbytes, exc):
             pass  # pragma: no cover
 
 
+# -- CUDA plumbing, testable on a CPU ------------------------------------------------------------------
+def test_pool_is_on_the_cpu_unless_told_even_with_cuda_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
+    pool = PagePool(1024)
+    assert pool.device == torch.device("cpu") and not pool._async
+    opt = PagedAdamW([torch.nn.Parameter(torch.randn(10))], pool=pool)  # CPU parameters fit a default pool
+    assert opt.pool is pool
+
+
+def test_cpu_pool_times_its_copies_by_the_clock():
+    pool = PagePool(256, page_bytes=128)
+    t = pool.from_tensor(torch.arange(64, dtype=torch.float32))  # two pages, one evicted while allocating
+    pool.evict_all()
+    pool._acquire(t.pages)
+    s = pool.stats
+    assert s.page_outs >= 2 and s.page_ins == 2 and s.paging_seconds > 0
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: records where it was recorded and whether it was waited for."""
+
+    log: list = []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.ms = None
+        self.done = False
+
+    def record(self, stream=None):
+        self.ms = 1.5 * len([e for e in _FakeEvent.log if e[0] == "record"])  # 0, 1.5, 3.0, ... ms
+        _FakeEvent.log.append(("record", stream))
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        _FakeEvent.log.append(("synchronize", None))
+        self.done = True
+
+    def elapsed_time(self, end):
+        assert end.done or end.query(), "elapsed_time read before the end event completed"
+        return end.ms - self.ms
+
+
+def test_cuda_copy_timer_uses_events_on_the_current_stream_and_waits_only_when_read(monkeypatch):
+    from peftlab.paged import _CudaCopyTimer
+
+    _FakeEvent.log = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    timer = _CudaCopyTimer(torch.device("cuda", 0))
+    for _ in range(2):  # two copies: events at 0, 1.5 and 3.0, 4.5 ms
+        timer.stop(timer.start())
+    assert [kind for kind, _ in _FakeEvent.log] == ["record"] * 4  # launching copies never waits
+    assert {stream for _, stream in _FakeEvent.log} == {"stream of cuda:0"}
+    assert timer.seconds() == pytest.approx(3e-3)  # (1.5 - 0) + (4.5 - 3.0) ms
+    assert [kind for kind, _ in _FakeEvent.log].count("synchronize") == 2
+    assert timer.seconds() == pytest.approx(3e-3)  # read once: not counted twice
+
+
 # -- CUDA: real device and pinned host buffers ---------------------------------------------------------
 @pytest.mark.cuda
 @cuda
@@ -517,3 +577,55 @@ def test_a_page_larger_than_the_pool_is_refused():
     opt.param_groups[0]["params"][0].grad = torch.ones(100)
     with pytest.raises(PoolMemoryError, match="one page of each AdamW state: 800 bytes"):
         opt.step()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_paging_on_a_side_stream_keeps_the_values_and_times_the_copies():
+    pool = PagePool(8 * 2**20, device="cuda", page_bytes=2**20)
+    values = torch.randn(4 * 2**18, device="cuda")  # 4 MiB, 4 pages, allocated on the default stream
+    t = pool.from_tensor(values)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pool.evict_all()  # copies out on the side stream; the freed blocks must wait for them
+    scratch = [torch.full((2**18,), float("nan"), device="cuda") for _ in range(8)]  # reuse freed blocks
+    torch.cuda.current_stream().wait_stream(side)
+    pool._acquire(t.pages)
+    torch.cuda.synchronize()
+    assert torch.equal(t.to_tensor(), values)
+    stats = pool.stats
+    assert stats.page_outs == stats.page_ins == 4 and stats.paging_seconds > 0
+    del scratch
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_bitsandbytes_and_ours_agree_when_both_page_every_state_every_step():
+    # The paged chapter's like-with-like case: every state pushed to the host before each step, in both.
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    init = [torch.randn(512, 512, device="cuda"), torch.randn(300, device="cuda")]
+    ref = [p.clone().requires_grad_() for p in init]
+    theirs = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().requires_grad_() for p in init]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-3)
+    opt_bnb = bnb.optim.PagedAdamW(theirs, lr=1e-3)
+    opt = PagedAdamW(ours, lr=1e-3, pool=PagePool(2**22, device="cuda", page_bytes=2**18))
+    for step in range(10):
+        for a, b, c, g in zip(ref, theirs, ours, _grads(init, step)):
+            a.grad, b.grad, c.grad = g.clone(), g.clone(), g.clone()
+        if step:
+            opt.pool.evict_all()
+            for state in opt_bnb.state.values():
+                for key in ("state1", "state2"):
+                    if getattr(state.get(key), "is_paged", False):
+                        bnb.functional.prefetch_tensor(state[key], to_cpu=True)
+        opt_ref.step()
+        opt_bnb.step()
+        opt.step()
+    torch.cuda.synchronize()
+    assert opt.pool.stats.page_ins > 0
+    for a, b, c in zip(ref, theirs, ours):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -284,6 +284,50 @@ def test_finetune_rows_and_bad_input():
         finetune("qlora", steps=0)
 
 
+def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
+    from peftlab import qlora, runtime
+
+    assert qlora.default_compute_dtype is runtime.compute_dtype
+    assert not hasattr(qlora, "_default_compute_dtype")  # one rule, one home
+    layer = Linear4bit.from_linear(_linear(64, 32))
+    assert layer.compute_dtype == torch.float32 and layer.to("meta").compute_dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,capability,expected", [("cpu", None, torch.bfloat16),
+                                                        ("cuda", (7, 5), torch.float16),
+                                                        ("cuda", (8, 0), torch.bfloat16)])
+def test_finetune_computes_in_bf16_only_where_it_is_native(monkeypatch, device, capability, expected):
+    from peftlab.qlora import finetune_compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
+    assert finetune_compute_dtype(device) == expected
+
+
+def test_finetune_runs_on_the_cpu_unless_told_and_times_between_synchronizations(monkeypatch):
+    from peftlab import runtime
+    from peftlab.qlora import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
+    synced = []
+    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    row = finetune("qlora", steps=2, eval_every=1, eval_windows=2, progress=False)
+    assert row["device"] == "cpu" and row["compute_dtype"] == "bfloat16"
+    assert synced == [torch.device("cpu")] * 4  # before and after each of the 2 timed steps
+
+
 def test_bnb_linear4bit_refuses_non_linear():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         bnb_linear4bit(nn.Conv1d(4, 4, 1))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
+    from peftlab.qlora import finetune
+    from peftlab.runtime import compute_dtype
+
+    row = finetune("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4, progress=False)
+    assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")
+    assert row["held_out_loss"] < row["initial_held_out_loss"] and row["seconds_per_step"] > 0

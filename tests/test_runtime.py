@@ -158,3 +158,102 @@ def test_figures_are_listed_in_book_order(book):
 )
 def test_claim_numbers_print_readably(x, text):
     assert claims.format_number(x) == text
+
+
+# -- device, dtype and determinism (CUDA mocked: these run on a CPU) --------------------------------------
+
+
+def _fake_gpu(monkeypatch, capability, name="Fake GPU"):
+    """Pretend a CUDA GPU of ``capability`` is present, one whose is_bf16_supported() says True (as a T4's does)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                 ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                                 ((9, 0), torch.bfloat16)])
+def test_compute_dtype_is_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
+    _fake_gpu(monkeypatch, capability)
+    assert runtime.compute_dtype("cuda") == expected
+    assert runtime.compute_dtype(torch.device("cuda", 0)) == expected
+    assert runtime.native_bf16("cuda") is (expected == torch.bfloat16)
+    assert runtime.compute_dtype("cpu") == torch.float32 and runtime.compute_dtype("meta") == torch.float32
+
+
+def test_no_native_bf16_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.native_bf16() is False and runtime.native_bf16("cpu") is False
+
+
+@pytest.mark.parametrize("capability,bf16", [((7, 5), "False"), ((8, 0), "True")])
+def test_describe_environment_reports_native_bf16_not_emulated(monkeypatch, capsys, capability, bf16):
+    _fake_gpu(monkeypatch, capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
+    assert runtime.describe_environment()["bf16"] == bf16
+
+
+def test_start_chapter_sets_cublas_workspace_and_cudnn_determinism(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    runtime.start_chapter("demo", seed=0)
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_start_chapter_keeps_a_readers_cublas_workspace_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    runtime.start_chapter("demo", seed=0)
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.fixture
+def sync_log(monkeypatch):
+    """Replace torch.cuda.synchronize by a recorder: the devices it was called with, in order."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
+    return calls
+
+
+def test_synchronize_waits_for_cuda_devices_only(sync_log):
+    runtime.synchronize("cpu")
+    runtime.synchronize(None)
+    runtime.synchronize(torch.device("meta"))
+    assert sync_log == []
+    runtime.synchronize("cuda:1")
+    assert sync_log == [("sync", torch.device("cuda", 1))]
+
+
+def test_stopwatch_synchronizes_before_each_clock_read(sync_log, monkeypatch):
+    ticks = iter([10.0, 10.5, 20.0, 20.25])
+
+    def clock():
+        sync_log.append(("clock", None))
+        return next(ticks)
+
+    monkeypatch.setattr(runtime.time, "perf_counter", clock)
+    watch = runtime.Stopwatch("cuda")
+    for _ in range(2):
+        with watch:
+            sync_log.append(("work", None))
+    cuda = torch.device("cuda")
+    assert sync_log == [("sync", cuda), ("clock", None), ("work", None), ("sync", cuda), ("clock", None)] * 2
+    assert watch.seconds == pytest.approx(0.75)
+
+
+def test_median_seconds_times_every_call_between_synchronizations(sync_log):
+    calls = []
+    runtime.median_seconds(lambda: calls.append(len(sync_log)), device="cuda", repeats=3, warmup=2)
+    # two warm-up calls, untimed; then each timed call has one synchronization before and one after it
+    assert calls == [0, 0, 1, 3, 5] and len(sync_log) == 6
+    assert runtime.median_seconds(lambda: None, device="cpu", repeats=1) >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        runtime.median_seconds(lambda: None, repeats=0)

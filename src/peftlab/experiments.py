@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from itertools import product
@@ -32,6 +31,7 @@ import torch
 
 from peftlab import pretrained, textdata
 from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters
+from peftlab.runtime import Stopwatch
 
 CACHE_VERSION = 1
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
@@ -209,22 +209,23 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
         "initial_pretraining_loss": _loss_on(model, pre),
     }
     curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
-    start = time.perf_counter()
     steps = range(config.steps)
     if progress:
         from peftlab.runtime import progress as bar
 
         steps = bar(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False)
-    for step in steps:
-        x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
-        loss = pretrained.lm_loss(model, x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
-    row["seconds"] = time.perf_counter() - start
+    watch = Stopwatch(device)  # synchronizes a GPU before reading the clock: its kernels run asynchronously
+    with watch:
+        for step in steps:
+            x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
+            loss = pretrained.lm_loss(model, x.to(device), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
+    row["seconds"] = watch.seconds
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
@@ -311,6 +312,74 @@ def sweep(
 
         runs = bar(configs, desc="sweep", total=len(configs))
     return [finetune(c, cache_dir, progress=False) for c in runs]
+
+
+@lru_cache(maxsize=None)
+def count_ops(method: str = "lora", targets: str = "qv") -> tuple[int, int]:
+    """Operators dispatched by one training step of a run and by one evaluation forward: ``(step, eval)``.
+
+    Each operator is about one GPU kernel launch, and for a model this small a GPU step costs about one
+    launch's CPU overhead per operator (it is launch-bound). Counted on a CPU, where ``torch.optim.AdamW`` runs
+    one parameter at a time; on CUDA it batches its updates (foreach), so the count is an upper bound there.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    config = RunConfig(method=method, targets=targets)
+    model = copy.deepcopy(_base_model(True))
+    with torch.random.fork_rng(devices=[]):
+        if method == "lora":
+            add_lora(model, list(TARGETS[targets]), config.r, config.alpha)
+        else:
+            model.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    x = torch.zeros(1, 8, dtype=torch.long)
+
+    def step() -> None:
+        loss = pretrained.lm_loss(model, x, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    step()  # the first step creates AdamW's states: count a steady one
+    with _Count() as train_ops:
+        step()
+    with _Count() as eval_ops:
+        _loss_on(model, (x, x))
+    return train_ops.n, eval_ops.n
+
+
+def estimate_seconds(config: RunConfig, flops_per_second: float, seconds_per_op: float,
+                     seconds_per_run: float = 0.5) -> float:
+    """Seconds one run (:func:`finetune`) should take on a device of ``flops_per_second`` sustained, when
+    each operator costs at least ``seconds_per_op`` to launch: every step and every evaluation forward
+    takes the longer of its arithmetic and its launches (:func:`count_ops`), plus ``seconds_per_run`` to
+    set the run up.
+
+    Arithmetic per token: 6 N for a training step and 2 N for a forward (N parameters; an upper bound for
+    LoRA, whose frozen weights get no gradient), plus attention's 4 · layers · seq_len · d_model per forward.
+    """
+    config = config.normalized()
+    cfg = pretrained.tiny_llama_config()
+    n = sum(p.numel() for p in _base_model(config.pretrained).parameters())
+    attention = 4 * cfg.num_hidden_layers * config.seq_len * cfg.hidden_size
+    step_ops, eval_ops = count_ops(config.method, config.targets)
+    step_flops = config.batch_size * config.seq_len * (6 * n + 3 * attention)
+    eval_flops = config.eval_windows * config.seq_len * (2 * n + attention)
+    points = (config.steps - 1) // config.eval_every if config.eval_every else 0
+    evals = 6 + 2 * points  # before and after: held-out, train, pretraining text; per curve point: two
+    step = max(step_flops / flops_per_second, step_ops * seconds_per_op)
+    forward = max(eval_flops / flops_per_second, eval_ops * seconds_per_op)
+    return seconds_per_run + config.steps * step + evals * forward
 
 
 def select(rows: Iterable[dict[str, Any]], **where: Any) -> list[dict[str, Any]]:

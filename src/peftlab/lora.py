@@ -100,6 +100,25 @@ class LoRAFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None
 
 
+def _factor_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where LoRA's factors live and in which dtype, for a base layer.
+
+    The device is the base weight's: an ``nn.Linear``'s tensor, or a packed weight that is not a
+    ``torch.Tensor`` but has a ``.device`` (:class:`peftlab.nf4.NF4Tensor`); ``meta`` included (a base
+    without ``weight``: its first parameter or buffer). The dtype
+    is the weight's when it is float32 or float64, else float32 (16-bit and packed bases: PEFT's
+    ``autocast_adapter_dtype``), whatever the 4-bit layer's compute dtype.
+    """
+    weight = getattr(base, "weight", None)
+    device = getattr(weight, "device", None)
+    if not isinstance(device, torch.device):  # no weight attribute: the module's first tensor, else the CPU
+        first = next(iter([*base.parameters(), *base.buffers()]), None)
+        device = first.device if first is not None else torch.device("cpu")
+    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+        return device, weight.dtype
+    return device, torch.float32
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer ``base`` plus the trainable update ``scaling · lora_B @ lora_A``.
 
@@ -110,6 +129,9 @@ class LoRALinear(nn.Module):
     Note: the factors are float32 when the base weight is float16/bfloat16 or packed (PEFT's
     ``autocast_adapter_dtype``): small updates to low-precision factors would round away. The LoRA path
     runs in the factors' dtype; the output is cast back to the input's dtype.
+
+    Note: the factors are created on the base weight's device (CUDA, CPU or ``meta``), also for a 4-bit base;
+    ``lora_A`` is drawn from the CPU generator and then moved, so a seed gives the same ``lora_A`` on any device.
 
     Note: merging is explicit (``merge()`` / ``unmerge()``), never a side effect of ``eval()``.
     """
@@ -130,15 +152,12 @@ class LoRALinear(nn.Module):
         # Note: rsLoRA's alpha/sqrt(r) keeps the update's size independent of r (Kalajdzievski 2023).
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        weight = getattr(base, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
-            dtype = weight.dtype
-        else:
-            dtype = torch.float32
-        device = weight.device if isinstance(weight, torch.Tensor) else None
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        device, dtype = _factor_device_dtype(base)
+        # A is drawn on the CPU (the CPU generator) and then moved, so a seed gives the same A on every device.
+        lora_A = torch.empty(r, self.in_features, dtype=dtype)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
 
     @property

@@ -432,6 +432,23 @@ def _static_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return parts
 
 
+def _cuda_peak_above_start(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes the caching allocator handed out on ``device`` while ``step()`` ran, above what was allocated
+    before it.
+
+    Note: every call names ``device`` (a model on ``cuda:1`` is measured there, not on the current device) and
+    synchronizes before reading the counters, so kernels still queued count. The CUDA context, the
+    allocator's cached-but-free blocks and memory outside PyTorch's allocator (e.g. bitsandbytes' paged
+    states in unified memory) are not allocations, so they are not counted.
+    """
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.optim.Optimizer | None = None,
                  *, warmup: bool = True) -> Breakdown:
     """Measure the memory of one call of ``step()`` (forward, backward, optimizer step) per component.
@@ -455,7 +472,7 @@ def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.opt
         step()
     model.zero_grad(set_to_none=True)
     parts = _static_parts(model, optimizer)
-    cuda = next(model.parameters()).is_cuda
+    device = next(model.parameters()).device
     grad_bytes: dict[int, int] = {}  # id(parameter) -> bytes of the gradient the step gave it
     grad_serials: set[int | None] = set()
     tracker: _LiveTensors | None = None
@@ -468,13 +485,8 @@ def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.opt
 
     hooks = [p.register_post_accumulate_grad_hook(grad_done) for p in model.parameters() if p.requires_grad]
     try:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            activations = torch.cuda.max_memory_allocated() - before - sum(grad_bytes.values())
+        if device.type == "cuda":
+            activations = _cuda_peak_above_start(step, device) - sum(grad_bytes.values())
         else:
             static = [s for group in parts.values() for s in group]
             with _LiveTensors(static) as tracker:
@@ -499,13 +511,17 @@ def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.opt
 
 def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r: int = 64,
                   gradient_checkpointing: bool = True, dtype: torch.dtype | None = None,
-                  device: str | torch.device | None = None, seed: int = 0) -> tuple[Breakdown, Breakdown]:
+                  device: str | torch.device = "cpu", seed: int = 0) -> tuple[Breakdown, Breakdown]:
     """Measure one training step of a randomly initialised ``LlamaForCausalLM(config)`` and estimate it.
 
     The model is trained with ``method`` — every parameter; LoRA (r, alpha=16) on all seven linear layers of
     the blocks; or the same on an NF4 + double-quantized base (:func:`peftlab.qlora.quantize_model`) — and
-    :class:`peftlab.paged.PagedAdamW`, on ``device`` (default: CUDA if present) in ``dtype`` (default:
-    bfloat16 on CUDA, float32 on a CPU). Returns ``(measured, estimated)``.
+    :class:`peftlab.paged.PagedAdamW`, on ``device`` (default: the CPU) in ``dtype`` (default:
+    :func:`peftlab.runtime.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the GPU computes it
+    natively, float16 on older GPUs such as the T4). Returns ``(measured, estimated)``.
+
+    Note: the model is initialised on the CPU and the tokens drawn there, then moved, so a seed gives the
+    same model and batch on every device and the CUDA generator is left untouched.
 
     Note: peftlab's LoRA factors are float32 whatever the base dtype, and PagedAdamW keeps its states in
     the parameters' dtype; the estimate is told both, so that it predicts this run and not the paper's.
@@ -517,8 +533,10 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from peftlab.runtime import compute_dtype
+
+    device = torch.device(device)
+    dtype = dtype or compute_dtype(device)
     config = type(config)(**{**config.to_dict(), "use_cache": False, "attn_implementation": "sdpa"})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -531,7 +549,7 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
             quantize_model(model, compute_dtype=dtype, progress=False)
         if method != "full":
             add_lora(model, list(LINEAR_NAMES), r=r, alpha=16)
-        x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+        x = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
     optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:

@@ -140,19 +140,21 @@ class PagePool:
 
     Args:
         capacity_bytes: the device budget; pages and :meth:`reserve` spikes must fit in it together.
-        device: where pages live when resident (default: cuda if available, else cpu). On cpu the
+        device: where pages live when resident (default: the CPU; pass ``"cuda"`` for a GPU). On cpu the
             budget is simulated: copies between "device" and "host" buffers are real, the limit is accounting.
         page_bytes: page size; a tensor is split into pages of ``page_bytes // element_size`` elements.
         timeline_len: how many recent :class:`Event` s :attr:`stats` keeps for plotting.
 
     Note: eviction is least-recently-used; a page is "used" when it is allocated or paged in for an update.
     Pages are paged in lazily, when an update needs them (bitsandbytes prefetches before each update instead).
+    Note: ``stats.paging_seconds`` is the copies' own time: on CUDA measured by CUDA events around each
+    asynchronous copy (read, and so waited for, only when :attr:`stats` is read), on a CPU by the clock.
     """
 
     def __init__(
         self,
         capacity_bytes: int,
-        device: str | torch.device | None = None,
+        device: str | torch.device = "cpu",
         page_bytes: int = DEFAULT_PAGE_BYTES,
         timeline_len: int = 100_000,
     ) -> None:
@@ -160,7 +162,9 @@ class PagePool:
         self.page_bytes = _as_positive_int(page_bytes, "page_bytes")
         self.device = _resolve_device(device)
         # Note: on CUDA, copies run asynchronously on the current stream (stream order makes them safe: a
-        # freed device buffer is only reused by later work on that stream), and host buffers are pinned.
+        # freed device buffer is only reused after the copy that read it, see _page_out), and host buffers are
+        # pinned. Use a pool from one stream at a time: a page's host buffer is reused by its next page-out,
+        # which stream order only keeps behind the previous page-in on the same stream.
         self._async = self.device.type == "cuda"
         self._resident: OrderedDict[int, _Page] = OrderedDict()  # LRU order: oldest first
         self._resident_bytes = 0
@@ -168,7 +172,7 @@ class PagePool:
         self._reserved_bytes = 0
         self._peak = 0
         self._out_bytes = self._in_bytes = self._outs = self._ins = 0
-        self._paging_seconds = 0.0
+        self._copy_timer = _CudaCopyTimer(self.device) if self._async else _ClockTimer()
         self._t0 = time.perf_counter()
         self._timeline: deque[Event] = deque(maxlen=_as_positive_int(timeline_len, "timeline_len", "events"))
 
@@ -196,7 +200,7 @@ class PagePool:
             paged_in_bytes=self._in_bytes,
             page_outs=self._outs,
             page_ins=self._ins,
-            paging_seconds=self._paging_seconds,
+            paging_seconds=self._copy_timer.seconds(),
             timeline=tuple(self._timeline),
         )
 
@@ -277,30 +281,34 @@ class PagePool:
                 self._page_out(page)
 
     def _page_out(self, page: _Page) -> None:
-        t = time.perf_counter()
         if page.host is None:
             page.host = torch.empty(page.numel, dtype=page.data.dtype, pin_memory=self._async)
+        token = self._copy_timer.start()
         page.host.copy_(page.data, non_blocking=self._async)
+        self._copy_timer.stop(token)
+        if self._async:
+            # The copy runs on the current stream; if that is not the stream the buffer was allocated on, the
+            # caching allocator must not hand the block out again before the copy has read it.
+            page.data.record_stream(torch.cuda.current_stream(self.device))
         page.data = None  # on CUDA the block returns to the caching allocator, reused in stream order
         del self._resident[id(page)]
         self._resident_bytes -= page.nbytes
         self._host_bytes += page.nbytes
         self._out_bytes += page.nbytes
         self._outs += 1
-        self._paging_seconds += time.perf_counter() - t
         self._record("page_out")
 
     def _page_in(self, page: _Page) -> None:
-        t = time.perf_counter()
         # Note: a fresh buffer and an explicit copy: on cpu, ``host.to("cpu")`` would alias the host buffer.
         page.data = torch.empty_like(page.host, device=self.device)
+        token = self._copy_timer.start()
         page.data.copy_(page.host, non_blocking=self._async)
+        self._copy_timer.stop(token)
         self._resident[id(page)] = page
         self._resident_bytes += page.nbytes
         self._host_bytes -= page.nbytes
         self._in_bytes += page.nbytes
         self._ins += 1
-        self._paging_seconds += time.perf_counter() - t
         self._record("page_in")
 
     def _acquire(self, pages: Sequence[_Page]) -> None:
@@ -348,9 +356,65 @@ class PagePool:
             self._record("release", label)
 
 
+class _ClockTimer:
+    """Seconds of synchronous copies (a CPU pool), by the clock."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, token: float) -> None:
+        self._seconds += time.perf_counter() - token
+
+    def seconds(self) -> float:
+        return self._seconds
+
+
+class _CudaCopyTimer:
+    """Seconds of asynchronous CUDA copies, by CUDA events recorded around each on the current stream.
+
+    Note: the clock would measure only the launch of an asynchronous copy. Events measure the copy on the GPU
+    without making the host wait for it; they are read (their end waited for) only when the total is asked.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._seconds = 0.0
+        self._pending: list[tuple[Any, Any]] = []
+
+    def start(self) -> Any:
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record(torch.cuda.current_stream(self.device))
+        return begin
+
+    def stop(self, token: Any) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        self._pending.append((token, end))
+        if len(self._pending) >= 4096:  # a long run that never reads the total: fold the finished copies
+            self._fold(wait=False)
+
+    def _fold(self, wait: bool) -> None:
+        still = []
+        for begin, end in self._pending:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                still.append((begin, end))
+                continue
+            self._seconds += begin.elapsed_time(end) / 1e3  # milliseconds
+        self._pending = still
+
+    def seconds(self) -> float:
+        self._fold(wait=True)
+        return self._seconds
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:

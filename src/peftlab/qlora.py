@@ -19,16 +19,13 @@ from torch import nn
 
 from peftlab.lora import LLAMA_LINEARS
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
+from peftlab.runtime import compute_dtype as default_compute_dtype
 
-__all__ = ["ALL_LINEARS", "FINETUNE_METHODS", "KERNELS", "Linear4bit", "bnb_linear4bit", "finetune", "quantize_model"]
+__all__ = ["ALL_LINEARS", "FINETUNE_METHODS", "KERNELS", "Linear4bit", "bnb_linear4bit", "finetune",
+           "finetune_compute_dtype", "quantize_model"]
 
 KERNELS = ("torch", "bnb")
 ALL_LINEARS = LLAMA_LINEARS  # where QLoRA puts adapters and what it quantizes (never ``lm_head``)
-
-
-def _default_compute_dtype(device: torch.device) -> torch.dtype:
-    # bfloat16 where GPUs compute it natively; a CPU computes float32 faster and exactly.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class _Dequantize4bitMatmul(torch.autograd.Function):
@@ -59,6 +56,9 @@ class Linear4bit(nn.Module):
     the result back to the input's dtype (as bitsandbytes' ``Linear4bit`` does). With
     ``kernels="bnb"`` the product runs in bitsandbytes' ``matmul_4bit`` on the same bytes.
 
+    ``compute_dtype`` defaults to :func:`peftlab.runtime.compute_dtype` of the weight's device: float32 on a
+    CPU, bfloat16 on GPUs that compute it natively (sm80+), float16 on older ones (T4).
+
     Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``, ``.bfloat16()``...)
     only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit values never drift.
     Note: the NF4 weight is a plain attribute, not a buffer, so ``state_dict()`` leaves it out (it would
@@ -79,7 +79,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"weight must stand for a 2-D (out_features × in_features) matrix, got shape {tuple(weight.shape)}")
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        compute_dtype = _default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
+        compute_dtype = default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}")
         self.out_features, self.in_features = weight.shape
@@ -230,30 +230,40 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None
 FINETUNE_METHODS = ("full", "lora", "qlora")
 
 
+def finetune_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The 16-bit dtype :func:`finetune` computes its adapted runs in: bfloat16 on a CPU (the paper's dtype;
+    a CPU has no faster 16-bit type), on CUDA :func:`peftlab.runtime.compute_dtype` (float16 on a T4)."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cpu" else default_compute_dtype(device)
+
+
 def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int = 64, lr: float | None = None,
              r: int = 16, alpha: float = 16.0, dropout: float = 0.1, seed: int = 0, eval_every: int = 10,
-             eval_windows: int = 32, device: str | torch.device | None = None, kernels: str = "torch",
+             eval_windows: int = 32, device: str | torch.device = "cpu", kernels: str = "torch",
              progress: bool = True) -> dict[str, Any]:
     """Finetune the book's pretrained tiny LLaMA on the downstream text one of three ways; return a row.
 
     ``method``: ``"full"`` (every parameter, float32), ``"lora"`` (LoRA on all seven linear layers of a
-    frozen bfloat16 base) or ``"qlora"`` (the same adapters on an NF4 + double-quantized base computing in
-    bfloat16, as in the paper, on any device).
+    frozen 16-bit base) or ``"qlora"`` (the same adapters on an NF4 + double-quantized base computing in
+    16 bits). The 16-bit dtype is bfloat16 on a CPU, as in the paper, and on CUDA
+    :func:`peftlab.runtime.compute_dtype`: bfloat16 where the GPU computes it natively (sm80+), float16 on
+    older GPUs (T4). ``device`` is where the run trains, the CPU unless told otherwise.
     All three use :class:`peftlab.paged.PagedAdamW` at a constant learning rate without weight decay and
     clip the gradient norm at 0.3 (the QLoRA paper's recipe), on the same batches. The row holds the
-    settings, ``curve`` (``[step, held-out loss, train loss]``, nats/byte), the final and initial losses,
-    ``seconds_per_step``, parameter counts and ``memory``: the measured :class:`peftlab.memory.Breakdown` of one
-    step (measured on a copy, so training is not disturbed).
+    settings (and ``compute_dtype``), ``curve`` (``[step, held-out loss, train loss]``, nats/byte), the final
+    and initial losses, ``seconds_per_step`` (timed between synchronizations of ``device``), parameter counts
+    and ``memory``: the measured :class:`peftlab.memory.Breakdown` of one step (measured on a copy, so
+    training is not disturbed).
 
     Note: ``lr`` defaults to 2e-3 for the adapters and 5e-4 for full finetuning, which diverges at 2e-3.
     """
     import copy
-    import time
 
     from peftlab import pretrained, textdata
     from peftlab.lora import add_lora, count_parameters
     from peftlab.memory import measure_step
     from peftlab.paged import PagedAdamW
+    from peftlab.runtime import Stopwatch
 
     if method not in FINETUNE_METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(FINETUNE_METHODS)}")
@@ -261,11 +271,12 @@ def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int 
                         (eval_every, "eval_every"), (eval_windows, "eval_windows")):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device)
     lr = (5e-4 if method == "full" else 2e-3) if lr is None else lr
-    # Both adapted runs compute in bfloat16, QLoRA's compute dtype and 16-bit LoRA's base dtype, also on a CPU:
-    # otherwise the comparison would mix precision into what should only be the base's storage format.
-    compute = torch.bfloat16
+    # Both adapted runs compute in one 16-bit dtype, QLoRA's compute dtype and 16-bit LoRA's base dtype, also on
+    # a CPU: otherwise the comparison would mix precision into what should only be the base's storage format.
+    # bfloat16 as in the paper, except on a GPU that only emulates it (T4): float16 there.
+    compute = finetune_compute_dtype(device)
     model = pretrained.load_pretrained(device="cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -313,7 +324,7 @@ def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int 
 
     optimizer = PagedAdamW(params, lr=lr, weight_decay=0.0)
     curve = [[0, loss_on("held_out"), loss_on("train")]]
-    seconds = 0.0
+    watch = Stopwatch(device)
     iterator = range(steps)
     if progress:
         from peftlab.runtime import progress as bar
@@ -321,16 +332,14 @@ def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int 
         iterator = bar(iterator, desc=method, leave=False)
     for i in iterator:
         x, y = (t.to(device) for t in textdata.random_batch(train, batch_size, seq_len, gen))
-        start = time.perf_counter()
-        make_step(model, optimizer, x, y)()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
+        with watch:
+            make_step(model, optimizer, x, y)()
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             curve.append([i + 1, loss_on("held_out"), loss_on("train")])
     count = count_parameters(model)
     return {"method": method, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "r": r,
             "alpha": alpha, "dropout": dropout, "seed": seed, "device": str(device), "kernels": kernels,
+            "compute_dtype": str(compute).removeprefix("torch."),
             "curve": curve, "initial_held_out_loss": curve[0][1], "held_out_loss": curve[-1][1],
-            "train_loss": curve[-1][2], "seconds_per_step": seconds / steps, "trainable": count.trainable,
+            "train_loss": curve[-1][2], "seconds_per_step": watch.seconds / steps, "trainable": count.trainable,
             "total": count.total, "memory": memory}
