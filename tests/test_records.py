@@ -243,3 +243,44 @@ def test_memory_chapter_draws_a_synthetic_gpu_record(tmp_path):
         assert (tmp_path / "_static" / "figures" / f"memory-gpu-block.{fmt}").stat().st_size > 0
     entry = json.loads((tmp_path / "_build" / ".peftlab" / "figure-records" / "memory-gpu-block.json").read_text())
     assert entry["gpu"] == "NVIDIA Test GPU"
+
+
+def _synthetic_paged_record() -> dict:
+    names = ("torch.optim.AdamW", "bitsandbytes PagedAdamW", "peftlab PagedAdamW")
+    runs = {pressure: {name: {"ms_per_step": 2.0 + i + 10 * spike, "max_param_diff": 0.0 if i != 1 else 1e-7,
+                              "paged_mib_per_step": None if i == 0 else 512.0 * spike}
+                       for i, name in enumerate(names)}
+            for spike, pressure in enumerate(("no spike", "a spike before every step"))}
+    return {"state_mib": 512.0, "timed_steps": 9, "runs": runs}
+
+
+def _synthetic_nf4_record() -> dict:
+    return {"shape": [4096, 11008], "dtype": "bfloat16", "numel": 4096 * 11008, "codes_differing": 3,
+            "absmax_equal": True, "dequantize_equal": True,
+            "ms": {"quantize": {"peftlab (PyTorch)": 1.5, "bitsandbytes (CUDA)": 0.4},
+                   "dequantize": {"peftlab (PyTorch)": 0.9, "bitsandbytes (CUDA)": 0.2}}}
+
+
+@pytest.mark.parametrize("chapter, name, figure, data, says", [
+    ("paged", "paged-adamw-gpu", "paged-gpu-steps", _synthetic_paged_record,
+     "the package's parameters differ from torch.optim.AdamW's by at most 0.0e+00"),
+    ("nf4", "nf4-gpu-timings", "nf4-gpu-timings", _synthetic_nf4_record,
+     "3 of 45,088,768 codes differ from bitsandbytes' CUDA quantizer, and the absmax and the dequantized values are "
+     "identical"),
+])
+def test_chapter_draws_a_synthetic_gpu_timing_record(tmp_path, chapter, name, figure, data, says):
+    folder = tmp_path / "results" / "gpu"
+    folder.mkdir(parents=True)
+    (folder / f"{name}.json").write_text(json.dumps({"name": name, "provenance": PROVENANCE, "data": data()}))
+    glued = _run_chapter_in(tmp_path, chapter)
+    section = glued[f"{chapter}-gpu-section"]
+    assert section.startswith(f"```{{figure}} ../../_static/figures/{figure}.svg\n:name: fig-{figure}")
+    assert "Measured on NVIDIA Test GPU" in section and says in section
+    assert (tmp_path / "_static" / "figures" / f"{figure}.png").stat().st_size > 0
+
+
+def test_every_committed_gpu_record_loads_and_names_its_gpu():
+    """What scripts/gpu-check.sh committed must be readable by the build (an empty folder passes)."""
+    for path in sorted((ROOT / records.RESULTS_FOLDER).glob("*.json")):
+        record = records.load_record(path.stem, ROOT / records.RESULTS_FOLDER)
+        assert record.device and record.provenance["cuda"] not in ("", "None"), path

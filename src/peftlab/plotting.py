@@ -38,6 +38,7 @@ __all__ = [
     "FORMATS",
     "figure_markdown",
     "figures_markdown",
+    "grouped_bars",
     "load_figure_records",
     "new_figure",
     "save_figure",
@@ -100,6 +101,22 @@ def new_figure(
     use_style()
     kwargs.setdefault("layout", "constrained")
     return plt.subplots(nrows=nrows, ncols=ncols, figsize=(width, height), **kwargs)
+
+
+def grouped_bars(ax: Any, groups: dict[str, dict[str, float]], ylabel: str, fmt: str = "{:.2f}") -> None:
+    """Bars side by side: one cluster per group (``groups[group][series] = value``), one colour per series,
+    each bar labelled with its value. Used for the GPU timings the chapters record (ours beside the reference)."""
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))
+    width = 0.8 / len(series)
+    for k, name in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        heights = [values.get(name, float("nan")) for values in groups.values()]
+        bars = ax.bar(xs, heights, width, label=name, color=PALETTE[k % len(PALETTE)])
+        ax.bar_label(bars, labels=[fmt.format(h) for h in heights], fontsize=7, padding=2)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.15)
+    ax.legend()
 
 
 def _export(fig: Figure, path: Path, fmt: str, dpi: float | None = None) -> None:
