@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 import torch
 
-from peftlab.runtime import synchronize
+from peftlab.devices import synchronize
 
 
 def sync(device: torch.device | None) -> None:
     """Wait for queued CUDA work, so a timer measures the kernels and not their launch
-    (:func:`peftlab.runtime.synchronize`, the one the package and the chapters use)."""
+    (:func:`peftlab.devices.synchronize`, the one the package and the chapters use)."""
     synchronize(device)
 
 

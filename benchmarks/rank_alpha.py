@@ -9,7 +9,7 @@ so drifts in machine load hit both; medians are reported. Targets (issue 7):
 
 - training step (forward, backward, AdamW; LoRA r=8 on all seven linear layers; 8 × 64 bytes):
   at most 1.05× PEFT's on the same model;
-- loading the checkpoint (``peftlab.pretrained.load_pretrained``) at most 1.5× ``LlamaForCausalLM
+- loading the checkpoint (``peftlab.harness.pretrained.load_pretrained``) at most 1.5× ``LlamaForCausalLM
   .from_pretrained`` on the same weights saved by ``save_pretrained``.
 
 Both sides' outputs are checked equal before timing. Exits 0 either way (shared machines are
@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from peftlab import pretrained, textdata
-from peftlab.experiments import TARGETS as MODULES
+from peftlab.harness import pretrained, textdata
+from peftlab.harness.experiments import TARGETS as MODULES
 from peftlab.lora import add_lora
 from _timing import alternate  # benchmarks/_timing.py
 

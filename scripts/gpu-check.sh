@@ -24,7 +24,7 @@ set -e
 [ $rc -eq 0 ] || [ $rc -eq 5 ] || exit $rc   # 5: no CUDA test selected
 
 echo "== chapters with GPU cells (recording into results/gpu)"
-export PEFTLAB_RECORD_DIR="$PWD/results/gpu"   # peftlab.records.RECORD_DIR_ENV
+export PEFTLAB_RECORD_DIR="$PWD/results/gpu"   # peftlab.book.records.RECORD_DIR_ENV
 mkdir -p "$PEFTLAB_RECORD_DIR"
 for md in book/chapters/*.md; do
   if sed -n '/^---$/,/^---$/p' "$md" | grep -q '^ *gpu: *true'; then

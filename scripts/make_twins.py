@@ -76,7 +76,7 @@ except ImportError as err:
     raise RuntimeError(f"peftlab is not installed in this kernel: in a checkout of {{REPOSITORY}}, "
                        "run `pip install -r requirements.txt`, then restart the kernel") from err
 
-from peftlab.runtime import describe_environment
+from peftlab.book.runtime import describe_environment
 
 describe_environment()  # Python, torch, bitsandbytes, the device and whether it supports bf16'''
 

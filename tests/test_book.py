@@ -95,7 +95,7 @@ def test_twins_are_in_sync():
 @pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
 def test_chapter_conventions(md: Path):
     text = md.read_text()
-    assert "from myst_nb import glue" not in text, "use peftlab.runtime.glue (myst-nb is not on Colab)"
+    assert "from myst_nb import glue" not in text, "use peftlab.book.runtime.glue (myst-nb is not on Colab)"
     assert f'start_chapter("{md.stem}"' in text, f"{md.name} must call start_chapter({md.stem!r}, ...)"
     assert re.search(r"^\(chapter-[a-z0-9-]+\)=$", text, re.M), f"{md.name} has no (chapter-...)= label"
     header = text.split("\n---\n", 1)[0]

@@ -1,4 +1,4 @@
-"""Tests for peftlab.experiments (chapter: book/chapters/rank_alpha.md)."""
+"""Tests for peftlab.harness.experiments (chapter: book/chapters/rank_alpha.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from peftlab import experiments as E
-from peftlab import pretrained, textdata
+from peftlab.harness import experiments as E
+from peftlab.harness import pretrained, textdata
 from peftlab.lora import add_lora
 
 peft = pytest.importorskip("peft")
@@ -256,10 +256,10 @@ def test_synthetic_rejects_bad_rank():
 
 
 def test_run_times_its_training_between_synchronizations_of_its_device(monkeypatch):
-    from peftlab import runtime
+    from peftlab import devices
 
     synced = []
-    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    monkeypatch.setattr(devices, "synchronize", lambda device: synced.append(torch.device(device)))
     row = E.finetune(E.RunConfig(**TINY), progress=False)
     assert synced == [torch.device("cpu")] * 2 and row["seconds"] > 0  # once before, once after the loop
 

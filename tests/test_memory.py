@@ -350,7 +350,7 @@ def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_estimate(method):
-    from peftlab.runtime import compute_dtype
+    from peftlab.devices import compute_dtype
 
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4,
                                    num_key_value_heads=4, num_hidden_layers=2, vocab_size=512)

@@ -1,4 +1,4 @@
-"""Tests for peftlab.pretrained (chapter: book/chapters/rank_alpha.md)."""
+"""Tests for peftlab.harness.pretrained (chapter: book/chapters/rank_alpha.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peftlab import pretrained, textdata
+from peftlab.harness import pretrained, textdata
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,7 +79,7 @@ def test_lm_loss_equals_transformers_own_loss(model):
 def test_shipped_checkpoint_is_small_and_documented():
     assert pretrained.CHECKPOINT.stat().st_size <= 8 * 1024 * 1024
     info = pretrained.checkpoint_info()
-    assert info["command"].startswith("python -m peftlab.pretrained --out ")
+    assert info["command"].startswith("python -m peftlab.harness.pretrained --out ")
     assert {"python", "torch", "transformers"} <= set(info["versions"])
     assert info["config"] == json.loads(json.dumps(pretrained.TINY_LLAMA))
     assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining").held_out_documents)

@@ -285,9 +285,10 @@ def test_finetune_rows_and_bad_input():
 
 
 def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
-    from peftlab import qlora, runtime
+    from peftlab import devices
+    from peftlab import qlora
 
-    assert qlora.default_compute_dtype is runtime.compute_dtype
+    assert qlora.default_compute_dtype is devices.compute_dtype
     assert not hasattr(qlora, "_default_compute_dtype")  # one rule, one home
     layer = Linear4bit.from_linear(_linear(64, 32))
     assert layer.compute_dtype == torch.float32 and layer.to("meta").compute_dtype == torch.float32
@@ -306,12 +307,12 @@ def test_finetune_computes_in_bf16_only_where_it_is_native(monkeypatch, device, 
 
 
 def test_finetune_runs_on_the_cpu_unless_told_and_times_between_synchronizations(monkeypatch):
-    from peftlab import runtime
+    from peftlab import devices
     from peftlab.qlora import finetune
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
     synced = []
-    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    monkeypatch.setattr(devices, "synchronize", lambda device: synced.append(torch.device(device)))
     row = finetune("qlora", steps=2, eval_every=1, eval_windows=2, progress=False)
     assert row["device"] == "cpu" and row["compute_dtype"] == "bfloat16"
     assert synced == [torch.device("cpu")] * 4  # before and after each of the 2 timed steps
@@ -326,7 +327,7 @@ def test_bnb_linear4bit_refuses_non_linear():
 @pytest.mark.cuda
 def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
     from peftlab.qlora import finetune
-    from peftlab.runtime import compute_dtype
+    from peftlab.devices import compute_dtype
 
     row = finetune("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4, progress=False)
     assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")

@@ -1,4 +1,4 @@
-"""peftlab.records (GPU measurements kept with provenance), peftlab.files, and how the book draws a record."""
+"""peftlab.book.records (GPU measurements kept with provenance), peftlab.files, and how the book draws a record."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from peftlab import files, plotting, records, runtime
+from peftlab.book import plotting, records, runtime
+from peftlab import files
 
 ROOT = Path(__file__).resolve().parents[1]
 

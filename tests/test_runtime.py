@@ -1,4 +1,4 @@
-"""peftlab.runtime, peftlab.plotting and peftlab.claims: the helpers every chapter uses."""
+"""peftlab.book.runtime, peftlab.book.plotting and peftlab.book.claims: the helpers every chapter uses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from peftlab import claims, plotting, runtime
+from peftlab import devices
+from peftlab.book import claims, plotting, runtime
 
 
 @pytest.fixture
@@ -176,15 +177,15 @@ def _fake_gpu(monkeypatch, capability, name="Fake GPU"):
                                                  ((9, 0), torch.bfloat16)])
 def test_compute_dtype_is_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
     _fake_gpu(monkeypatch, capability)
-    assert runtime.compute_dtype("cuda") == expected
-    assert runtime.compute_dtype(torch.device("cuda", 0)) == expected
-    assert runtime.native_bf16("cuda") is (expected == torch.bfloat16)
-    assert runtime.compute_dtype("cpu") == torch.float32 and runtime.compute_dtype("meta") == torch.float32
+    assert devices.compute_dtype("cuda") == expected
+    assert devices.compute_dtype(torch.device("cuda", 0)) == expected
+    assert devices.native_bf16("cuda") is (expected == torch.bfloat16)
+    assert devices.compute_dtype("cpu") == torch.float32 and devices.compute_dtype("meta") == torch.float32
 
 
 def test_no_native_bf16_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert runtime.native_bf16() is False and runtime.native_bf16("cpu") is False
+    assert devices.native_bf16() is False and devices.native_bf16("cpu") is False
 
 
 @pytest.mark.parametrize("capability,bf16", [((7, 5), "False"), ((8, 0), "True")])
@@ -224,11 +225,11 @@ def sync_log(monkeypatch):
 
 
 def test_synchronize_waits_for_cuda_devices_only(sync_log):
-    runtime.synchronize("cpu")
-    runtime.synchronize(None)
-    runtime.synchronize(torch.device("meta"))
+    devices.synchronize("cpu")
+    devices.synchronize(None)
+    devices.synchronize(torch.device("meta"))
     assert sync_log == []
-    runtime.synchronize("cuda:1")
+    devices.synchronize("cuda:1")
     assert sync_log == [("sync", torch.device("cuda", 1))]
 
 
@@ -239,8 +240,8 @@ def test_stopwatch_synchronizes_before_each_clock_read(sync_log, monkeypatch):
         sync_log.append(("clock", None))
         return next(ticks)
 
-    monkeypatch.setattr(runtime.time, "perf_counter", clock)
-    watch = runtime.Stopwatch("cuda")
+    monkeypatch.setattr(devices.time, "perf_counter", clock)
+    watch = devices.Stopwatch("cuda")
     for _ in range(2):
         with watch:
             sync_log.append(("work", None))
@@ -251,9 +252,9 @@ def test_stopwatch_synchronizes_before_each_clock_read(sync_log, monkeypatch):
 
 def test_median_seconds_times_every_call_between_synchronizations(sync_log):
     calls = []
-    runtime.median_seconds(lambda: calls.append(len(sync_log)), device="cuda", repeats=3, warmup=2)
+    devices.median_seconds(lambda: calls.append(len(sync_log)), device="cuda", repeats=3, warmup=2)
     # two warm-up calls, untimed; then each timed call has one synchronization before and one after it
     assert calls == [0, 0, 1, 3, 5] and len(sync_log) == 6
-    assert runtime.median_seconds(lambda: None, device="cpu", repeats=1) >= 0
+    assert devices.median_seconds(lambda: None, device="cpu", repeats=1) >= 0
     with pytest.raises(ValueError, match="repeats"):
-        runtime.median_seconds(lambda: None, repeats=0)
+        devices.median_seconds(lambda: None, repeats=0)

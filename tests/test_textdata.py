@@ -1,4 +1,4 @@
-"""Tests for peftlab.textdata (chapter: book/chapters/rank_alpha.md)."""
+"""Tests for peftlab.harness.textdata (chapter: book/chapters/rank_alpha.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab import textdata
+from peftlab.harness import textdata
 
 
 @pytest.fixture(scope="module")

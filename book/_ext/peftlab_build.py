@@ -1,7 +1,7 @@
 """A Sphinx extension that tells the chapters' kernels they run inside the book's build.
 
 Jupyter starts each chapter's kernel with this process's environment, so a variable set here reaches the
-chapter's code: ``peftlab.runtime.in_book_build()`` reads it. In the book a figure is placed once, by the
+chapter's code: ``peftlab.book.runtime.in_book_build()`` reads it. In the book a figure is placed once, by the
 prose's ``{glue:figure}``; in a Colab twin or a reader's Jupyter it is displayed under the cell that drew it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from peftlab.runtime import BOOK_BUILD_ENV
+from peftlab.book.runtime import BOOK_BUILD_ENV
 
 
 def setup(app: Any) -> dict[str, Any]:

@@ -21,7 +21,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.lora import LoRALinear, _matches, _named_modules_outside_lora, _normalize_targets, add_lora, find_targets
+from peftlab.files import atomic_write_all
+from peftlab.lora import (
+    LoRALinear,
+    add_lora,
+    find_targets,
+    lora_scaling,
+    matches_target,
+    modules_outside_lora,
+    normalize_targets,
+)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
@@ -53,33 +62,19 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     escaped full names is (PEFT full-matches a str target).
     """
     short = sorted({n.rpartition(".")[2] for n in names})
-    selected = [n for n, m in _named_modules_outside_lora(model) if n and _matches(n, short)]
+    selected = [n for n, m in modules_outside_lora(model) if n and matches_target(n, short)]
     if sorted(selected) == sorted(names):
         return short
     return "|".join(re.escape(n) for n in sorted(names))
-
-
-def _atomic_write(directory: Path, name: str, write) -> str:
-    """Write to a temp file in ``directory`` via ``write(path)``; return the temp path (caller replaces)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the model's LoRA factors and config to ``directory`` in PEFT's format; return the folder.
 
     Note: everything is validated and both files are written to temporary names first; then each is moved
-    into place with ``os.replace``. An existing adapter is thus never left with a partly written file (a
-    crash between the two renames can leave a new config beside the old weights; the loader's key and
-    shape checks refuse such a pair).
+    into place (:func:`peftlab.files.atomic_write_all`). An existing adapter is thus never left with a partly
+    written file (a crash between the two renames can leave a new config beside the old weights; the
+    loader's key and shape checks refuse such a pair).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -117,14 +112,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"directory {str(directory)!r} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_w = _atomic_write(directory, WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    try:
-        tmp_c = _atomic_write(directory, CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    except BaseException:
-        os.unlink(tmp_w)
-        raise
-    os.replace(tmp_w, directory / WEIGHTS_NAME)
-    os.replace(tmp_c, directory / CONFIG_NAME)
+    atomic_write_all({
+        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
+    })
     return directory
 
 
@@ -190,7 +181,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     layers = _lora_layers(model)
     if layers:
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        scaling = lora_scaling(alpha, r, rslora)
         for name, m in layers:
             if m.merged:
                 raise ValueError(f"LoRA layer {name!r} is merged; unmerge() it before loading an adapter")
@@ -199,8 +190,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                     f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the adapter has r={r}, "
                     f"scaling={scaling:g}"
                 )
-        targets = _normalize_targets(config["target_modules"])
-        stray = [n for n, _ in layers if not _matches(n, targets)]
+        targets = normalize_targets(config["target_modules"])
+        stray = [n for n, _ in layers if not matches_target(n, targets)]
         if stray:
             raise ValueError(f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}")
         shapes = {n: (m.r, m.in_features, m.out_features) for n, m in layers}

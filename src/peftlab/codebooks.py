@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "BLOCKSIZES",
+    "FLOAT_DTYPES",
     "NF4_OFFSET",
     "CODEBOOKS",
     "nf4_code",
@@ -39,7 +40,8 @@ NF4_OFFSET = 0.9677083
 it equals ``1 - (1/30 + 1/32) / 2`` to the 7 digits given: the mean of the outer quantiles that
 16 and 15 equal-mass bins would use."""
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes a weight may have to be quantized, and the dtypes it may be dequantized to."""
 
 
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -116,7 +118,7 @@ def check_float_tensor(x: object, name: str = "w") -> torch.Tensor:
     """``x`` if it is a non-empty float32/float16/bfloat16 tensor (finiteness is checked later, per block)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")

@@ -40,7 +40,6 @@ __all__ = [
 LUT_SIZE = 65536
 """Bins of bitsandbytes' CPU lookup table over [-1, 1] (``kLUTSize`` in ``csrc/cpu_ops.cpp``)."""
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FP8_E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn
 
 
@@ -164,7 +163,7 @@ def quantize_blockwise(
     """
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dtype not in _FLOAT_DTYPES:
+    if A.dtype not in FLOAT_DTYPES:
         raise TypeError(f"A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.numel() == 0:
         raise ValueError("A must not be empty")
@@ -241,7 +240,7 @@ def dequantize_blockwise(
         raise TypeError(f"codes must be a uint8 torch.Tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
         raise TypeError("absmax must be a 1-D float32 torch.Tensor")
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     blocksize = check_blocksize(blocksize, "blocksize")
     blocks = -(-codes.numel() // blocksize)

@@ -60,6 +60,12 @@ def _check_hyperparameters(r: object, alpha: object, dropout: object, rslora: ob
         raise TypeError(f"rslora must be a bool, got {type(rslora).__name__} {rslora!r}")
 
 
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """The factor on ``B A``: LoRA's ``alpha / r`` (Hu et al. 2021, §4.1), or rsLoRA's ``alpha / sqrt(r)``
+    (Kalajdzievski 2023), which keeps the update's size from shrinking as ``r`` grows."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 class LoRAFunction(torch.autograd.Function):
     """``scaling · x Aᵀ Bᵀ`` with a backward written from the notes' formulas.
 
@@ -150,7 +156,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.rslora = rslora
         # Note: rsLoRA's alpha/sqrt(r) keeps the update's size independent of r (Kalajdzievski 2023).
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, rslora)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         device, dtype = _factor_device_dtype(base)
         # A is drawn on the CPU (the CPU generator) and then moved, so a seed gives the same A on every device.
@@ -217,7 +223,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
 
 
-def _normalize_targets(target_modules: object) -> str | list[str]:
+def normalize_targets(target_modules: object) -> str | list[str]:
     if isinstance(target_modules, str):
         if not target_modules:
             raise ValueError("target_modules must not be empty")
@@ -233,7 +239,8 @@ def _normalize_targets(target_modules: object) -> str | list[str]:
     return targets
 
 
-def _matches(name: str, targets: str | list[str]) -> bool:
+def matches_target(name: str, targets: str | list[str]) -> bool:
+    """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
     # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole name;
     # a list matches a name equal to an entry or ending in "." + entry.
     if isinstance(targets, str):
@@ -241,7 +248,7 @@ def _matches(name: str, targets: str | list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _named_modules_outside_lora(model: nn.Module):
+def modules_outside_lora(model: nn.Module):
     """(name, module) pairs, not descending into LoRALinear layers (their ``base`` is not a target)."""
     stack = [("", model)]
     while stack:
@@ -260,10 +267,10 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = _normalize_targets(target_modules)
+    targets = normalize_targets(target_modules)
     names = []
-    for name, module in _named_modules_outside_lora(model):
-        if not name or not _matches(name, targets):
+    for name, module in modules_outside_lora(model):
+        if not name or not matches_target(name, targets):
             continue
         if isinstance(module, LoRALinear):
             raise ValueError(f"module {name!r} already has LoRA; merge_lora() or use a fresh model")

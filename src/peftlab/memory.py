@@ -25,7 +25,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from peftlab import _deprecated
 from peftlab.lora import LLAMA_LINEARS
+from peftlab.paged import DEFAULT_PAGE_BYTES
 
 __all__ = [
     "COMPONENTS",
@@ -49,10 +51,10 @@ GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
 """Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000, A100/H100 80GB) has
 24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no estimate here counts."""
 
-PAGE_BYTES = 2 * 1024**2
-"""Page size of the paged optimizer (peftlab.paged.DEFAULT_PAGE_BYTES, NVIDIA's unified-memory large page)."""
-
-LINEAR_NAMES = LLAMA_LINEARS
+__getattr__ = _deprecated.renamed(__name__, {
+    "LINEAR_NAMES": "peftlab.lora.LLAMA_LINEARS",
+    "PAGE_BYTES": "peftlab.paged.DEFAULT_PAGE_BYTES",
+})
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -101,7 +103,7 @@ class LlamaShape:
         """Parameters in the blocks' linear layers (what QLoRA quantizes)."""
         return self.n_layers * sum(o * i for o, i in self.block_linears().values())
 
-    def lora_params(self, r: int, targets: Iterable[str] = LINEAR_NAMES) -> int:
+    def lora_params(self, r: int, targets: Iterable[str] = LLAMA_LINEARS) -> int:
         """LoRA parameters with rank ``r`` on ``targets`` of every block: r × (in + out) per matrix."""
         linears = self.block_linears()
         return self.n_layers * sum(r * (linears[t][0] + linears[t][1]) for t in targets)
@@ -279,7 +281,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
              compute_dtype: torch.dtype | None = None, lora_dtype: torch.dtype | None = None,
              optimizer_bits: int = 32, batch: int = 1, seq: int = 512, gradient_checkpointing: bool = True,
              blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256,
-             lora_dropout: float = 0.0, target_modules: Iterable[str] = LINEAR_NAMES,
+             lora_dropout: float = 0.0, target_modules: Iterable[str] = LLAMA_LINEARS,
              n_gpus: int = 1, device: str = "cuda") -> Breakdown:
     """Bytes one GPU needs for a training step of ``model`` with ``method``.
 
@@ -317,7 +319,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
     linears = shape.block_linears()
     unknown = [t for t in targets if t not in linears]
     if unknown or not targets:
-        raise ValueError(f"target_modules must be a non-empty subset of {LINEAR_NAMES}, got {targets}")
+        raise ValueError(f"target_modules must be a non-empty subset of {LLAMA_LINEARS}, got {targets}")
     w = _dtype_bytes(dtype, "dtype")
     compute_dtype = dtype if compute_dtype is None else compute_dtype
     lora_dtype = dtype if lora_dtype is None else lora_dtype
@@ -356,7 +358,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
         largest = shape.vocab * shape.d_model
     else:
         largest = max(r * max(o, i) for o, i in (linears[t] for t in targets))
-    update = 2 * min(largest * optimizer_bits // 8, PAGE_BYTES)
+    update = 2 * min(largest * optimizer_bits // 8, DEFAULT_PAGE_BYTES)
     parts["activations"] = max(activations, update)
     return Breakdown(**parts)
 
@@ -517,7 +519,7 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
     The model is trained with ``method`` — every parameter; LoRA (r, alpha=16) on all seven linear layers of
     the blocks; or the same on an NF4 + double-quantized base (:func:`peftlab.qlora.quantize_model`) — and
     :class:`peftlab.paged.PagedAdamW`, on ``device`` (default: the CPU) in ``dtype`` (default:
-    :func:`peftlab.runtime.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the GPU computes it
+    :func:`peftlab.devices.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the GPU computes it
     natively, float16 on older GPUs such as the T4). Returns ``(measured, estimated)``.
 
     Note: the model is initialised on the CPU and the tokens drawn there, then moved, so a seed gives the
@@ -533,7 +535,7 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    from peftlab.runtime import compute_dtype
+    from peftlab.devices import compute_dtype
 
     device = torch.device(device)
     dtype = dtype or compute_dtype(device)
@@ -548,7 +550,7 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
 
             quantize_model(model, compute_dtype=dtype, progress=False)
         if method != "full":
-            add_lora(model, list(LINEAR_NAMES), r=r, alpha=16)
+            add_lora(model, list(LLAMA_LINEARS), r=r, alpha=16)
         x = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
     optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # imported lazily at run time: double quantization is optiona
 
 __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "to_bnb", "from_bnb"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class NF4Tensor:
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         check_blocksize(self.blocksize)
-        if self.dtype not in _FLOAT_DTYPES:
+        if self.dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         if not isinstance(self.packed, torch.Tensor) or self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
             raise TypeError("packed must be a 1-D uint8 torch.Tensor")
@@ -154,7 +153,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     absmax = q.absmax
     if q.double_quant:

@@ -17,15 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.lora import LLAMA_LINEARS
+from peftlab import _deprecated
+from peftlab.devices import compute_dtype as default_compute_dtype
+from peftlab.lora import LLAMA_LINEARS, add_lora, matches_target
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
-from peftlab.runtime import compute_dtype as default_compute_dtype
 
-__all__ = ["ALL_LINEARS", "FINETUNE_METHODS", "KERNELS", "Linear4bit", "bnb_linear4bit", "finetune",
-           "finetune_compute_dtype", "quantize_model"]
+__all__ = ["KERNELS", "Linear4bit", "bnb_linear4bit", "prepare_qlora", "quantize_model"]
 
 KERNELS = ("torch", "bnb")
-ALL_LINEARS = LLAMA_LINEARS  # where QLoRA puts adapters and what it quantizes (never ``lm_head``)
+
+__getattr__ = _deprecated.renamed(__name__, {
+    "ALL_LINEARS": "peftlab.lora.LLAMA_LINEARS",
+    "FINETUNE_METHODS": "peftlab.memory.METHODS",
+    "finetune": _deprecated.qlora_finetune,
+    "finetune_compute_dtype": "peftlab.harness.experiments.sixteen_bit_dtype",
+})
 
 
 class _Dequantize4bitMatmul(torch.autograd.Function):
@@ -56,7 +62,7 @@ class Linear4bit(nn.Module):
     the result back to the input's dtype (as bitsandbytes' ``Linear4bit`` does). With
     ``kernels="bnb"`` the product runs in bitsandbytes' ``matmul_4bit`` on the same bytes.
 
-    ``compute_dtype`` defaults to :func:`peftlab.runtime.compute_dtype` of the weight's device: float32 on a
+    ``compute_dtype`` defaults to :func:`peftlab.devices.compute_dtype` of the weight's device: float32 on a
     CPU, bfloat16 on GPUs that compute it natively (sm80+), float16 on older ones (T4).
 
     Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``, ``.bfloat16()``...)
@@ -160,10 +166,6 @@ class Linear4bit(nn.Module):
                 f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}")
 
 
-def _matches(name: str, targets: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    blocksize: int = 64, double_quant: bool = True) -> nn.Module:
     """bitsandbytes' own NF4 ``Linear4bit`` holding ``linear``'s weights: the reference ours is checked against.
@@ -207,7 +209,7 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None
             raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
         if any(t.split(".")[-1] == "lm_head" for t in targets):
             raise ValueError("target_modules must not include lm_head: QLoRA keeps it in 16 bits")
-        names = [n for n, _ in model.named_modules() if n and _matches(n, targets)]
+        names = [n for n, _ in model.named_modules() if n and matches_target(n, targets)]
         if not names:
             raise ValueError(f"no module of model matches target_modules={targets}")
         for n in names:
@@ -216,9 +218,11 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None
                 raise ValueError(f"module {n!r} is already a Linear4bit: quantizing it again would compound the error")
             if not isinstance(m, nn.Linear):
                 raise TypeError(f"target module {n!r} must be an nn.Linear, got {type(m).__name__}")
-    from peftlab.runtime import progress as bar
+    if progress:
+        from tqdm.auto import tqdm
 
-    for name in (bar(names, desc="quantize", unit="layer") if progress else names):
+        names = tqdm(names, desc="quantize", unit="layer", mininterval=0.5)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = Linear4bit.from_linear(getattr(parent, child), blocksize=blocksize, double_quant=double_quant,
@@ -227,119 +231,12 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None
     return model
 
 
-FINETUNE_METHODS = ("full", "lora", "qlora")
-
-
-def finetune_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """The 16-bit dtype :func:`finetune` computes its adapted runs in: bfloat16 on a CPU (the paper's dtype;
-    a CPU has no faster 16-bit type), on CUDA :func:`peftlab.runtime.compute_dtype` (float16 on a T4)."""
-    device = torch.device(device)
-    return torch.bfloat16 if device.type == "cpu" else default_compute_dtype(device)
-
-
-def finetune(method: str, *, steps: int = 60, batch_size: int = 8, seq_len: int = 64, lr: float | None = None,
-             r: int = 16, alpha: float = 16.0, dropout: float = 0.1, seed: int = 0, eval_every: int = 10,
-             eval_windows: int = 32, device: str | torch.device = "cpu", kernels: str = "torch",
-             progress: bool = True) -> dict[str, Any]:
-    """Finetune the book's pretrained tiny LLaMA on the downstream text one of three ways; return a row.
-
-    ``method``: ``"full"`` (every parameter, float32), ``"lora"`` (LoRA on all seven linear layers of a
-    frozen 16-bit base) or ``"qlora"`` (the same adapters on an NF4 + double-quantized base computing in
-    16 bits). The 16-bit dtype is bfloat16 on a CPU, as in the paper, and on CUDA
-    :func:`peftlab.runtime.compute_dtype`: bfloat16 where the GPU computes it natively (sm80+), float16 on
-    older GPUs (T4). ``device`` is where the run trains, the CPU unless told otherwise.
-    All three use :class:`peftlab.paged.PagedAdamW` at a constant learning rate without weight decay and
-    clip the gradient norm at 0.3 (the QLoRA paper's recipe), on the same batches. The row holds the
-    settings (and ``compute_dtype``), ``curve`` (``[step, held-out loss, train loss]``, nats/byte), the final
-    and initial losses, ``seconds_per_step`` (timed between synchronizations of ``device``), parameter counts
-    and ``memory``: the measured :class:`peftlab.memory.Breakdown` of one step (measured on a copy, so
-    training is not disturbed).
-
-    Note: ``lr`` defaults to 2e-3 for the adapters and 5e-4 for full finetuning, which diverges at 2e-3.
-    """
-    import copy
-
-    from peftlab import pretrained, textdata
-    from peftlab.lora import add_lora, count_parameters
-    from peftlab.memory import measure_step
-    from peftlab.paged import PagedAdamW
-    from peftlab.runtime import Stopwatch
-
-    if method not in FINETUNE_METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(FINETUNE_METHODS)}")
-    for value, name in ((steps, "steps"), (batch_size, "batch_size"), (seq_len, "seq_len"),
-                        (eval_every, "eval_every"), (eval_windows, "eval_windows")):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    device = torch.device(device)
-    lr = (5e-4 if method == "full" else 2e-3) if lr is None else lr
-    # Both adapted runs compute in one 16-bit dtype, QLoRA's compute dtype and 16-bit LoRA's base dtype, also on
-    # a CPU: otherwise the comparison would mix precision into what should only be the base's storage format.
-    # bfloat16 as in the paper, except on a GPU that only emulates it (T4): float16 there.
-    compute = finetune_compute_dtype(device)
-    model = pretrained.load_pretrained(device="cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if method != "full":
-            # As in the paper, the model is loaded in bf16 and its blocks' linear layers quantized from there.
-            model.to(compute)
-        if method == "qlora":
-            quantize_model(model, compute_dtype=compute, kernels=kernels, progress=False)
-        if method == "full":
-            model.requires_grad_(True)
-        else:
-            add_lora(model, list(ALL_LINEARS), r=r, alpha=alpha, dropout=dropout)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    train = textdata.downstream_text("train")
-    windows = {name: tuple(t.to(device) for t in textdata.spaced_windows(text, eval_windows, seq_len))
-               for name, text in (("held_out", textdata.downstream_text("held_out")), ("train", train))}
-
-    @torch.no_grad()
-    def loss_on(name: str) -> float:
-        model.eval()
-        loss = pretrained.lm_loss(model, *windows[name]).item()
-        model.train()
-        return loss
-
-    def make_step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-        trained = [p for p in m.parameters() if p.requires_grad]
-
-        def step() -> torch.Tensor:
-            loss = pretrained.lm_loss(m, x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 0.3)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-
-        return step
-
-    gen = torch.Generator().manual_seed(seed)
-    x0, y0 = (t.to(device) for t in textdata.random_batch(train, batch_size, seq_len, torch.Generator().manual_seed(seed)))
-    probe = copy.deepcopy(model)
-    probe_opt = PagedAdamW([p for p in probe.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    memory = measure_step(probe, make_step(probe, probe_opt, x0, y0), probe_opt)
-    del probe, probe_opt
-
-    optimizer = PagedAdamW(params, lr=lr, weight_decay=0.0)
-    curve = [[0, loss_on("held_out"), loss_on("train")]]
-    watch = Stopwatch(device)
-    iterator = range(steps)
-    if progress:
-        from peftlab.runtime import progress as bar
-
-        iterator = bar(iterator, desc=method, leave=False)
-    for i in iterator:
-        x, y = (t.to(device) for t in textdata.random_batch(train, batch_size, seq_len, gen))
-        with watch:
-            make_step(model, optimizer, x, y)()
-        if (i + 1) % eval_every == 0 or i + 1 == steps:
-            curve.append([i + 1, loss_on("held_out"), loss_on("train")])
-    count = count_parameters(model)
-    return {"method": method, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "r": r,
-            "alpha": alpha, "dropout": dropout, "seed": seed, "device": str(device), "kernels": kernels,
-            "compute_dtype": str(compute).removeprefix("torch."),
-            "curve": curve, "initial_held_out_loss": curve[0][1], "held_out_loss": curve[-1][1],
-            "train_loss": curve[-1][2], "seconds_per_step": watch.seconds / steps, "trainable": count.trainable,
-            "total": count.total, "memory": memory}
+def prepare_qlora(model: nn.Module, target_modules: Iterable[str] = LLAMA_LINEARS, *, r: int = 64,
+                  alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
+                  compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> nn.Module:
+    """QLoRA's model, in place: the targeted linear layers stored in NF4 with double quantization (frozen),
+    LoRA adapters on the same layers (trained). The paper's defaults: every linear layer of the blocks,
+    r = 64, α = 16. Returns ``model``."""
+    targets = list(target_modules)
+    quantize_model(model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False)
+    return add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from peftlab.files import atomic_write
-from peftlab.runtime import book_root, output_dir, versions
+from peftlab.book.runtime import book_root, output_dir, versions
 
 __all__ = ["RECORD_DIR_ENV", "RESULTS_FOLDER", "Record", "gpu_provenance", "load_record", "save_record"]
 
@@ -88,7 +88,7 @@ def save_record(name: str, data: dict[str, Any], *, provenance: dict[str, str] |
     """Write ``data`` (JSON-serialisable) with its provenance as ``<name>.json``; return the file's path.
 
     The folder is ``$PEFTLAB_RECORD_DIR`` when set (scripts/gpu-check.sh sets it to ``results/gpu``, whose
-    records the book renders), else :func:`peftlab.runtime.output_dir` ``("gpu-records")``, e.g.
+    records the book renders), else :func:`peftlab.book.runtime.output_dir` ``("gpu-records")``, e.g.
     ``./peftlab-output/gpu-records`` on Colab. ``provenance`` defaults to :func:`gpu_provenance`; pass one
     only to write a record measured elsewhere (or a synthetic one in a test).
     """

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from peftlab.runtime import chapter_order, current_chapter, glue, output_dir
+from peftlab.book.runtime import chapter_order, current_chapter, glue, output_dir
 
 __all__ = ["Claim", "ClaimError", "RELATIONS", "claim", "claims_markdown", "format_number", "load_claims"]
 

@@ -19,8 +19,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from peftlab.book.style import PALETTE, use_style
 from peftlab.files import atomic_write
-from peftlab.runtime import (
+from peftlab.book.runtime import (
     chapter_order,
     current_chapter,
     glue,
@@ -31,7 +32,7 @@ from peftlab.runtime import (
 )
 
 if TYPE_CHECKING:
-    from peftlab.records import Record
+    from peftlab.book.records import Record
 
 __all__ = [
     "PALETTE",
@@ -45,9 +46,6 @@ __all__ = [
     "use_style",
 ]
 
-#: Okabe & Ito's colour-blind-safe palette (blue, orange, green, vermillion, purple, sky, yellow, black).
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-
 #: The formats every citable figure is exported in.
 FORMATS = ("svg", "pdf", "png")
 
@@ -59,39 +57,12 @@ FIGURES_FROM_CHAPTER = "../../_static/figures"
 
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
-_STYLE: dict[str, Any] = {
-    "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "xtick.labelsize": 9,
-    "ytick.labelsize": 9,
-    "legend.fontsize": 9,
-    "legend.frameon": False,
-    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
-    "figure.dpi": 110,
-    "savefig.dpi": 200,
-    "savefig.bbox": "tight",
-    "svg.hashsalt": "peftlab",  # fixed ids in SVG output
-    "svg.fonttype": "path",
-    "pdf.fonttype": 42,
-    "image.cmap": "viridis",
-}
-
 # Metadata that would otherwise carry the date or the software build into the files.
 _METADATA = {
     "svg": {"Date": None, "Creator": None},
     "pdf": {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None},
     "png": {"Software": None},
 }
-
-
-def use_style() -> None:
-    """Apply the book's style to matplotlib (called by :func:`peftlab.runtime.start_chapter`)."""
-    matplotlib.rcParams.update(_STYLE)
 
 
 def new_figure(
@@ -153,9 +124,9 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None,
         {glue:md}`<name>-caption`
         ```
 
-    ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.runtime.provenance` (device, seed,
+    ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.book.runtime.provenance` (device, seed,
     versions), so the caption always says what produced the figure. A figure drawn from a GPU
-    measurement passes its :class:`~peftlab.records.Record`, whose provenance (device, CUDA, versions,
+    measurement passes its :class:`~peftlab.book.records.Record`, whose provenance (device, CUDA, versions,
     date) then ends the caption instead. Outside the book's build the figure is also displayed under the
     cell. Returns None, so a cell that ends with it shows nothing twice; :func:`load_figure_records` reads
     the records back.

@@ -2,9 +2,11 @@
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
-One run (:func:`finetune`) adapts the shipped checkpoint (:func:`peftlab.pretrained.load_pretrained`)
-to the downstream text (standard-library Python source, :mod:`peftlab.textdata`) with LoRA or with
-full finetuning, and returns one row: its settings and its measured losses. :func:`sweep` runs many
+One run (:func:`finetune`) adapts the shipped checkpoint (:func:`peftlab.harness.pretrained.load_pretrained`)
+to the downstream text (standard-library Python source, :mod:`peftlab.harness.textdata`) with full
+finetuning, LoRA or QLoRA, and returns one row: its settings and its measured losses. The same loop serves
+the rank/α sweeps and the QLoRA chapter's three-way comparison (*QLoRA*, book/chapters/qlora.md), whose
+recipe :func:`qlora_recipe` spells out. :func:`sweep` runs many
 and returns a list of rows (a tidy table: one row per run, one column per setting or measurement).
 Rows are cached on disk, keyed by their settings, under a folder the caller names.
 
@@ -20,7 +22,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from itertools import product
@@ -28,12 +29,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from peftlab import pretrained, textdata
-from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters
-from peftlab.runtime import Stopwatch
+from peftlab.devices import Stopwatch, compute_dtype
+from peftlab.files import atomic_write
+from peftlab.harness import pretrained, textdata
+from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters, lora_scaling
+from peftlab.memory import METHODS, Breakdown, measure_step
+from peftlab.paged import PagedAdamW
+from peftlab.qlora import prepare_qlora
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
 
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -45,22 +51,35 @@ TARGETS: dict[str, tuple[str, ...]] = {
 (QLoRA's choice; never ``lm_head``)."""
 
 
+OPTIMIZERS = ("adamw", "paged_adamw")
+"""``torch.optim.AdamW``, or the package's :class:`peftlab.paged.PagedAdamW` (the QLoRA recipe's)."""
+
+PRECISIONS = ("float32", "16-bit")
+"""What a LoRA or QLoRA run's frozen base computes in: float32, or the 16-bit dtype of
+:func:`sixteen_bit_dtype` (the QLoRA paper's bfloat16). Full finetuning always trains in float32."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Settings of one finetuning run; every field is part of its cache key.
 
-    ``method`` is ``"lora"`` or ``"full"`` (every parameter trained; ``r``, ``alpha``, ``rslora``,
-    ``targets`` are then ignored and normalised away). ``targets`` names a set in :data:`TARGETS`.
-    ``train_bytes`` keeps only the first bytes of the downstream train split (``None``: all of it).
-    ``pretrained=False`` starts from the same architecture untrained. ``eval_every`` > 0 records a
-    learning curve (held-out and train loss every ``eval_every`` steps). ``device`` is where the run
-    trains (``"cuda"`` for the chapter's larger sweep).
+    ``method`` is one of :data:`peftlab.memory.METHODS`: ``"full"`` (every parameter trained; the LoRA
+    fields are then ignored and normalised away), ``"lora"``, or ``"qlora"`` (the same adapters on an NF4 +
+    double-quantized base, :func:`peftlab.qlora.prepare_qlora`). ``targets`` names a set in
+    :data:`TARGETS`. ``train_bytes`` keeps only the first bytes of the downstream train split (``None``:
+    all of it). ``pretrained=False`` starts from the same architecture untrained. ``eval_every`` > 0
+    records a learning curve (held-out and train loss every ``eval_every`` steps). ``device`` is where the
+    run trains. ``optimizer`` is one of :data:`OPTIMIZERS` (constant learning rate, no weight decay),
+    ``max_grad_norm`` the gradient-norm clip, ``precision`` one of :data:`PRECISIONS`, ``kernels`` the 4-bit
+    layer's (``"torch"`` or ``"bnb"``, QLoRA only). ``measure_memory`` adds the measured memory of one step
+    (:func:`peftlab.memory.measure_step`, on a copy of the model) to the row.
     """
 
     method: str = "lora"
     r: int = 8
     alpha: float = 16.0
     rslora: bool = False
+    dropout: float = 0.0
     targets: str = "qv"
     lr: float = 2e-3
     steps: int = 60
@@ -72,12 +91,17 @@ class RunConfig:
     eval_windows: int = 32
     eval_every: int = 10
     device: str = "cpu"
+    optimizer: str = "adamw"
+    max_grad_norm: float = 1.0
+    precision: str = "float32"
+    kernels: str = "torch"
+    measure_memory: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
-        if self.targets not in TARGETS:
-            raise ValueError(f"targets must be one of {sorted(TARGETS)}, got {self.targets!r}")
+        for name, allowed in (("method", METHODS), ("targets", tuple(TARGETS)), ("optimizer", OPTIMIZERS),
+                              ("precision", PRECISIONS), ("kernels", ("torch", "bnb"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("r", "steps", "batch_size", "seq_len", "eval_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,27 +110,49 @@ class RunConfig:
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
-        for name in ("alpha", "lr"):
+        for name in ("alpha", "lr", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def normalized(self) -> "RunConfig":
         """The same run spelled one way, so that identical runs share a cache key.
 
-        Full finetuning ignores the LoRA fields; at ``r = 1``, ``alpha / sqrt(r) == alpha / r``, so
-        rsLoRA is the same run as plain LoRA.
+        Full finetuning ignores the LoRA fields and trains in float32; at ``r = 1``,
+        ``alpha / sqrt(r) == alpha / r``, so rsLoRA is the same run as plain LoRA; only QLoRA has kernels.
         """
         if self.method == "full":
-            return replace(self, r=1, alpha=1.0, rslora=False, targets="qv")
-        return replace(self, alpha=float(self.alpha), rslora=self.rslora and self.r > 1)
+            return replace(self, r=1, alpha=1.0, rslora=False, dropout=0.0, targets="qv", precision="float32",
+                           kernels="torch")
+        kernels = self.kernels if self.method == "qlora" else "torch"
+        return replace(self, alpha=float(self.alpha), rslora=self.rslora and self.r > 1, kernels=kernels)
 
     @property
     def scaling(self) -> float:
         """LoRA's ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 0 for full finetuning."""
-        if self.method == "full":
-            return 0.0
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+        return 0.0 if self.method == "full" else lora_scaling(self.alpha, self.r, self.rslora)
+
+
+def qlora_recipe(method: str, **settings: Any) -> RunConfig:
+    """The QLoRA paper's recipe, where it applies, for ``method`` ("full", "lora" or "qlora"): adapters on all
+    linear layers with α = 16, paged AdamW at a constant learning rate, gradient norm clipped at 0.3, the frozen
+    base computing in 16 bits, and one step's memory measured. ``settings`` override any field.
+
+    Note: the learning rate defaults to 2e-3 for the adapters and 5e-4 for full finetuning, which diverges at
+    2e-3 on this model; the paper's dropout (0.1 up to 13B) is a setting like any other.
+    """
+    defaults = dict(targets="all", r=16, alpha=16.0, optimizer="paged_adamw", max_grad_norm=0.3,
+                    precision="16-bit", measure_memory=True, lr=5e-4 if method == "full" else 2e-3)
+    return RunConfig(method=method, **{**defaults, **settings})
+
+
+def sixteen_bit_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype of a ``precision="16-bit"`` run's frozen base: bfloat16 on a CPU (the paper's dtype; a CPU
+    has no faster 16-bit type), on CUDA :func:`peftlab.devices.compute_dtype` (float16 on a T4)."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cpu" else compute_dtype(device)
 
 
 def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig]:
@@ -172,60 +218,77 @@ def _loss_on(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     return loss
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model a run trains, on ``config.device``, and the dtype its frozen base computes in."""
+    model = copy.deepcopy(_base_model(config.pretrained))
+    dtype = sixteen_bit_dtype(config.device) if config.precision == "16-bit" else torch.float32
+    # LoRA's A is drawn on the CPU before the move, so CPU and GPU runs start from the same A.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(config.seed)  # CPU only: CUDA RNG untouched
+        if config.method == "full":
+            model.requires_grad_(True)
+        else:
+            # As in the paper, the base is loaded in 16 bits and its linear layers quantized from there.
+            model.to(dtype)
+            targets = list(TARGETS[config.targets])
+            if config.method == "qlora":
+                prepare_qlora(model, targets, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                              rslora=config.rslora, compute_dtype=dtype, kernels=config.kernels)
+            else:
+                add_lora(model, targets, config.r, config.alpha, config.dropout, rslora=config.rslora)
+    return model.to(config.device).train(), dtype
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+          max_grad_norm: float) -> None:
+    """One training step: forward, backward, clip the gradient norm, update."""
+    loss = pretrained.lm_loss(model, *batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    opt.step()
+
+
+def _optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = PagedAdamW if config.optimizer == "paged_adamw" else torch.optim.AdamW
+    return kind(params, lr=config.lr, weight_decay=0.0)
 
 
 def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     texts = _texts(config.train_bytes)
-    held = textdata.spaced_windows(texts["held_out"], config.eval_windows, config.seq_len)
-    train_eval = textdata.spaced_windows(texts["train"], config.eval_windows, config.seq_len)
-    pre = textdata.spaced_windows(texts["pretraining"], config.eval_windows, config.seq_len)
     device = torch.device(config.device)
-    held, train_eval, pre = ((x.to(device), y.to(device)) for x, y in (held, train_eval, pre))
-    model = copy.deepcopy(_base_model(config.pretrained))
-    # LoRA's A is drawn on the CPU before the move, so CPU and GPU runs start from the same A.
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(config.seed)  # CPU only: CUDA RNG untouched
-        if config.method == "lora":
-            add_lora(model, list(TARGETS[config.targets]), config.r, config.alpha, rslora=config.rslora)
-        else:
-            model.requires_grad_(True)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    held, train_eval, pre = (
+        tuple(t.to(device) for t in textdata.spaced_windows(texts[name], config.eval_windows, config.seq_len))
+        for name in ("held_out", "train", "pretraining"))
+    model, dtype = _prepare(config)
     count = count_parameters(model)
-    # Note: constant learning rate and no weight decay, as QLoRA's recipe; gradient clipping at 1.0.
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    row: dict[str, Any] = {"compute_dtype": str(dtype).removeprefix("torch.")}
+    if config.measure_memory:  # on a copy, so that training is not disturbed
+        probe = copy.deepcopy(model)
+        probe_opt = _optimizer(config, probe)
+        batch = tuple(t.to(device) for t in textdata.random_batch(
+            texts["train"], config.batch_size, config.seq_len, torch.Generator().manual_seed(config.seed)))
+        row["memory"] = measure_step(probe, lambda: _step(probe, probe_opt, batch, config.max_grad_norm),
+                                     probe_opt).as_dict()
+        del probe, probe_opt
+    opt = _optimizer(config, model)
     gen = torch.Generator().manual_seed(config.seed)
-    row: dict[str, Any] = {
-        "initial_held_out_loss": _loss_on(model, held),
-        "initial_pretraining_loss": _loss_on(model, pre),
-    }
+    row["initial_held_out_loss"] = _loss_on(model, held)
+    row["initial_pretraining_loss"] = _loss_on(model, pre)
     curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
     steps = range(config.steps)
     if progress:
-        from peftlab.runtime import progress as bar
-
-        steps = bar(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False)
+        steps = tqdm(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False, mininterval=0.5)
     watch = Stopwatch(device)  # synchronizes a GPU before reading the clock: its kernels run asynchronously
-    with watch:
-        for step in steps:
-            x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
-            loss = pretrained.lm_loss(model, x.to(device), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-                curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
+    for step in steps:
+        x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
+        with watch:
+            _step(model, opt, (x.to(device), y.to(device)), config.max_grad_norm)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
     row["seconds"] = watch.seconds
+    row["seconds_per_step"] = watch.seconds / config.steps
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
@@ -233,7 +296,7 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
     row["total"] = count.total
     row["curve"] = curve + [[config.steps, row["held_out_loss"], row["train_loss"]]]
     adapter = {}
-    if config.method == "lora":
+    if config.method != "full":
         adapter = {
             name: p.detach().to("cpu", copy=True).contiguous()
             for name, p in model.named_parameters()
@@ -251,12 +314,14 @@ def finetune(
     downstream held-out text before and after (``initial_held_out_loss``, ``held_out_loss``), on the
     downstream train text (``train_loss``) and on the pretraining held-out text
     (``initial_pretraining_loss``, ``pretraining_loss``: forgetting); ``trainable`` and ``total``
-    parameters; ``seconds`` of training; ``curve`` as ``[step, held-out loss, train loss]`` rows;
-    ``cached``. A LoRA run's trained ``lora_A``/``lora_B`` are stored beside its row in ``cache_dir``
-    (or kept in the row under ``"adapter"`` without one): see :func:`load_adapter`.
+    parameters; ``seconds`` and ``seconds_per_step`` of training (evaluations excluded, timed between
+    synchronizations of the device); ``compute_dtype``; ``curve`` as ``[step, held-out loss, train loss]``
+    rows; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`); ``cached``. An
+    adapted run's trained ``lora_A``/``lora_B`` are stored beside its row in ``cache_dir`` (or kept in the
+    row under ``"adapter"`` without one): see :func:`load_run_adapter`.
 
     Note: losses are measured on ``eval_windows`` windows spread evenly over each text
-    (:func:`peftlab.textdata.spaced_windows`), the same windows for every run, so runs compare
+    (:func:`peftlab.harness.textdata.spaced_windows`), the same windows for every run, so runs compare
     on identical data.
     """
     if not isinstance(config, RunConfig):
@@ -272,30 +337,39 @@ def finetune(
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{key}.json"
         if path.is_file() and (config.method == "full" or path.with_suffix(".safetensors").is_file()):
-            row = json.loads(path.read_text())
-            return {**row, **asked, "cached": True}
+            return _with_breakdown({**json.loads(path.read_text()), **asked, "cached": True})
     measured, adapter = _run(config, progress)
     row = {**asdict(config), "scaling": config.scaling, "key": key, **measured}
     if folder is not None:
         if adapter:
             from safetensors.torch import save_file
 
-            _atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(adapter, tmp))
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
+            atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(adapter, tmp))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     elif adapter:
         row["adapter"] = adapter
-    return {**row, **asked, "cached": False}
+    return _with_breakdown({**row, **asked, "cached": False})
 
 
-def load_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The trained ``lora_A``/``lora_B`` tensors of a LoRA run, by parameter name."""
+def _with_breakdown(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its measured memory as a :class:`peftlab.memory.Breakdown` (JSON keeps a dict)."""
+    if "memory" in row:
+        row["memory"] = Breakdown(**{k: v for k, v in row["memory"].items() if k != "total"})
+    return row
+
+
+def load_run_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The trained ``lora_A``/``lora_B`` tensors of a run in the cache, by parameter name.
+
+    Not a PEFT adapter folder: for those, :func:`peftlab.adapter_io.load_adapter`.
+    """
     if "adapter" in row:
         return row["adapter"]
     if cache_dir is None:
         raise ValueError("cache_dir is needed: this row's adapter was stored on disk")
     path = Path(cache_dir) / f"{row['key']}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} not found (only LoRA runs have one)")
+        raise FileNotFoundError(f"adapter file {path} not found (only LoRA and QLoRA runs have one)")
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -308,9 +382,7 @@ def sweep(
     configs = list(configs)
     runs: Iterable[RunConfig] = configs
     if progress:
-        from peftlab.runtime import progress as bar
-
-        runs = bar(configs, desc="sweep", total=len(configs))
+        runs = tqdm(configs, desc="sweep", total=len(configs), mininterval=0.5)
     return [finetune(c, cache_dir, progress=False) for c in runs]
 
 

@@ -1,4 +1,4 @@
-"""Where a chapter runs, and what it says about it: device, seeds, provenance, progress bars, glue.
+"""Where a chapter runs, and what it says about it: device, seeds, provenance, glue, output folders.
 
 Used by every chapter's first cell (see *Build status*, book/reference/status.md, for what a build saw).
 
@@ -11,36 +11,29 @@ from __future__ import annotations
 import os
 import platform
 import random
-import statistics
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any
 
 import torch
 
+from peftlab.book.style import use_style
+from peftlab.devices import make_deterministic, native_bf16
+
 __all__ = [
-    "Stopwatch",
+    "BOOK_BUILD_ENV",
     "book_root",
-    "compute_dtype",
     "device",
     "describe_environment",
     "glue",
     "in_book_build",
-    "make_deterministic",
-    "median_seconds",
-    "native_bf16",
     "output_dir",
-    "progress",
     "provenance",
     "seed_everything",
     "start_chapter",
-    "synchronize",
     "versions",
 ]
-
-T = TypeVar("T")
 
 #: The chapter that is running (set by :func:`start_chapter`); figures and claims are filed under it.
 _state: dict[str, Any] = {"chapter": None, "seed": None, "figures": 0}
@@ -63,88 +56,6 @@ def device() -> torch.device:
     numbers the prose and the claims quote are the CPU's wherever the book runs.
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def native_bf16(device: str | torch.device | None = None) -> bool:
-    """True when ``device`` is a CUDA GPU that computes bfloat16 in hardware (compute capability ≥ 8.0).
-
-    Note: not ``torch.cuda.is_bf16_supported()``: that also says True on a T4 (sm75, Colab's free GPU),
-    where bfloat16 is emulated — correct, but slower than float16.
-    """
-    dev = torch.device("cuda" if device is None else device)
-    if dev.type != "cuda" or not torch.cuda.is_available():
-        return False
-    major, _ = torch.cuda.get_device_capability(dev)
-    return major >= 8
-
-
-def compute_dtype(device: str | torch.device) -> torch.dtype:
-    """The 16-bit compute dtype for ``device``: bfloat16 on GPUs that compute it natively (sm80+: A100, H100,
-    RTX 30xx/40xx), float16 on older GPUs (T4, V100), float32 on a CPU (faster there than 16-bit, and exact).
-
-    The one rule the package uses for a default compute dtype (:class:`peftlab.qlora.Linear4bit`,
-    :func:`peftlab.memory.measure_llama`, :func:`peftlab.qlora.finetune` on CUDA).
-    """
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if native_bf16(dev) else torch.float16
-
-
-def synchronize(device: str | torch.device | None) -> None:
-    """Wait until the work queued on ``device`` is done (CUDA); nothing to wait for on a CPU.
-
-    Call it before reading a clock: CUDA kernels run asynchronously, so without it a timer measures their
-    launch, not their work.
-    """
-    if device is None:
-        return
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-class Stopwatch:
-    """Accumulated seconds of the blocks run inside ``with watch:``, synchronizing ``device`` at both ends.
-
-    >>> watch = Stopwatch("cpu")
-    >>> with watch:
-    ...     pass
-    >>> watch.seconds >= 0
-    True
-    """
-
-    def __init__(self, device: str | torch.device | None = None) -> None:
-        self.device = None if device is None else torch.device(device)
-        self.seconds = 0.0
-        self._start: float | None = None
-
-    def __enter__(self) -> "Stopwatch":
-        synchronize(self.device)  # work queued before the block is not the block's
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        synchronize(self.device)  # the block's kernels have finished, not only been launched
-        self.seconds += time.perf_counter() - self._start
-        self._start = None
-
-
-def median_seconds(fn: Callable[[], object], device: str | torch.device | None = None, repeats: int = 20,
-                   warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, each timed between two
-    synchronizations of ``device`` (see :class:`Stopwatch`)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        watch = Stopwatch(device)
-        with watch:
-            fn()
-        times.append(watch.seconds)
-    return statistics.median(times)
 
 
 def device_name() -> str:
@@ -195,29 +106,11 @@ def start_chapter(name: str, seed: int = 0) -> None:
     deterministic and applies the plot style."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str (the chapter's file stem), got {name!r}")
-    from peftlab.plotting import use_style
-
     _state["chapter"] = name
     _state["figures"] = 0
     make_deterministic()
     seed_everything(seed)
     use_style()
-
-
-def make_deterministic() -> None:
-    """Ask torch (and cuBLAS, cuDNN on a GPU) for deterministic kernels, as far as they have them.
-
-    Note: ``CUBLAS_WORKSPACE_CONFIG`` is read when CUDA creates its cuBLAS handle, so it is set here, in
-    the first cell, before anything touches the GPU (a value the reader set is kept). What stays not
-    bit-reproducible on a GPU: bitsandbytes' kernels, and ops that accumulate with atomics (e.g. index_add,
-    scatter_add, some backward passes), which torch then warns about instead of failing.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    # Why: two clean builds must draw the same figures; warn_only keeps ops that have no
-    # deterministic variant usable instead of failing a reader's run.
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def current_chapter() -> str | None:
@@ -267,18 +160,6 @@ def output_dir(kind: str) -> Path:
         path = root / "_build" / ".peftlab" / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def progress(iterable: Iterable[T], **kwargs: Any) -> Iterable[T]:
-    """A progress bar for a reader running a chapter (``tqdm.auto``).
-
-    Note: the bar writes to stderr, which the book build removes (``output_stderr: remove``), so the
-    rendered page shows results, not bars.
-    """
-    from tqdm.auto import tqdm
-
-    kwargs.setdefault("mininterval", 0.5)
-    return tqdm(iterable, **kwargs)
 
 
 def glue(name: str, value: Any, display: bool = False) -> None:
