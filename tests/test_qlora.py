@@ -139,7 +139,7 @@ def test_outputs_and_gradients_are_identical_with_and_without_workspace_and_smal
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_layers_of_one_shape_share_one_workspace_and_outputs_never_alias_it():
+def test_layers_share_one_workspace_the_size_of_the_largest_weight_and_outputs_never_alias_it():
     free_workspaces()
     a, b = Linear4bit.from_linear(_linear(96, 128, seed=1)), Linear4bit.from_linear(_linear(96, 128, seed=2))
     x = torch.randn(4, 128)
@@ -147,10 +147,16 @@ def test_layers_of_one_shape_share_one_workspace_and_outputs_never_alias_it():
         ya = a(x)
         ya_before = ya.clone()
         yb = b(x)  # overwrites the shared workspace with b's weight
-    assert workspace_nbytes() == 96 * 128 * 4  # one float32 buffer for both layers
-    assert torch.equal(ya, ya_before) and not torch.equal(ya, yb)
-    a.to(torch.bfloat16)(x)
-    assert workspace_nbytes() == 96 * 128 * (4 + 2)  # and one per dtype
+        assert workspace_nbytes() == 96 * 128 * 4  # one float32 buffer for both layers
+        assert torch.equal(ya, ya_before) and not torch.equal(ya, yb)
+        Linear4bit.from_linear(_linear(128, 96))(torch.randn(4, 96))  # transposed shape, same size
+        Linear4bit.from_linear(_linear(32, 128))(x)  # smaller
+        assert workspace_nbytes() == 96 * 128 * 4
+        Linear4bit.from_linear(_linear(256, 128))(x)  # larger: the buffer grows (and the smaller is freed)
+        assert workspace_nbytes() == 256 * 128 * 4
+        assert torch.equal(a(x), ya_before)  # a smaller weight in the beginning of the larger buffer
+        a.to(torch.bfloat16)(x)
+        assert workspace_nbytes() == 256 * 128 * 4 + 96 * 128 * 2  # and one buffer per compute dtype
     free_workspaces()
     assert workspace_nbytes() == 0
 
@@ -176,6 +182,7 @@ def test_nothing_weight_sized_nor_the_workspace_is_saved_for_backward_under_lora
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x).sum().backward()
     workspace = _workspace(torch.Size([512, 256]), torch.float32, torch.device("cpu")).untyped_storage().data_ptr()
+    assert workspace_nbytes() >= 512 * 256 * 4
     assert saved  # the adapter's own inputs are saved: the hook sees them
     assert all(t.numel() < 512 * 256 for t in saved)
     assert all(t.untyped_storage().data_ptr() != workspace for t in saved)

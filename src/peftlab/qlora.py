@@ -34,29 +34,32 @@ def _default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-# Each thread's dequantization buffers, by (shape, dtype, device). Per thread, because two threads running
-# layers of the same shape at once would otherwise write one buffer together; autograd's backward may run on
-# another thread than the forward (on a GPU it does), which then simply has buffers of its own.
+# Each thread's dequantization buffer, by (dtype, device): as large as the largest weight seen, every smaller
+# weight dequantized into its beginning. So a LLaMA block's seven layers (three shapes) share one buffer the
+# size of its largest matrix: what a fresh dequantized weight already cost at its peak, now allocated once.
+# Per thread, because two threads running layers at once would otherwise write one buffer together; autograd's
+# backward may run on another thread than the forward (on a GPU it does), which then has a buffer of its own.
 _WORKSPACES = threading.local()
 
 
 def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's buffer for one dequantized weight of ``shape`` and ``dtype`` on ``device``, made on first use.
+    """A contiguous ``shape`` view of this thread's buffer for ``dtype`` on ``device``, grown if too small.
 
     Note: made outside inference mode even when first asked for inside it: an inference tensor could not be
     written later by a forward that runs with autograd on.
     """
     buffers: dict[tuple, torch.Tensor] = _WORKSPACES.__dict__.setdefault("buffers", {})
-    key = (tuple(shape), dtype, device)
+    key, numel = (dtype, device), shape.numel()
     buffer = buffers.get(key)
-    if buffer is None:
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # free the smaller buffer before allocating the larger one
         with torch.inference_mode(False):
-            buffer = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-    return buffer
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
 
 
 def workspace_nbytes() -> int:
-    """Bytes held by the calling thread's dequantization workspaces (one weight-sized buffer per shape and dtype)."""
+    """Bytes held by the calling thread's dequantization workspaces (one per compute dtype and device)."""
     buffers = _WORKSPACES.__dict__.get("buffers", {})
     return sum(b.numel() * b.element_size() for b in buffers.values())
 
@@ -73,7 +76,7 @@ class _Dequantize4bitMatmul(torch.autograd.Function):
     keep ``W`` (needed for the input gradient) until backward: every layer's full-precision weight at
     once, which is the memory QLoRA exists to save. Dequantizing twice costs time, not memory.
     Note: ``W`` is the thread's workspace (see :meth:`Linear4bit.weight_for_matmul`), overwritten by the
-    next layer of its shape; that is safe because it is used only inside each call: the products below
+    next 4-bit layer; that is safe because it is used only inside each call: the products below
     are new tensors, never views of it, and backward is ``once_differentiable`` (it runs without
     autograd, so a double backward cannot save the workspace and read it after it changed).
     """
@@ -106,9 +109,10 @@ class Linear4bit(nn.Module):
     adapters, and quantize the base again from its checkpoint — quantization is deterministic.
     Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it; ``merge()`` refuses it
     (merging into 4 bits would round the update away), so keep adapters separate or dequantize first.
-    Note: with ``workspace=True`` (default) the weight is dequantized into a buffer reused by every layer of
-    the same shape and dtype on the thread (see :meth:`weight_for_matmul`): one weight-sized buffer per shape
-    held for good, instead of a fresh one allocated and freed at every call. ``workspace=False`` allocates.
+    Note: with ``workspace=True`` (default) the weight is dequantized into a buffer reused by every 4-bit layer
+    on the thread with the same compute dtype and device (see :meth:`weight_for_matmul`): one buffer the size
+    of the largest weight, held for good, instead of a fresh one allocated and freed at every call.
+    ``workspace=False`` allocates.
     """
 
     peftlab_linear = True
@@ -158,9 +162,9 @@ class Linear4bit(nn.Module):
         return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
 
     def weight_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype`` for one product, right now: valid only until the next layer of its shape runs.
+        """The weight in ``dtype`` for one product, right now: valid only until the next 4-bit layer runs.
 
-        With ``self.workspace`` it is written into the calling thread's buffer for this shape, dtype and device
+        With ``self.workspace`` it is written into the calling thread's buffer for this dtype and device
         (no allocation after the first call: on a CPU a fresh weight-sized tensor costs about as much as
         dequantizing into it); otherwise it is a fresh tensor, as :meth:`dequantize` returns.
         """
