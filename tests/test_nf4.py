@@ -295,6 +295,70 @@ def test_dequantize_rejects_bad_dtype():
         dequantize_nf4(quantize_nf4(torch.randn(64)), torch.int8)
 
 
+# --- dequantizing into a caller's buffer (out=) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (65,), (33, 65), (7, 320), (64, 128)])
+def test_dequantize_into_out_equals_the_fresh_result_bit_for_bit_and_returns_out(shape, dtype, double_quant):
+    q = quantize_nf4(sample(shape, torch.float32), 64, double_quant=double_quant)
+    for target in (torch.float32, dtype):
+        fresh = dequantize_nf4(q, target)
+        out = torch.full(shape, float("nan"), dtype=target)  # NaN: a value left unwritten would show
+        got = dequantize_nf4(q, target, out=out)
+        assert got is out
+        assert torch.equal(out.view(-1).view(torch.uint8), fresh.view(-1).view(torch.uint8))  # the same bytes
+    assert q.dequantize(out=torch.empty(shape)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("shape", [(2, 4096), (5000,), (33, 65)])
+def test_dequantize_in_many_small_cpu_steps_equals_one_step_and_bitsandbytes(monkeypatch, shape, blocksize):
+    import peftlab.nf4 as nf4
+
+    w = sample(shape, torch.float32, seed=3)
+    q = quantize_nf4(w, blocksize, double_quant=True)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1 << 30)
+    one_step = dequantize_nf4(q)
+    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1)  # rounded up to one block per step
+    many_steps = dequantize_nf4(q, out=torch.empty(shape))
+    assert torch.equal(many_steps, one_step)
+    assert torch.equal(many_steps.reshape(-1), bnb_reference_dequantize(packed, state).reshape(-1))
+
+
+def test_dequantize_out_of_the_wrong_shape_raises_value_error_naming_out_and_the_shape():
+    q = quantize_nf4(torch.randn(8, 64))
+    for bad in (torch.empty(64, 8), torch.empty(512), torch.empty(8, 65)):
+        with pytest.raises(ValueError, match=r"out must have shape \(8, 64\)"):
+            dequantize_nf4(q, out=bad)
+
+
+def test_dequantize_out_of_the_wrong_dtype_raises_type_error_naming_out_and_the_dtype():
+    q = quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="out must have dtype torch.float32"):
+        dequantize_nf4(q, out=torch.empty(8, 64, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out must have dtype torch.float16"):
+        dequantize_nf4(q, torch.float16, out=torch.empty(8, 64))
+
+
+def test_dequantize_out_on_another_device_raises_value_error_naming_out_and_the_device():
+    q = quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="out must be on cpu"):
+        dequantize_nf4(q, out=torch.empty(8, 64, device="meta"))
+
+
+def test_dequantize_out_that_is_not_a_writable_contiguous_tensor_raises_naming_out():
+    q = quantize_nf4(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        dequantize_nf4(q, out=[0.0] * 512)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        dequantize_nf4(q, out=torch.empty(64, 8).t())
+    with pytest.raises(ValueError, match="out must not require grad"):
+        dequantize_nf4(q, out=torch.empty(8, 64, requires_grad=True))
+
+
 # --- CUDA: the same bytes on the GPU, and bitsandbytes' CUDA kernels ----------------------------------
 
 

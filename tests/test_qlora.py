@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 from peftlab.lora import LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4
 from peftlab.paged import count_saved_bytes
-from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
+from peftlab.qlora import Linear4bit, bnb_linear4bit, free_workspaces, quantize_model, workspace_nbytes
 
 bnb = pytest.importorskip("bitsandbytes")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -108,6 +110,141 @@ def test_nothing_weight_sized_is_saved_for_backward():
     with count_saved_bytes() as saved:
         ours(x)
     assert saved.nbytes == 0  # neither x (the weight is frozen) nor the dequantized 512 × 256 weight
+
+
+# ------------------------------------------------------------------------------- the reused workspace
+
+
+def _forward_backward(layer, x, g):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_outputs_and_gradients_are_identical_with_and_without_workspace_and_small_steps(monkeypatch, shape,
+                                                                                         compute_dtype):
+    import peftlab.nf4 as nf4
+
+    lin = _linear(*shape)
+    fresh = Linear4bit.from_linear(lin, compute_dtype=compute_dtype, workspace=False)
+    reused = Linear4bit.from_linear(lin, compute_dtype=compute_dtype)
+    x, g = torch.randn(3, 5, shape[1]), torch.randn(3, 5, shape[0])
+    expected = _forward_backward(fresh, x, g)
+    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1)  # one block per dequantization step
+    for _ in range(2):  # the second call reuses the workspace the first one made
+        got = _forward_backward(reused, x, g)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_layers_share_one_workspace_the_size_of_the_largest_weight_and_outputs_never_alias_it():
+    free_workspaces()
+    a, b = Linear4bit.from_linear(_linear(96, 128, seed=1)), Linear4bit.from_linear(_linear(96, 128, seed=2))
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        ya = a(x)
+        ya_before = ya.clone()
+        yb = b(x)  # overwrites the shared workspace with b's weight
+        assert workspace_nbytes() == 96 * 128 * 4  # one float32 buffer for both layers
+        assert torch.equal(ya, ya_before) and not torch.equal(ya, yb)
+        Linear4bit.from_linear(_linear(128, 96))(torch.randn(4, 96))  # transposed shape, same size
+        Linear4bit.from_linear(_linear(32, 128))(x)  # smaller
+        assert workspace_nbytes() == 96 * 128 * 4
+        Linear4bit.from_linear(_linear(256, 128))(x)  # larger: the buffer grows (and the smaller is freed)
+        assert workspace_nbytes() == 256 * 128 * 4
+        assert torch.equal(a(x), ya_before)  # a smaller weight in the beginning of the larger buffer
+        a.to(torch.bfloat16)(x)
+        assert workspace_nbytes() == 256 * 128 * 4 + 96 * 128 * 2  # and one buffer per compute dtype
+    free_workspaces()
+    assert workspace_nbytes() == 0
+
+
+def test_backward_dequantizes_again_so_a_later_layer_of_the_same_shape_cannot_change_the_gradient():
+    a, b = Linear4bit.from_linear(_linear(96, 128, seed=1)), Linear4bit.from_linear(_linear(96, 128, seed=2))
+    x, g = torch.randn(4, 128), torch.randn(4, 96)
+    expected = g @ a.dequantize()
+    xa = x.clone().requires_grad_()
+    ya = a(xa)
+    b(x)  # runs between a's forward and a's backward, through the same workspace
+    ya.backward(g)
+    assert torch.equal(xa.grad, expected)
+
+
+def test_nothing_weight_sized_nor_the_workspace_is_saved_for_backward_under_lora():
+    from peftlab.qlora import _workspace
+
+    base = Linear4bit.from_linear(_linear(512, 256))
+    layer = LoRALinear(base, r=4, alpha=8)
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    workspace = _workspace(torch.Size([512, 256]), torch.float32, torch.device("cpu")).untyped_storage().data_ptr()
+    assert workspace_nbytes() >= 512 * 256 * 4
+    assert saved  # the adapter's own inputs are saved: the hook sees them
+    assert all(t.numel() < 512 * 256 for t in saved)
+    assert all(t.untyped_storage().data_ptr() != workspace for t in saved)
+
+
+def test_two_threads_running_layers_of_one_shape_at_once_each_get_their_own_results(monkeypatch):
+    import peftlab.qlora as qlora
+
+    layers = [Linear4bit.from_linear(_linear(96, 128, seed=s)) for s in (1, 2)]
+    x, g = torch.randn(4, 128), torch.randn(4, 96)
+    expected = [_forward_backward(Linear4bit(m.weight, m.bias, workspace=False), x, g) for m in layers]
+    # Both threads dequantize, then wait for each other before multiplying: with one buffer shared by the
+    # threads, one of them would multiply by the other's weight.
+    both_dequantized = threading.Barrier(2, timeout=30)
+    dequantize = qlora.dequantize_nf4
+
+    def dequantize_then_wait(*args, **kwargs):
+        result = dequantize(*args, **kwargs)
+        both_dequantized.wait()
+        return result
+
+    monkeypatch.setattr(qlora, "dequantize_nf4", dequantize_then_wait)
+    results: dict[int, list] = {0: [], 1: []}
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            results[i].append(_forward_backward(layers[i], x, g))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i in (0, 1):
+        assert len(results[i]) == 3, "a thread failed (see the exception printed above)"
+        for y, grad in results[i]:
+            assert torch.equal(y, expected[i][0]) and torch.equal(grad, expected[i][1])
+
+
+def test_double_backward_through_the_4bit_layer_raises_instead_of_reading_a_reused_workspace():
+    layer = Linear4bit.from_linear(_linear(96, 128))
+    x = torch.randn(4, 128, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_a_workspace_first_made_in_inference_mode_serves_training_later():
+    free_workspaces()
+    layer = Linear4bit.from_linear(_linear(96, 128))
+    x = torch.randn(4, 128)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    x.requires_grad_()
+    y = layer(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inference) and x.grad is not None
+
+
+def test_workspace_must_be_a_bool():
+    with pytest.raises(TypeError, match="workspace must be a bool"):
+        Linear4bit.from_linear(_linear(4, 64), workspace="yes")
 
 
 def test_moves_and_casts_never_requantize():

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from peftlab.codebooks import (
+from peftlab.codebooks import (  # the two private helpers: the pair table dequantize_blockwise uses
+    _key,
+    _pair_table,
     check_blocksize,
     check_float_tensor,
-    dequantize_blockwise,
     get_code,
     quantize_blockwise,
 )
@@ -105,9 +106,9 @@ class NF4Tensor:
         """The same NF4 tensor on ``device`` (a copy of the buffers; this one is unchanged)."""
         return NF4Tensor(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.blocksize)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Shorthand for :func:`dequantize_nf4`."""
-        return dequantize_nf4(self, dtype)
+        return dequantize_nf4(self, dtype, out)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
@@ -144,24 +145,92 @@ def quantize_nf4(
     return NF4Tensor(packed, constants, w.shape, w.dtype, blocksize)
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+# Bytes of packed codes per step when dequantizing on a CPU: 128 KiB of codes become 1 MiB of float32
+# values (with 0.5 MiB of indices and 1 MiB of level pairs in between), so a step's passes run in the
+# cores' caches and only the finished values go out to memory. Smaller steps pay Python's per-call cost
+# more often; larger ones spill to memory (measured on 4096 × 4096: 64 KiB to 256 KiB are best, whole-tensor
+# passes are 2–3x slower). A GPU wants one launch per operation instead.
+_CPU_STEP_BYTES = 1 << 17
+
+
+def _check_out(out: object, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` if it can receive ``q`` dequantized to ``dtype``; TypeError/ValueError naming ``out`` otherwise."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype} (the dtype asked for), got {out.dtype}")
+    if out.shape != q.shape:
+        raise ValueError(f"out must have shape {tuple(q.shape)} (the quantized tensor's), got {tuple(out.shape)}")
+    if out.device != q.device:
+        raise ValueError(f"out must be on {q.device} (where the quantized tensor is), got {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous: it is written through a flat view")
+    if out.requires_grad:
+        raise ValueError("out must not require grad: dequantizing overwrites it outside autograd")
+    return out
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor ``q`` stands for, in its original shape and in ``dtype`` (default: its original dtype).
+
+    With ``out`` (a contiguous tensor of ``q``'s shape, of that dtype, on ``q``'s device) the values are
+    written there and ``out`` is returned: a caller that dequantizes again and again, as the 4-bit layer
+    of the chapter *QLoRA end to end* does, reuses one buffer instead of allocating a weight-sized one
+    each time (on a CPU, a fresh 64 MB tensor costs about as much as the dequantization itself).
 
     Note: values are computed in float32 (``code * absmax``) and cast once at the end, as in
     bitsandbytes, so a bfloat16 result is the float32 value rounded to nearest-even.
+    Note: on a CPU the work runs in cache-sized steps (see ``_CPU_STEP_BYTES``): each step looks up
+    pairs of levels for 128 KiB of codes, then multiplies them by their blocks' ``absmax`` straight into
+    ``out`` (casting there), so ``out`` is written once and never read. Double-quantized constants are
+    dequantized once per call, not per step.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    else:
+        out = _check_out(out, q, dtype)
     absmax = q.absmax
     if q.double_quant:
         from peftlab.double_quant import dequantize_absmax
 
         absmax = dequantize_absmax(absmax)
-    values = dequantize_blockwise(q.packed, absmax, get_code("nf4", q.device), q.blocksize, q.numel)
-    return values.to(dtype).reshape(q.shape)
+    with torch.no_grad():
+        _dequantize_into(q.packed, absmax, q.blocksize, q.numel, out.view(-1))
+    return out
+
+
+def _dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, out: torch.Tensor) -> None:
+    """``out[i] = code[index i] * absmax[i // blocksize]`` for the ``numel`` values of ``packed`` (1-D ``out``).
+
+    Note: the same arithmetic as :func:`peftlab.codebooks.dequantize_blockwise` (one lookup per byte in
+    the 256-entry table of level pairs, one float32 product per value), hence the same bits; only the
+    order of the passes and where they write differ.
+    """
+    table = _pair_table(_key(get_code("nf4")), str(packed.device))  # 256 pairs of levels, as int64
+    full_blocks = numel // blocksize
+    full_bytes = full_blocks * blocksize // 2  # blocksize is even: a whole block is whole bytes
+    step = full_bytes if packed.device.type != "cpu" else max(_CPU_STEP_BYTES, blocksize // 2)
+    step = max(step, 1)
+    index = torch.empty(min(step, packed.numel()), dtype=torch.int32, device=packed.device)
+    pairs = torch.empty(min(step, packed.numel()), dtype=torch.int64, device=packed.device)
+    per_block = blocksize // 2
+    for start in range(0, full_bytes, step):
+        stop = min(start + step, full_bytes)
+        i, p = index[: stop - start], pairs[: stop - start]
+        i.copy_(packed[start:stop])  # index_select wants int32/int64 indices
+        torch.index_select(table, 0, i, out=p)
+        # The multiply writes ``out`` (and casts to its dtype) in the same pass.
+        torch.mul(p.view(torch.float32).view(-1, blocksize), absmax[start // per_block : stop // per_block, None],
+                  out=out[2 * start : 2 * stop].view(-1, blocksize))
+    if full_bytes * 2 < numel:  # a trailing partial block (and maybe a padding nibble): a few values
+        tail = packed[full_bytes:].to(torch.int32)
+        values = torch.index_select(table, 0, tail).view(torch.float32)[: numel - 2 * full_bytes]
+        torch.mul(values, absmax[-1], out=out[2 * full_bytes :])
 
 
 def to_bnb(q: NF4Tensor) -> tuple[torch.Tensor, Any]:

@@ -9,6 +9,7 @@ top (:func:`peftlab.lora.add_lora`) get gradients.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -16,13 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from peftlab import _deprecated
 from peftlab.devices import compute_dtype as default_compute_dtype
 from peftlab.lora import LLAMA_LINEARS, add_lora, matches_target
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
 
-__all__ = ["KERNELS", "Linear4bit", "bnb_linear4bit", "prepare_qlora", "quantize_model"]
+__all__ = ["KERNELS", "Linear4bit", "bnb_linear4bit", "free_workspaces", "prepare_qlora", "quantize_model",
+           "workspace_nbytes"]
 
 KERNELS = ("torch", "bnb")
 
@@ -34,25 +37,65 @@ __getattr__ = _deprecated.renamed(__name__, {
 })
 
 
+# Each thread's dequantization buffer, by (dtype, device): as large as the largest weight seen, every smaller
+# weight dequantized into its beginning. So a LLaMA block's seven layers (three shapes) share one buffer the
+# size of its largest matrix: what a fresh dequantized weight already cost at its peak, now allocated once.
+# Per thread, because two threads running layers at once would otherwise write one buffer together; autograd's
+# backward may run on another thread than the forward (on a GPU it does), which then has a buffer of its own.
+_WORKSPACES = threading.local()
+
+
+def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous ``shape`` view of this thread's buffer for ``dtype`` on ``device``, grown if too small.
+
+    Note: made outside inference mode even when first asked for inside it: an inference tensor could not be
+    written later by a forward that runs with autograd on.
+    """
+    buffers: dict[tuple, torch.Tensor] = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key, numel = (dtype, device), shape.numel()
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # free the smaller buffer before allocating the larger one
+        with torch.inference_mode(False):
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def workspace_nbytes() -> int:
+    """Bytes held by the calling thread's dequantization workspaces (one per compute dtype and device)."""
+    buffers = _WORKSPACES.__dict__.get("buffers", {})
+    return sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+def free_workspaces() -> None:
+    """Drop the calling thread's dequantization workspaces; the next 4-bit forward makes them again."""
+    _WORKSPACES.__dict__.pop("buffers", None)
+
+
 class _Dequantize4bitMatmul(torch.autograd.Function):
     """``y = x Wᵀ + b`` with ``W`` dequantized from 4 bits, in forward and again in backward.
 
     Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a dequantized ``W`` would
     keep ``W`` (needed for the input gradient) until backward: every layer's full-precision weight at
     once, which is the memory QLoRA exists to save. Dequantizing twice costs time, not memory.
+    Note: ``W`` is the thread's workspace (see :meth:`Linear4bit.weight_for_matmul`), overwritten by the
+    next 4-bit layer; that is safe because it is used only inside each call: the products below
+    are new tensors, never views of it, and backward is ``once_differentiable`` (it runs without
+    autograd, so a double backward cannot save the workspace and read it after it changed).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return F.linear(x, layer.weight_for_matmul(x.dtype), bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+        return grad_y @ ctx.layer.weight_for_matmul(grad_y.dtype), None
 
 
 class Linear4bit(nn.Module):
@@ -72,12 +115,16 @@ class Linear4bit(nn.Module):
     adapters, and quantize the base again from its checkpoint — quantization is deterministic.
     Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it; ``merge()`` refuses it
     (merging into 4 bits would round the update away), so keep adapters separate or dequantize first.
+    Note: with ``workspace=True`` (default) the weight is dequantized into a buffer reused by every 4-bit layer
+    on the thread with the same compute dtype and device (see :meth:`weight_for_matmul`): one buffer the size
+    of the largest weight, held for good, instead of a fresh one allocated and freed at every call.
+    ``workspace=False`` allocates.
     """
 
     peftlab_linear = True
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> None:
+                 compute_dtype: torch.dtype | None = None, kernels: str = "torch", workspace: bool = True) -> None:
         super().__init__()
         if not isinstance(weight, NF4Tensor):
             raise TypeError(f"weight must be an NF4Tensor (see peftlab.nf4.quantize_nf4), got {type(weight).__name__}")
@@ -85,6 +132,9 @@ class Linear4bit(nn.Module):
             raise ValueError(f"weight must stand for a 2-D (out_features × in_features) matrix, got shape {tuple(weight.shape)}")
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if not isinstance(workspace, bool):
+            raise TypeError(f"workspace must be a bool, got {type(workspace).__name__}")
+        compute_dtype = _default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
         compute_dtype = default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}")
@@ -97,11 +147,12 @@ class Linear4bit(nn.Module):
         self.bias = bias
         self.compute_dtype = compute_dtype
         self.kernels = kernels
+        self.workspace = workspace
         self._bnb_state: tuple[NF4Tensor, torch.Tensor, Any] | None = None  # bitsandbytes' view of the bytes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> Linear4bit:
+                    compute_dtype: torch.dtype | None = None, kernels: str = "torch", workspace: bool = True) -> Linear4bit:
         """Quantize ``linear``'s weight to NF4 (QLoRA's default: blocks of 64, double quantization)."""
         if isinstance(linear, Linear4bit):
             raise ValueError("linear is already a Linear4bit: quantizing it again would compound the error")
@@ -111,11 +162,22 @@ class Linear4bit(nn.Module):
         if double_quant and weight.absmax.codes.untyped_storage().nbytes() > weight.absmax.codes.nbytes:
             # The 8-bit codes can be a view of a buffer padded to whole blocks of 256; keep only the codes.
             weight = replace(weight, absmax=replace(weight.absmax, codes=weight.absmax.codes.clone()))
-        return cls(weight, linear.bias, compute_dtype=compute_dtype, kernels=kernels)
+        return cls(weight, linear.bias, compute_dtype=compute_dtype, kernels=kernels, workspace=workspace)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in ``dtype`` (default: ``compute_dtype``), out_features × in_features."""
         return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
+
+    def weight_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype`` for one product, right now: valid only until the next 4-bit layer runs.
+
+        With ``self.workspace`` it is written into the calling thread's buffer for this dtype and device
+        (no allocation after the first call: on a CPU a fresh weight-sized tensor costs about as much as
+        dequantizing into it); otherwise it is a fresh tensor, as :meth:`dequantize` returns.
+        """
+        if not self.workspace:
+            return self.dequantize(dtype)
+        return dequantize_nf4(self.weight, dtype, out=_workspace(self.weight.shape, dtype, self.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.in_features,):
@@ -163,7 +225,7 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
-                f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}")
+                f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}, workspace={self.workspace}")
 
 
 def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
