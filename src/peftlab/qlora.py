@@ -134,7 +134,6 @@ class Linear4bit(nn.Module):
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         if not isinstance(workspace, bool):
             raise TypeError(f"workspace must be a bool, got {type(workspace).__name__}")
-        compute_dtype = _default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
         compute_dtype = default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}")
