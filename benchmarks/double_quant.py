@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from peftlab.double_quant import dequantize_absmax, quantize_absmax, quantize_blockwise
+from peftlab.double_quant import dequantize_absmax, quantize_8bit, quantize_absmax
 from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5, "8-bit quantize of bf16 weights": 1.5}
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                               args.repeats, device), TARGETS)
     weight = (torch.randn(4096, 4096, device=device) * 0.02).to(torch.bfloat16)
     if device.type == "cpu":
-        assert torch.equal(quantize_blockwise(weight, 256)[0], bnb_F.quantize_blockwise(weight, blocksize=256)[0])
-    report("8-bit quantize of bf16 weights", *alternate(lambda: quantize_blockwise(weight, 256),
+        assert torch.equal(quantize_8bit(weight, blocksize=256)[0], bnb_F.quantize_blockwise(weight, blocksize=256)[0])
+    report("8-bit quantize of bf16 weights", *alternate(lambda: quantize_8bit(weight, blocksize=256),
                                                         lambda: bnb_F.quantize_blockwise(weight, blocksize=256),
                                                         args.repeats, device), TARGETS)
     return 0

@@ -13,13 +13,13 @@ from peftlab.codebooks import (  # noqa: E402
     _bucket_codes,
     _prefix16,
     check_blocksize,
-    dequantize_blockwise,
+    dequantize_4bit,
     fp4_code,
     get_code,
     int4_code,
     nf4_code,
     pack_nibbles,
-    quantize_blockwise,
+    quantize_4bit,
     roundtrip,
     unpack_nibbles,
 )
@@ -171,11 +171,11 @@ def test_pack_unpack_roundtrip(n):
 def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
     g = torch.Generator().manual_seed(hash((str(dtype), shape, blocksize)) % 2**31)
     w = torch.randn(shape, generator=g).to(dtype)
-    packed, absmax = quantize_blockwise(w, fp4_code(), blocksize)
+    packed, absmax = quantize_4bit(w, fp4_code(), blocksize)
     bpacked, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="fp4")
     assert torch.equal(packed, bpacked.reshape(-1))
     assert torch.equal(absmax, state.absmax)
-    ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
+    ours = dequantize_4bit(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
     assert torch.equal(ours, bnb_reference_dequantize(bpacked, state).reshape(-1))
     if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (see above)
         assert torch.equal(ours, bnbF.dequantize_4bit(bpacked, state).reshape(-1))
@@ -212,25 +212,25 @@ def test_blocksize_value_names_allowed(bad):
 def test_bad_code():
     w = torch.randn(64)
     with pytest.raises(TypeError, match="code"):
-        quantize_blockwise(w, [0.0] * 16)
+        quantize_4bit(w, [0.0] * 16)
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(w, torch.zeros(15))
+        quantize_4bit(w, torch.zeros(15))
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(w, torch.full((16,), 2.0))
+        quantize_4bit(w, torch.full((16,), 2.0))
 
 
 def test_dequantize_blockwise_checks_sizes():
-    packed, absmax = quantize_blockwise(torch.randn(100), nf4_code(), 32)
+    packed, absmax = quantize_4bit(torch.randn(100), nf4_code(), 32)
     with pytest.raises(ValueError, match="packed must hold 50 bytes"):
-        dequantize_blockwise(packed[:-1], absmax, nf4_code(), 32, 100)
+        dequantize_4bit(packed[:-1], absmax, nf4_code(), 32, 100)
     with pytest.raises(ValueError, match="absmax"):
-        dequantize_blockwise(packed, absmax, nf4_code(), 64, 100)
+        dequantize_4bit(packed, absmax, nf4_code(), 64, 100)
     with pytest.raises(TypeError, match="packed"):
-        dequantize_blockwise(packed.int(), absmax, nf4_code(), 32, 100)
+        dequantize_4bit(packed.int(), absmax, nf4_code(), 32, 100)
     with pytest.raises(TypeError, match="absmax"):
-        dequantize_blockwise(packed, absmax.double(), nf4_code(), 32, 100)
+        dequantize_4bit(packed, absmax.double(), nf4_code(), 32, 100)
     with pytest.raises(ValueError, match="numel"):
-        dequantize_blockwise(packed, absmax, nf4_code(), 32, 0)
+        dequantize_4bit(packed, absmax, nf4_code(), 32, 0)
 
 
 def test_signed_zero_codebooks_do_not_share_cached_tables():
@@ -240,8 +240,8 @@ def test_signed_zero_codebooks_do_not_share_cached_tables():
     minus[8] = -0.0
     packed = pack_nibbles(torch.tensor([8, 8], dtype=torch.uint8))
     one = torch.ones(1)
-    assert not torch.signbit(dequantize_blockwise(packed, one, plus, 32, 2)).any()
-    assert torch.signbit(dequantize_blockwise(packed, one, minus, 32, 2)).all()
+    assert not torch.signbit(dequantize_4bit(packed, one, plus, 32, 2)).any()
+    assert torch.signbit(dequantize_4bit(packed, one, minus, 32, 2)).all()
 
 
 @pytest.mark.parametrize("name", ["nf4", "fp4", "int4"])
@@ -260,3 +260,28 @@ def test_roundtrip_equals_nearest_level_by_argmin(name, blocksize):
     full = w.numel() - w.numel() % blocksize  # the trailing block divides instead of multiplying
     torch.testing.assert_close(roundtrip(w, name, blocksize)[:full], expected[:full], rtol=0, atol=0)
     torch.testing.assert_close(roundtrip(w, name, blocksize), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_fast_quantizer_gives_the_readable_references_bytes_on_every_float16_value(name, blocksize):
+    from peftlab.codebooks import quantize_4bit_reference
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    w = every[torch.isfinite(every)]
+    w = w[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))]  # mix small and large per block
+    code = get_code(name)
+    packed, absmax = quantize_4bit(w, code, blocksize)
+    ref_packed, ref_absmax = quantize_4bit_reference(w, code, blocksize)
+    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    scaled = torch.cat([w[:-1].float(), torch.tensor([0.5, -0.25])])  # odd count, partial block
+    assert torch.equal(quantize_4bit(scaled, code, blocksize)[0], quantize_4bit_reference(scaled, code, blocksize)[0])
+
+
+def test_readable_reference_refuses_what_the_fast_path_refuses():
+    from peftlab.codebooks import quantize_4bit_reference
+
+    with pytest.raises(ValueError, match="finite"):
+        quantize_4bit_reference(torch.tensor([1.0, float("nan")]), nf4_code())
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_4bit_reference(torch.ones(8), nf4_code(), 100)

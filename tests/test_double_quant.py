@@ -17,11 +17,11 @@ from peftlab.double_quant import (  # noqa: E402
     LUT_SIZE,
     DoubleQuantState,
     dequantize_absmax,
-    dequantize_blockwise,
+    dequantize_8bit,
     dynamic_map,
     overhead_bits,
     quantize_absmax,
-    quantize_blockwise,
+    quantize_8bit,
     roundtrip_absmax,
 )
 
@@ -60,12 +60,12 @@ def test_dynamic_map_rejects_non_bool() -> None:
 @pytest.mark.parametrize("n", [1, 7, 1000, 3 * 4096 + 5, 8192])
 def test_quantize_blockwise_matches_bitsandbytes(dtype: torch.dtype, blocksize: int, n: int) -> None:
     A = _heavy_tailed(n, dtype, seed=n + blocksize)
-    codes, absmax = quantize_blockwise(A, blocksize)
+    codes, absmax = quantize_8bit(A, blocksize=blocksize)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=blocksize)
     assert codes.dtype == torch.uint8 and codes.shape == A.shape
     assert torch.equal(codes, ref_codes)
     assert torch.equal(absmax, ref_state.absmax)
-    out = dequantize_blockwise(codes, absmax, blocksize, dtype=dtype)
+    out = dequantize_8bit(codes, absmax, blocksize=blocksize, dtype=dtype)
     ref = bnb_F.dequantize_blockwise(ref_codes, ref_state)
     assert out.dtype == dtype and torch.equal(out, ref)
 
@@ -88,7 +88,7 @@ def test_quantize_blockwise_every_bin_edge(tail: bool) -> None:
     body = values.numel() - values.numel() % 255
     blocks = torch.cat([torch.ones(body // 255, 1), values[:body].view(-1, 255)], dim=1).reshape(-1)
     A = torch.cat([blocks, torch.ones(1), values[body:]] if tail else [blocks])
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
@@ -110,7 +110,7 @@ def test_quantize_blockwise_multiplies_by_the_reciprocal(scale: float) -> None:
     values = values[values.abs() < scale]
     body = values.numel() - values.numel() % 255
     A = torch.cat([torch.full((body // 255, 1), -scale), values[:body].view(-1, 255)], dim=1).reshape(-1)
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
@@ -124,7 +124,7 @@ def test_quantize_blockwise_midpoint_on_a_bin_centre() -> None:
     mid = 0.5 * (code[:-1] + code[1:])
     assert torch.isin(mid, centres).any()
     A = torch.cat([torch.ones(1), centres])
-    codes, _ = quantize_blockwise(A, 4096, code=code)
+    codes, _ = quantize_8bit(A, blocksize=4096, code=code)
     ref_codes, _ = bnb_F.quantize_blockwise(A, code=code, blocksize=4096)
     assert torch.equal(codes, ref_codes)
 
@@ -133,7 +133,7 @@ def test_quantize_blockwise_is_not_nearest_code() -> None:
     # bitsandbytes' CPU table puts an exact 0 into code 131 (2.1e-5), not into code 127 (0.0):
     # the reason the package reproduces the table rather than searching for the nearest code.
     A = torch.tensor([1.0, 0.0, -1e-7, 1e-5])
-    codes, _ = quantize_blockwise(A, 32)
+    codes, _ = quantize_8bit(A, blocksize=32)
     ref_codes, _ = bnb_F.quantize_blockwise(A, blocksize=32)
     assert torch.equal(codes, ref_codes)
     nearest = (A[:, None] - dynamic_map()[None, :]).abs().argmin(dim=1)
@@ -142,20 +142,20 @@ def test_quantize_blockwise_is_not_nearest_code() -> None:
 
 def test_quantize_blockwise_zero_block() -> None:
     A = torch.cat([torch.zeros(256), torch.randn(100)])
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
-    out = dequantize_blockwise(codes, absmax, 256)
+    out = dequantize_8bit(codes, absmax, blocksize=256)
     assert torch.isfinite(out).all() and (out[:256] == 0).all()
 
 
 def test_quantize_blockwise_custom_code() -> None:
     code = torch.linspace(-1, 1, 256)
     A = _heavy_tailed(5000, torch.float32, seed=3)
-    codes, absmax = quantize_blockwise(A, 128, code=code)
+    codes, absmax = quantize_8bit(A, blocksize=128, code=code)
     ref_codes, ref_state = bnb_F.quantize_blockwise(A, code=code, blocksize=128)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
-    ours = dequantize_blockwise(codes, absmax, 128, code=code)
+    ours = dequantize_8bit(codes, absmax, blocksize=128, code=code)
     assert torch.equal(ours, bnb_F.dequantize_blockwise(ref_codes, ref_state))
 
 
@@ -297,17 +297,17 @@ def test_bad_blocksize2(blocksize2, error) -> None:
 
 def test_quantize_blockwise_bad_input() -> None:
     with pytest.raises(TypeError, match="A"):
-        quantize_blockwise(torch.arange(10))
+        quantize_8bit(torch.arange(10))
     with pytest.raises(ValueError, match="A"):
-        quantize_blockwise(torch.empty(0))
+        quantize_8bit(torch.empty(0))
     with pytest.raises(ValueError, match="finite"):
-        quantize_blockwise(torch.tensor([1.0, float("nan")]))
+        quantize_8bit(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="blocksize"):
-        quantize_blockwise(torch.rand(10), 100)
+        quantize_8bit(torch.rand(10), blocksize=100)
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(torch.rand(10), 64, code=torch.rand(10))
+        quantize_8bit(torch.rand(10), blocksize=64, code=torch.rand(10))
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(torch.rand(10), 64, code=torch.linspace(1, -1, 256))
+        quantize_8bit(torch.rand(10), blocksize=64, code=torch.linspace(1, -1, 256))
 
 
 def test_state_validation() -> None:
@@ -382,8 +382,8 @@ def test_nf4_bnb_interop_carries_nested_state() -> None:
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_cuda_same_codes_as_cpu(blocksize: int) -> None:
     A = _heavy_tailed(3 * blocksize + 11, torch.float32, seed=blocksize)
-    codes, absmax = quantize_blockwise(A.cuda(), blocksize)
-    ref_codes, ref_absmax = quantize_blockwise(A, blocksize)
+    codes, absmax = quantize_8bit(A.cuda(), blocksize=blocksize)
+    ref_codes, ref_absmax = quantize_8bit(A, blocksize=blocksize)
     assert codes.is_cuda and torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax.cpu(), ref_absmax)
 
 

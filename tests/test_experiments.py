@@ -25,7 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(method="qlora"), "method"),
+        (dict(method="adapter"), "method"),
+        (dict(optimizer="sgd"), "optimizer"),
+        (dict(precision="int8"), "precision"),
+        (dict(kernels="triton"), "kernels"),
+        (dict(max_grad_norm=0), "max_grad_norm"),
+        (dict(dropout=1.0), "dropout"),
         (dict(targets="mlp"), "targets"),
         (dict(r=0), "r must"),
         (dict(r=2.0), "r must"),
@@ -156,12 +161,12 @@ def test_cache_roundtrip_and_adapter(tmp_path):
     second = E.finetune(cfg, tmp_path, progress=False)
     assert not first["cached"] and second["cached"]
     assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in second.items() if k != "cached"}
-    adapter = E.load_adapter(second, tmp_path)
+    adapter = E.load_run_adapter(second, tmp_path)
     assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
     assert not list(tmp_path.glob("*.tmp"))
     full = E.finetune(E.RunConfig(method="full", **TINY), tmp_path, progress=False)
-    with pytest.raises(FileNotFoundError, match="only LoRA runs"):
-        E.load_adapter(full, tmp_path)
+    with pytest.raises(FileNotFoundError, match="only LoRA and QLoRA runs"):
+        E.load_run_adapter(full, tmp_path)
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     with pytest.raises(ValueError, match="cache_dir"):
@@ -261,7 +266,8 @@ def test_run_times_its_training_between_synchronizations_of_its_device(monkeypat
     synced = []
     monkeypatch.setattr(devices, "synchronize", lambda device: synced.append(torch.device(device)))
     row = E.finetune(E.RunConfig(**TINY), progress=False)
-    assert synced == [torch.device("cpu")] * 2 and row["seconds"] > 0  # once before, once after the loop
+    steps = TINY.get("steps", E.RunConfig().steps)
+    assert synced == [torch.device("cpu")] * 2 * steps and row["seconds"] > 0  # before and after each step
 
 
 @pytest.mark.cuda
@@ -298,3 +304,67 @@ def replace_steps(config, steps):
     from dataclasses import replace
 
     return replace(config, steps=steps)
+
+
+# ------------------------------------------------------------------------- the QLoRA chapter's recipe
+
+
+RECIPE = dict(steps=2, eval_every=1, eval_windows=2, batch_size=4, seq_len=32)
+
+
+def test_qlora_recipe_rows_differ_only_in_the_bases_storage(one_thread):
+    rows = {m: E.finetune(E.qlora_recipe(m, **RECIPE), progress=False) for m in ("lora", "qlora")}
+    for row in rows.values():
+        assert [c[0] for c in row["curve"]] == [0, 1, 2]
+        assert row["memory"].lora_weights == 4 * row["trainable"]  # float32 factors
+        assert row["optimizer"] == "paged_adamw" and row["max_grad_norm"] == 0.3 and row["targets"] == "all"
+    # same batches, same adapters: the only difference is the base's storage
+    assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
+    assert rows["qlora"]["memory"].weights < rows["lora"]["memory"].weights
+    assert rows["qlora"]["memory"].quant_constants > 0 == rows["lora"]["memory"].quant_constants
+    with pytest.raises(ValueError, match="method must be one of"):
+        E.qlora_recipe("adapter")
+    with pytest.raises(ValueError, match="steps"):
+        E.qlora_recipe("qlora", steps=0)
+
+
+def test_a_cached_row_gives_back_its_memory_as_a_breakdown(tmp_path, one_thread):
+    from peftlab.memory import Breakdown
+
+    config = E.qlora_recipe("qlora", **RECIPE)
+    first = E.finetune(config, tmp_path, progress=False)
+    second = E.finetune(config, tmp_path, progress=False)
+    assert second["cached"] and isinstance(second["memory"], Breakdown)
+    assert second["memory"] == first["memory"]
+
+
+@pytest.mark.parametrize("device,capability,expected", [("cpu", None, torch.bfloat16),
+                                                        ("cuda", (7, 5), torch.float16),
+                                                        ("cuda", (8, 0), torch.bfloat16)])
+def test_sixteen_bit_runs_compute_in_bf16_only_where_it_is_native(monkeypatch, device, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
+    assert E.sixteen_bit_dtype(device) == expected
+
+
+def test_recipe_runs_on_the_cpu_unless_told_and_times_each_step_between_synchronizations(monkeypatch, one_thread):
+    from peftlab import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
+    synced = []
+    monkeypatch.setattr(devices, "synchronize", lambda device: synced.append(torch.device(device)))
+    row = E.finetune(E.qlora_recipe("qlora", **RECIPE), progress=False)
+    assert row["device"] == "cpu" and row["compute_dtype"] == "bfloat16"
+    assert synced == [torch.device("cpu")] * 4  # before and after each of the 2 timed steps
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_qlora_recipe_with_bnb_kernels_in_the_native_dtype():
+    from peftlab.devices import compute_dtype
+
+    row = E.finetune(E.qlora_recipe("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4),
+                     progress=False)
+    assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")
+    assert row["held_out_loss"] < row["initial_held_out_loss"] and row["seconds_per_step"] > 0

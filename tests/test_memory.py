@@ -216,7 +216,7 @@ def _tiny(method, L, ckpt=False, dtype=torch.float32, dropout=0.0, d=128, f=352,
                                                     ("lora", torch.float32, 0.1)])
 def test_per_block_activations_equal_what_autograd_saves(method, dtype, dropout):
     """One more block must add exactly the estimate's per-block bytes to what autograd saves."""
-    from peftlab.paged import count_saved_bytes
+    from peftlab.memory import count_saved_bytes
 
     saved = []
     for L in (2, 3):

@@ -315,14 +315,14 @@ def test_dequantize_into_out_equals_the_fresh_result_bit_for_bit_and_returns_out
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
 @pytest.mark.parametrize("shape", [(2, 4096), (5000,), (33, 65)])
 def test_dequantize_in_many_small_cpu_steps_equals_one_step_and_bitsandbytes(monkeypatch, shape, blocksize):
-    import peftlab.nf4 as nf4
+    import peftlab.codebooks as codebooks
 
     w = sample(shape, torch.float32, seed=3)
     q = quantize_nf4(w, blocksize, double_quant=True)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1 << 30)
+    monkeypatch.setattr(codebooks, "_CPU_STEP_BYTES", 1 << 30)
     one_step = dequantize_nf4(q)
-    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1)  # rounded up to one block per step
+    monkeypatch.setattr(codebooks, "_CPU_STEP_BYTES", 1)  # rounded up to one block per step
     many_steps = dequantize_nf4(q, out=torch.empty(shape))
     assert torch.equal(many_steps, one_step)
     assert torch.equal(many_steps.reshape(-1), bnb_reference_dequantize(packed, state).reshape(-1))

@@ -13,8 +13,8 @@ from peftlab.paged import (
     PagedTensor,
     PagePool,
     PoolMemoryError,
-    count_saved_bytes,
 )
+from peftlab.memory import count_saved_bytes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHAPES = [(37,), (64, 33), (5, 7, 3), (1000,), (0,)]

@@ -11,7 +11,7 @@ from torch import nn
 
 from peftlab.lora import LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4
-from peftlab.paged import count_saved_bytes
+from peftlab.memory import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, free_workspaces, quantize_model, workspace_nbytes
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -126,14 +126,14 @@ def _forward_backward(layer, x, g):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_outputs_and_gradients_are_identical_with_and_without_workspace_and_small_steps(monkeypatch, shape,
                                                                                          compute_dtype):
-    import peftlab.nf4 as nf4
+    import peftlab.codebooks as codebooks
 
     lin = _linear(*shape)
     fresh = Linear4bit.from_linear(lin, compute_dtype=compute_dtype, workspace=False)
     reused = Linear4bit.from_linear(lin, compute_dtype=compute_dtype)
     x, g = torch.randn(3, 5, shape[1]), torch.randn(3, 5, shape[0])
     expected = _forward_backward(fresh, x, g)
-    monkeypatch.setattr(nf4, "_CPU_STEP_BYTES", 1)  # one block per dequantization step
+    monkeypatch.setattr(codebooks, "_CPU_STEP_BYTES", 1)  # one block per dequantization step
     for _ in range(2):  # the second call reuses the workspace the first one made
         got = _forward_backward(reused, x, g)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
@@ -404,23 +404,6 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
 # ------------------------------------------------------------------------------------------ finetuning
 
 
-def test_finetune_rows_and_bad_input():
-    from peftlab.qlora import finetune
-
-    rows = {m: finetune(m, steps=2, eval_every=1, eval_windows=2, progress=False) for m in ("lora", "qlora")}
-    for row in rows.values():
-        assert [c[0] for c in row["curve"]] == [0, 1, 2]
-        assert row["memory"].lora_weights == 4 * row["trainable"]  # float32 factors
-    # same batches, same adapters: the only difference is the base's storage
-    assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
-    assert rows["qlora"]["memory"].weights < rows["lora"]["memory"].weights
-    assert rows["qlora"]["memory"].quant_constants > 0 == rows["lora"]["memory"].quant_constants
-    with pytest.raises(ValueError, match="full, lora, qlora"):
-        finetune("adapter")
-    with pytest.raises(ValueError, match="steps"):
-        finetune("qlora", steps=0)
-
-
 def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
     from peftlab import devices
     from peftlab import qlora
@@ -431,41 +414,6 @@ def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
     assert layer.compute_dtype == torch.float32 and layer.to("meta").compute_dtype == torch.float32
 
 
-@pytest.mark.parametrize("device,capability,expected", [("cpu", None, torch.bfloat16),
-                                                        ("cuda", (7, 5), torch.float16),
-                                                        ("cuda", (8, 0), torch.bfloat16)])
-def test_finetune_computes_in_bf16_only_where_it_is_native(monkeypatch, device, capability, expected):
-    from peftlab.qlora import finetune_compute_dtype
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
-    assert finetune_compute_dtype(device) == expected
-
-
-def test_finetune_runs_on_the_cpu_unless_told_and_times_between_synchronizations(monkeypatch):
-    from peftlab import devices
-    from peftlab.qlora import finetune
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
-    synced = []
-    monkeypatch.setattr(devices, "synchronize", lambda device: synced.append(torch.device(device)))
-    row = finetune("qlora", steps=2, eval_every=1, eval_windows=2, progress=False)
-    assert row["device"] == "cpu" and row["compute_dtype"] == "bfloat16"
-    assert synced == [torch.device("cpu")] * 4  # before and after each of the 2 timed steps
-
-
 def test_bnb_linear4bit_refuses_non_linear():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         bnb_linear4bit(nn.Conv1d(4, 4, 1))
-
-
-@cuda
-@pytest.mark.cuda
-def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
-    from peftlab.qlora import finetune
-    from peftlab.devices import compute_dtype
-
-    row = finetune("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4, progress=False)
-    assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")
-    assert row["held_out_loss"] < row["initial_held_out_loss"] and row["seconds_per_step"] > 0

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import matplotlib

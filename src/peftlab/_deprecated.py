@@ -76,6 +76,14 @@ def renamed(module: str, names: dict[str, str | Callable[..., Any]]) -> Callable
     return __getattr__
 
 
+def keyword(old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of a renamed keyword argument: the old one's, with a warning, when a caller still passes it."""
+    if old_value is None:
+        return new_value
+    _warn(f"the keyword {old}=", f"{new}=")
+    return old_value
+
+
 def qlora_finetune(method: str, *, progress: bool = True, device: Any = "cpu", lr: float | None = None,
                    dropout: float = 0.1, **settings: Any) -> dict[str, Any]:
     """``peftlab.qlora.finetune(method, ...)``: now ``experiments.finetune(experiments.qlora_recipe(...))``."""
@@ -87,3 +95,21 @@ def qlora_finetune(method: str, *, progress: bool = True, device: Any = "cpu", l
 
 
 qlora_finetune.__module__, qlora_finetune.__name__ = "peftlab.harness.experiments", "finetune(qlora_recipe(...))"
+
+
+def quantize_blockwise_8bit(A: Any, blocksize: int = 256, code: Any = None, *, shift: Any = None) -> Any:
+    """``peftlab.double_quant.quantize_blockwise(A, blocksize, code)``: now ``quantize_8bit(A, code, blocksize)``."""
+    return importlib.import_module("peftlab.double_quant").quantize_8bit(A, code, blocksize, shift=shift)
+
+
+def dequantize_blockwise_8bit(codes: Any, absmax: Any, blocksize: int = 256, code: Any = None, dtype: Any = None) -> Any:
+    """``peftlab.double_quant.dequantize_blockwise(codes, absmax, blocksize, code, dtype)``: now ``dequantize_8bit``
+    with ``code`` before ``blocksize``."""
+    import torch
+
+    module = importlib.import_module("peftlab.double_quant")
+    return module.dequantize_8bit(codes, absmax, code, blocksize, torch.float32 if dtype is None else dtype)
+
+
+for _f, _new in ((quantize_blockwise_8bit, "quantize_8bit"), (dequantize_blockwise_8bit, "dequantize_8bit")):
+    _f.__module__, _f.__name__ = "peftlab.double_quant", _new

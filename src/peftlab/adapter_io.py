@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from peftlab import _deprecated
+
 __all__ = [
     "BLOCKSIZES",
     "FLOAT_DTYPES",
@@ -27,8 +29,9 @@ __all__ = [
     "check_float_tensor",
     "pack_nibbles",
     "unpack_nibbles",
-    "quantize_blockwise",
-    "dequantize_blockwise",
+    "quantize_4bit",
+    "quantize_4bit_reference",
+    "dequantize_4bit",
     "roundtrip",
 ]
 
@@ -139,7 +142,7 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit indices (uint8, < 16) two per byte, the first in the high nibble; an odd count gets a 0.
 
     Note: the order is bitsandbytes' ``(q[0::2] << 4) | q[1::2]``, so our bytes are theirs.
-    :func:`quantize_blockwise` pads an odd count itself, with the index of the value 0.0, as
+    :func:`quantize_4bit` pads an odd count itself, with the index of the value 0.0, as
     bitsandbytes does; the index 0 padded here is only for other callers.
     """
     q = q.reshape(-1)
@@ -210,12 +213,13 @@ def _bucket_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return q
 
 
-def quantize_blockwise(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax quantization of ``w`` (flattened) to the 16 levels ``code``.
 
     Returns ``(packed, absmax)``: uint8 ``[(n + 1) // 2]`` with two indices per byte (see
     :func:`pack_nibbles`) and float32 ``[ceil(n / blocksize)]``, one per block; a trailing partial
-    block gets its own ``absmax``. Byte-identical to bitsandbytes' ``quantize_4bit`` on its CPU path.
+    block gets its own ``absmax``. Byte-identical to bitsandbytes' ``quantize_4bit`` on its CPU path, and
+    to :func:`quantize_4bit_reference`, the readable way, which it replaces by a table.
 
     Note: bitsandbytes scales full blocks by the reciprocal, ``x * (1 / absmax)``, but divides the
     trailing partial block, ``x / absmax``; the two can differ in the last bit, so we do the same.
@@ -233,6 +237,11 @@ def quantize_blockwise(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
     w = check_float_tensor(w, "w")
     code = _check_code(code)
     blocksize = check_blocksize(blocksize)
+    return _quantize_4bit(w, code, blocksize)
+
+
+def _quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_4bit` for arguments already checked (the public functions check them once)."""
     flat = w.reshape(-1).float()  # a copy for bf16/fp16; a view (no copy) for contiguous float32
     n = flat.numel()
     full = n - n % blocksize
@@ -254,6 +263,30 @@ def quantize_blockwise(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
     return pack_nibbles(_bucket_codes(scaled, code.to(w.device))), absmax
 
 
+def quantize_4bit_reference(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax quantization the readable way: :func:`quantize_4bit`'s bytes, without its table.
+
+    Each block is scaled by its absmax into [-1, 1]; each value takes the level whose interval between
+    midpoints holds it (``bucketize``: a value on a midpoint takes the lower level), as bitsandbytes'
+    default ops do. The tests check :func:`quantize_4bit` against this on every float16 value.
+    """
+    w, code, blocksize = check_float_tensor(w, "w"), _check_code(code), check_blocksize(blocksize)
+    flat = w.reshape(-1).float()
+    n, full = flat.numel(), flat.numel() - flat.numel() % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    scaled = (flat[:full].view(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if full < n:  # a trailing partial block: its own absmax, and a division (bitsandbytes' way there)
+        tail_absmax = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax, scaled = torch.cat([absmax, tail_absmax[None]]), torch.cat([scaled, flat[full:] / tail_absmax])
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("w must be finite: it contains NaN or inf values")
+    if n % 2:  # two codes per byte: an odd count is padded with the value 0.0, as bitsandbytes does
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    levels, order = torch.sort(code.to(w.device), stable=True)
+    index = order[torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2)]
+    return pack_nibbles(index.to(torch.uint8)), absmax
+
+
 @lru_cache(maxsize=16)
 def _pair_table(code_key: tuple[int, ...], device: str) -> torch.Tensor:
     """For each byte, the float32 pair (code[high nibble], code[low nibble]), viewed as one int64."""
@@ -263,14 +296,26 @@ def _pair_table(code_key: tuple[int, ...], device: str) -> torch.Tensor:
     return pairs.view(torch.int64).reshape(256).to(device)
 
 
-def dequantize_blockwise(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int
+# Bytes of packed codes per step when dequantizing on a CPU: 128 KiB of codes become 1 MiB of float32
+# values (with 0.5 MiB of indices and 1 MiB of level pairs in between), so a step's passes run in the
+# cores' caches and only the finished values go out to memory. Smaller steps pay Python's per-call cost
+# more often; larger ones spill to memory (measured on 4096 × 4096: 64 KiB to 256 KiB are best, whole-tensor
+# passes are 2–3x slower). A GPU wants one launch per operation instead.
+_CPU_STEP_BYTES = 1 << 17
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The float32 values ``code[index] * absmax[block]`` of the first ``numel`` packed indices (1-D).
+    """The values ``code[index] * absmax[block]`` of the first ``numel`` packed indices, as a 1-D tensor.
+
+    Computed in float32 and written to ``out`` (1-D, ``numel`` values, any float dtype: the product is
+    rounded once into it) or to a new float32 tensor.
 
     Note: one lookup per *byte* in a 256-entry table of level pairs (stored as int64, so the copy
-    moves bits and never touches a float), then one in-place multiply by the block's ``absmax``:
-    the same single float32 product per value as bitsandbytes, hence identical results.
+    moves bits and never touches a float), then one multiply by the block's ``absmax`` that writes the
+    result: the same single float32 product per value as bitsandbytes, hence identical results.
     """
     code = _check_code(code)
     blocksize = check_blocksize(blocksize)
@@ -286,18 +331,55 @@ def dequantize_blockwise(
             f"packed must hold {(numel + 1) // 2} bytes and absmax {blocks} values for numel={numel} and "
             f"blocksize={blocksize}, got {packed.numel()} and {absmax.numel()}"
         )
-    table = _pair_table(_key(code), str(packed.device))
-    values = torch.index_select(table, 0, packed.reshape(-1).to(torch.int32)).view(torch.float32)
-    full = (numel // blocksize) * blocksize
-    values[:full].view(-1, blocksize).mul_(absmax[: numel // blocksize, None])
-    if full < numel:
-        values[full:numel].mul_(absmax[-1])
-    return values[:numel]
+    if out is None:
+        out = torch.empty(numel, device=packed.device)
+    elif not isinstance(out, torch.Tensor) or out.dtype not in FLOAT_DTYPES or out.shape != (numel,):
+        raise ValueError(f"out must be a 1-D float tensor of {numel} values, got {getattr(out, 'shape', out)!r}")
+    _dequantize_4bit_into(packed.reshape(-1), absmax, code, blocksize, numel, out)
+    return out
+
+
+def _dequantize_4bit_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          numel: int, out: torch.Tensor) -> None:
+    """:func:`dequantize_4bit` into the 1-D ``out``, for arguments already checked.
+
+    Note: on a CPU the work runs in cache-sized steps (``_CPU_STEP_BYTES``): each step looks up pairs of
+    levels for 128 KiB of codes, then multiplies them by their blocks' ``absmax`` straight into ``out``
+    (casting there), so ``out`` is written once and never read.
+    """
+    table = _pair_table(_key(code), str(packed.device))  # 256 pairs of levels, as int64
+    full_blocks = numel // blocksize
+    full_bytes = full_blocks * blocksize // 2  # blocksize is even: a whole block is whole bytes
+    step = full_bytes if packed.device.type != "cpu" else max(_CPU_STEP_BYTES, blocksize // 2)
+    step = max(step, 1)
+    index = torch.empty(min(step, packed.numel()), dtype=torch.int32, device=packed.device)
+    pairs = torch.empty(min(step, packed.numel()), dtype=torch.int64, device=packed.device)
+    per_block = blocksize // 2
+    with torch.no_grad():
+        for start in range(0, full_bytes, step):
+            stop = min(start + step, full_bytes)
+            i, p = index[: stop - start], pairs[: stop - start]
+            i.copy_(packed[start:stop])  # index_select wants int32/int64 indices
+            torch.index_select(table, 0, i, out=p)
+            # The multiply writes ``out`` (and casts to its dtype) in the same pass.
+            torch.mul(p.view(torch.float32).view(-1, blocksize),
+                      absmax[start // per_block : stop // per_block, None],
+                      out=out[2 * start : 2 * stop].view(-1, blocksize))
+        if full_bytes * 2 < numel:  # a trailing partial block (and maybe a padding nibble): a few values
+            tail = packed[full_bytes:].to(torch.int32)
+            values = torch.index_select(table, 0, tail).view(torch.float32)[: numel - 2 * full_bytes]
+            torch.mul(values, absmax[-1], out=out[2 * full_bytes :])
 
 
 def roundtrip(w: torch.Tensor, code: torch.Tensor | str, blocksize: int = 64) -> torch.Tensor:
     """``w`` quantized to ``code`` (a tensor or a name from :data:`CODEBOOKS`) and back, same shape and dtype."""
     if isinstance(code, str):
         code = get_code(code)
-    packed, absmax = quantize_blockwise(w, code, blocksize)
-    return dequantize_blockwise(packed, absmax, code, blocksize, w.numel()).to(w.dtype).reshape(w.shape)
+    packed, absmax = quantize_4bit(w, code, blocksize)
+    return dequantize_4bit(packed, absmax, code, blocksize, w.numel()).to(w.dtype).reshape(w.shape)
+
+
+__getattr__ = _deprecated.renamed(__name__, {
+    "quantize_blockwise": "peftlab.codebooks.quantize_4bit",
+    "dequantize_blockwise": "peftlab.codebooks.dequantize_4bit",
+})

@@ -21,15 +21,16 @@ from typing import Literal
 
 import torch
 
-from peftlab.codebooks import BLOCKSIZES, check_blocksize  # the same block sizes as the 4-bit path
+from peftlab import _deprecated
+from peftlab.codebooks import BLOCKSIZES, FLOAT_DTYPES, check_blocksize  # the 4-bit path's sizes
 
 __all__ = [
     "BLOCKSIZES",
     "LUT_SIZE",
     "DoubleQuantState",
     "dynamic_map",
-    "quantize_blockwise",
-    "dequantize_blockwise",
+    "quantize_8bit",
+    "dequantize_8bit",
     "quantize_absmax",
     "dequantize_absmax",
     "roundtrip_absmax",
@@ -142,10 +143,13 @@ def _quantize_rows(
         torch.index_select(lut, 0, i.view(-1), out=codes[start:stop].view(-1))
 
 
-def quantize_blockwise(
-    A: torch.Tensor, blocksize: int = 256, code: torch.Tensor | None = None, *, shift: torch.Tensor | None = None
+def quantize_8bit(
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256, *, shift: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization, byte-identical to bitsandbytes' CPU ``quantize_blockwise``.
+
+    The arguments are in the order of the 4-bit :func:`peftlab.codebooks.quantize_4bit`: the tensor, the
+    code (default: bitsandbytes' signed dynamic map), the block size.
 
     Returns ``(codes, absmax)``: uint8 codes shaped like ``A`` and one float32 ``absmax`` per block
     of ``blocksize`` values of the flattened ``A`` (a trailing partial block gets its own). With
@@ -228,11 +232,11 @@ def _dequantize(
     return out[:n].view(codes.shape)
 
 
-def dequantize_blockwise(
+def dequantize_8bit(
     codes: torch.Tensor,
     absmax: torch.Tensor,
-    blocksize: int = 256,
     code: torch.Tensor | None = None,
+    blocksize: int = 256,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``code[codes] * absmax[block]`` in float32, cast to ``dtype`` (bitsandbytes' CPU path)."""
@@ -312,7 +316,7 @@ def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantS
     """Double-quantize the first-level constants exactly as bitsandbytes' ``compress_statistics=True``.
 
     ``offset = absmax.mean()``; the centred constants ``absmax - offset`` are quantized with
-    :func:`quantize_blockwise` in blocks of ``blocksize2`` with the signed :func:`dynamic_map`.
+    :func:`quantize_8bit` in blocks of ``blocksize2`` with the signed :func:`dynamic_map`.
 
     Note: the constants are all positive and cluster around their mean; centring makes them
     symmetric around 0 so the signed map's 256 levels (half of them negative) are all usable.
@@ -325,7 +329,7 @@ def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantS
     offset = absmax.mean()  # the same reduction as bitsandbytes, so the same float32 rounding
     if not bool(torch.isfinite(offset)):  # any NaN or inf makes the mean non-finite
         raise ValueError("absmax must contain only finite values")
-    codes, absmax2 = quantize_blockwise(absmax, blocksize=blocksize2, shift=offset)
+    codes, absmax2 = quantize_8bit(absmax, blocksize=blocksize2, shift=offset)
     return DoubleQuantState(codes, absmax2, offset, blocksize2)
 
 
@@ -389,3 +393,9 @@ def overhead_bits(blocksize: int = 64, blocksize2: int | None = 256) -> float:
         return 32 / blocksize
     blocksize2 = check_blocksize(blocksize2, "blocksize2")
     return 8 / blocksize + 32 / (blocksize * blocksize2)
+
+
+__getattr__ = _deprecated.renamed(__name__, {
+    "quantize_blockwise": _deprecated.quantize_blockwise_8bit,
+    "dequantize_blockwise": _deprecated.dequantize_blockwise_8bit,
+})

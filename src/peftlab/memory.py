@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,8 +36,10 @@ __all__ = [
     "LLAMA",
     "METHODS",
     "Breakdown",
+    "SavedBytes",
     "LlamaShape",
     "activation_bytes",
+    "count_saved_bytes",
     "estimate",
     "measure_llama",
     "measure_step",
@@ -191,20 +194,21 @@ def _shape(model: Any) -> LlamaShape:
 
 
 def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
-                    dq_blocksize: int = 256) -> tuple[int, int]:
+                    blocksize2: int = 256, *, dq_blocksize: int | None = None) -> tuple[int, int]:
     """(packed 4-bit codes, quantization constants) in bytes for one tensor of ``numel`` elements.
 
     Constants: one float32 absmax per block; with double quantization one uint8 code per block, one
-    float32 absmax per ``dq_blocksize`` blocks and one float32 offset (QLoRA §3).
+    float32 absmax per ``blocksize2`` blocks and one float32 offset (QLoRA §3).
 
     Note: the lookup tables (16 NF4 values, 256 values of the 8-bit map) are shared constants and not
     counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is below a rounding error here.
     """
-    for value, name in ((numel, "numel"), (blocksize, "blocksize"), (dq_blocksize, "dq_blocksize")):
+    blocksize2 = _deprecated.keyword("dq_blocksize", dq_blocksize, "blocksize2", blocksize2)
+    for value, name in ((numel, "numel"), (blocksize, "blocksize"), (blocksize2, "blocksize2")):
         _positive_int(value, name)
     blocks = math.ceil(numel / blocksize)
     if double_quant:
-        constants = blocks + 4 * math.ceil(blocks / dq_blocksize) + 4
+        constants = blocks + 4 * math.ceil(blocks / blocksize2) + 4
     else:
         constants = 4 * blocks
     return (numel + 1) // 2, constants
@@ -280,7 +284,7 @@ def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int
 def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch.bfloat16,
              compute_dtype: torch.dtype | None = None, lora_dtype: torch.dtype | None = None,
              optimizer_bits: int = 32, batch: int = 1, seq: int = 512, gradient_checkpointing: bool = True,
-             blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256,
+             blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256, dq_blocksize: int | None = None,
              lora_dropout: float = 0.0, target_modules: Iterable[str] = LLAMA_LINEARS,
              n_gpus: int = 1, device: str = "cuda") -> Breakdown:
     """Bytes one GPU needs for a training step of ``model`` with ``method``.
@@ -297,7 +301,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
             page as a paged AdamW does (``torch.optim.AdamW`` with ``foreach=True`` briefly needs a
             temporary as large as all its states, which is not counted).
         batch, seq, gradient_checkpointing: the activations (see :func:`activation_bytes`).
-        blocksize, double_quant, dq_blocksize: the 4-bit format (QLoRA: 64, True, 256).
+        blocksize, double_quant, blocksize2: the 4-bit format (QLoRA: 64, True, 256).
         device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's mask differs).
         n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split over the GPUs;
             each GPU also holds one gathered block while it computes. Activations are per GPU.
@@ -306,6 +310,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
     512, checkpointing). Full finetuning keeps 16-bit weights and gradients and no float32 master copy:
     12 bytes per parameter before activations, the count behind the paper's "more than 780 GB" for 65B.
     """
+    blocksize2 = _deprecated.keyword("dq_blocksize", dq_blocksize, "blocksize2", blocksize2)
     shape = _shape(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -336,7 +341,7 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
     else:
         packed = constants = 0
         for out_f, in_f in linears.values():
-            c, q = quantized_bytes(out_f * in_f, blocksize, double_quant, dq_blocksize)
+            c, q = quantized_bytes(out_f * in_f, blocksize, double_quant, blocksize2)
             packed, constants = packed + c, constants + q
         trained, trained_bytes = lora_params, wl
         parts = dict(weights=shape.n_layers * packed + w * shape.other_params,
@@ -565,3 +570,42 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
                          lora_dtype=torch.float32 if method != "full" else None,
                          optimizer_bits=8 * torch.empty((), dtype=dtype).element_size() if method == "full" else 32)
     return measured, estimated
+
+
+# ----------------------------------------------------------------------------------------------- saved tensors
+
+
+class SavedBytes:
+    """What :func:`count_saved_bytes` counted: ``nbytes`` of distinct storages in ``tensors`` saves."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.tensors = 0
+        self._seen: set[int] = set()
+
+
+@contextmanager
+def count_saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
+    """Count the memory autograd keeps for backward inside the block: a step's activations.
+
+    Args:
+        exclude: tensors whose storage is not activation memory, typically ``model.parameters()``
+            (autograd saves weights, or views of them, to compute input gradients).
+
+    Note: a storage saved several times (by several ops, or through views) counts once, with its full size.
+    With gradient checkpointing (``use_reentrant=False``) this counts what is kept across the forward
+    (each checkpointed block's inputs), not what backward recomputes one block at a time.
+    """
+    counter = SavedBytes()
+    counter._seen.update(t.untyped_storage().data_ptr() for t in exclude)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        counter.tensors += 1
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in counter._seen:
+            counter._seen.add(storage.data_ptr())
+            counter.nbytes += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield counter

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from peftlab.codebooks import (  # the two private helpers: the pair table dequantize_blockwise uses
-    _key,
-    _pair_table,
+from peftlab.codebooks import (  # the unchecked cores: quantize_nf4 and dequantize_nf4 check their input
+    FLOAT_DTYPES,
+    _dequantize_4bit_into,
+    _quantize_4bit,
     check_blocksize,
     check_float_tensor,
     get_code,
-    quantize_blockwise,
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: double quantization is optional
@@ -136,21 +136,13 @@ def quantize_nf4(
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    packed, absmax = quantize_blockwise(w, get_code("nf4", w.device), blocksize)
+    packed, absmax = _quantize_4bit(w, get_code("nf4", w.device), blocksize)
     constants: Any = absmax
     if double_quant:
         from peftlab.double_quant import quantize_absmax
 
         constants = quantize_absmax(absmax, blocksize2=blocksize2)
     return NF4Tensor(packed, constants, w.shape, w.dtype, blocksize)
-
-
-# Bytes of packed codes per step when dequantizing on a CPU: 128 KiB of codes become 1 MiB of float32
-# values (with 0.5 MiB of indices and 1 MiB of level pairs in between), so a step's passes run in the
-# cores' caches and only the finished values go out to memory. Smaller steps pay Python's per-call cost
-# more often; larger ones spill to memory (measured on 4096 × 4096: 64 KiB to 256 KiB are best, whole-tensor
-# passes are 2–3x slower). A GPU wants one launch per operation instead.
-_CPU_STEP_BYTES = 1 << 17
 
 
 def _check_out(out: object, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,10 +172,9 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
 
     Note: values are computed in float32 (``code * absmax``) and cast once at the end, as in
     bitsandbytes, so a bfloat16 result is the float32 value rounded to nearest-even.
-    Note: on a CPU the work runs in cache-sized steps (see ``_CPU_STEP_BYTES``): each step looks up
-    pairs of levels for 128 KiB of codes, then multiplies them by their blocks' ``absmax`` straight into
-    ``out`` (casting there), so ``out`` is written once and never read. Double-quantized constants are
-    dequantized once per call, not per step.
+    Note: on a CPU the work runs in cache-sized steps (see :func:`peftlab.codebooks.dequantize_4bit`),
+    writing ``out`` once and never reading it. Double-quantized constants are dequantized once per call,
+    not per step.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
@@ -199,38 +190,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
         from peftlab.double_quant import dequantize_absmax
 
         absmax = dequantize_absmax(absmax)
-    with torch.no_grad():
-        _dequantize_into(q.packed, absmax, q.blocksize, q.numel, out.view(-1))
+    _dequantize_4bit_into(q.packed, absmax, get_code("nf4", q.device), q.blocksize, q.numel, out.view(-1))
     return out
-
-
-def _dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, out: torch.Tensor) -> None:
-    """``out[i] = code[index i] * absmax[i // blocksize]`` for the ``numel`` values of ``packed`` (1-D ``out``).
-
-    Note: the same arithmetic as :func:`peftlab.codebooks.dequantize_blockwise` (one lookup per byte in
-    the 256-entry table of level pairs, one float32 product per value), hence the same bits; only the
-    order of the passes and where they write differ.
-    """
-    table = _pair_table(_key(get_code("nf4")), str(packed.device))  # 256 pairs of levels, as int64
-    full_blocks = numel // blocksize
-    full_bytes = full_blocks * blocksize // 2  # blocksize is even: a whole block is whole bytes
-    step = full_bytes if packed.device.type != "cpu" else max(_CPU_STEP_BYTES, blocksize // 2)
-    step = max(step, 1)
-    index = torch.empty(min(step, packed.numel()), dtype=torch.int32, device=packed.device)
-    pairs = torch.empty(min(step, packed.numel()), dtype=torch.int64, device=packed.device)
-    per_block = blocksize // 2
-    for start in range(0, full_bytes, step):
-        stop = min(start + step, full_bytes)
-        i, p = index[: stop - start], pairs[: stop - start]
-        i.copy_(packed[start:stop])  # index_select wants int32/int64 indices
-        torch.index_select(table, 0, i, out=p)
-        # The multiply writes ``out`` (and casts to its dtype) in the same pass.
-        torch.mul(p.view(torch.float32).view(-1, blocksize), absmax[start // per_block : stop // per_block, None],
-                  out=out[2 * start : 2 * stop].view(-1, blocksize))
-    if full_bytes * 2 < numel:  # a trailing partial block (and maybe a padding nibble): a few values
-        tail = packed[full_bytes:].to(torch.int32)
-        values = torch.index_select(table, 0, tail).view(torch.float32)[: numel - 2 * full_bytes]
-        torch.mul(values, absmax[-1], out=out[2 * full_bytes :])
 
 
 def to_bnb(q: NF4Tensor) -> tuple[torch.Tensor, Any]:

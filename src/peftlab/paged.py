@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from peftlab import _deprecated
+
 __all__ = [
     "DEFAULT_PAGE_BYTES",
     "Event",
@@ -36,8 +38,6 @@ __all__ = [
     "PagedTensor",
     "PoolMemoryError",
     "PoolStats",
-    "SavedBytes",
-    "count_saved_bytes",
 ]
 
 #: Default page size, 2 MiB (a common GPU large-page size). Note: smaller pages evict closer to what a spike
@@ -567,44 +567,14 @@ class PagedAdamW(torch.optim.Optimizer):
                     s[k] = self.pool.from_tensor(s[k])
 
 
-class SavedBytes:
-    """What :func:`count_saved_bytes` counted: ``nbytes`` of distinct storages in ``tensors`` saves."""
-
-    def __init__(self) -> None:
-        self.nbytes = 0
-        self.tensors = 0
-        self._seen: set[int] = set()
-
-
-@contextmanager
-def count_saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
-    """Count the memory autograd keeps for backward inside the block: a step's activations.
-
-    Args:
-        exclude: tensors whose storage is not activation memory, typically ``model.parameters()``
-            (autograd saves weights, or views of them, to compute input gradients).
-
-    Note: a storage saved several times (by several ops, or through views) counts once, with its full size.
-    With gradient checkpointing (``use_reentrant=False``) this counts what is kept across the forward
-    (each checkpointed block's inputs), not what backward recomputes one block at a time.
-    """
-    counter = SavedBytes()
-    counter._seen.update(t.untyped_storage().data_ptr() for t in exclude)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        counter.tensors += 1
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in counter._seen:
-            counter._seen.add(storage.data_ptr())
-            counter.nbytes += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield counter
-
-
 def _default_pool(device: torch.device) -> PagePool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return PagePool(free, device)
     return PagePool(2**62, device)  # effectively unlimited: nothing is paged
+
+
+__getattr__ = _deprecated.renamed(__name__, {
+    "SavedBytes": "peftlab.memory.SavedBytes",
+    "count_saved_bytes": "peftlab.memory.count_saved_bytes",
+})

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from peftlab import _deprecated
 from peftlab.devices import Stopwatch, compute_dtype
 from peftlab.files import atomic_write
 from peftlab.harness import pretrained, textdata
@@ -552,3 +553,6 @@ def synthetic_rank_run(
         err = (torch.linalg.matrix_norm(layer.delta_weight() - delta) / torch.linalg.matrix_norm(delta)).item()
     best = math.sqrt(float((sigma[r:] ** 2).sum() / (sigma**2).sum())) if r < true_rank else 0.0
     return {"r": r, "true_rank": true_rank, "relative_error": err, "best_possible": best, "seed": seed}
+
+
+__getattr__ = _deprecated.renamed(__name__, {"load_adapter": "peftlab.harness.experiments.load_run_adapter"})

@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -110,6 +109,159 @@ def load_pretrained(
     from transformers import LlamaForCausalLM
 
     path = Path(CHECKPOINT if path is None else path)
+    meta_path = path.with_suffix(".json")
+    for p in (path, meta_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint file {p} not found (path={str(path)!r})")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    meta = json.loads(meta_path.read_text())
+    model = LlamaForCausalLM(tiny_llama_config(**meta["config"]))
+    state = load_file(str(path))
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {sorted(expected - set(state))}, "
+            f"unexpected {sorted(set(state) - expected)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def checkpoint_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The JSON record beside a checkpoint: config, command, versions, losses."""
+    meta_path = Path(CHECKPOINT if path is None else path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"checkpoint record {meta_path} not found")
+    return json.loads(meta_path.read_text())
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats per byte (``y`` holds the targets, already shifted)."""
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    max_windows: int | None = None,
+) -> float:
+    """Mean next-byte loss (nats/byte) over non-overlapping windows of ``data``.
+
+    An untrained model scores about ln 256 ≈ 5.55. The model's train/eval mode is restored afterwards.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in textdata.eval_batches(data, batch_size, seq_len, max_windows):
+        total += lm_loss(model, x.to(device), y.to(device)).item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def complete(model: torch.nn.Module, prompt: str, max_new_bytes: int = 80) -> str:
+    """Greedy continuation of ``prompt``, byte by byte (a quick look at what the model learned)."""
+    if not isinstance(max_new_bytes, int) or max_new_bytes < 1:
+        raise ValueError(f"max_new_bytes must be a positive int, got {max_new_bytes!r}")
+    device = next(model.parameters()).device
+    ids = textdata.encode(prompt)[None].to(device)
+    if ids.numel() == 0:
+        raise ValueError("prompt must not be empty")
+    limit = model.config.max_position_embeddings
+    new = []
+    for _ in range(max_new_bytes):
+        logits = model(input_ids=ids[:, -limit:]).logits[0, -1]
+        nxt = int(logits.argmax())
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return textdata.decode(new)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def pretrain(
+    steps: int = PRETRAIN_DEFAULTS["steps"],
+    batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
+    seq_len: int = PRETRAIN_DEFAULTS["seq_len"],
+    lr: float = PRETRAIN_DEFAULTS["lr"],
+    warmup: int = PRETRAIN_DEFAULTS["warmup"],
+    weight_decay: float = PRETRAIN_DEFAULTS["weight_decay"],
+    seed: int = PRETRAIN_DEFAULTS["seed"],
+    eval_every: int = 500,
+    eval_windows: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Pretrain a tiny LLaMA on the help topics with AdamW; returns the model and a record of losses.
+
+    Deterministic for a given seed, thread count and machine: the weights, the batch offsets and
+    nothing else depend on ``seed``.
+
+    Note: AdamW with betas (0.9, 0.95), gradient clipping at 1.0 and weight decay on matrices only,
+    as LLaMA was trained; warm-up then cosine decay (:func:`lr_at`).
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    train = textdata.pretraining_text("train")
+    held = textdata.pretraining_text("held_out")
+    model = build_model(seed, **overrides).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    record: dict[str, Any] = {
+        "untrained_held_out_loss": evaluate_loss(model, held, seq_len, batch_size, eval_windows),
+        "train_loss": [],
+        "held_out_loss": [],
+    }
+    running = 0.0
+    for step in _progress(range(steps), progress, desc="pretrain", total=steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        x, y = textdata.random_batch(train, batch_size, seq_len, gen)
+        loss = lm_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running += loss.item()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            n = (step % eval_every) + 1
+            record["train_loss"].append([step + 1, running / n])
+            record["held_out_loss"].append(
+                [step + 1, evaluate_loss(model, held, seq_len, batch_size, eval_windows)]
+            )
+            running = 0.0
+    record["final_held_out_loss"] = record["held_out_loss"][-1][1]
+    return model.eval(), record
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write ``path`` (safetensors, float32) and ``path.with_suffix('.json')`` atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     atomic_write_all({
         path: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
         path.with_suffix(".json"): lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),
