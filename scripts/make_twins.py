@@ -63,7 +63,7 @@ import sys
 
 REPOSITORY = "{url}"
 if "google.colab" in sys.modules:
-    requirements = [f"peftlab @ git+{{REPOSITORY}}@{branch}", {pins}]
+    requirements = [f"peftlab[book] @ git+{{REPOSITORY}}@{branch}", {pins}]
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *requirements],
                          capture_output=True, text=True)
     if pip.returncode != 0:  # stop here: every later cell would fail less clearly

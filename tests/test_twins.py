@@ -139,7 +139,7 @@ def test_setup_on_colab_pins_the_checked_versions_and_leaves_torch(monkeypatch, 
     (cmd,) = run_setup(monkeypatch, colab=True)
     requirements = (ROOT / "requirements.txt").read_text()
     url, branch = make_twins.repository()
-    assert f"peftlab @ git+{url}@{branch}" in cmd
+    assert f"peftlab[book] @ git+{url}@{branch}" in cmd
     for name in ("bitsandbytes", "peft", "transformers"):
         pin = re.search(rf"^{name}==\S+", requirements, re.M).group(0)
         assert pin in cmd

@@ -14,7 +14,15 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Stopwatch", "compute_dtype", "make_deterministic", "median_seconds", "native_bf16", "synchronize"]
+__all__ = [
+    "Stopwatch",
+    "alternating_medians",
+    "compute_dtype",
+    "make_deterministic",
+    "median_seconds",
+    "native_bf16",
+    "synchronize",
+]
 
 
 def native_bf16(device: str | torch.device | None = None) -> bool:
@@ -97,6 +105,31 @@ def median_seconds(fn: Callable[[], object], device: str | torch.device | None =
             fn()
         times.append(watch.seconds)
     return statistics.median(times)
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int = 5,
+                        device: str | torch.device | None = None, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each of ``fns``, called in turn, round after round, the order reversed every other
+    round, each call timed between synchronizations of ``device``.
+
+    Note: comparing two implementations on a shared machine, alternating spreads a change of load over
+    both instead of charging it to whichever ran at the time; medians resist the outliers that remain.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not fns or not all(callable(fn) for fn in fns.values()):
+        raise TypeError("fns must be a non-empty dict of callables taking no arguments")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+            watch = Stopwatch(device)
+            with watch:
+                fn()
+            times[name].append(watch.seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_deterministic() -> None:
