@@ -1,12 +1,13 @@
 """peftlab: the companion package of the book *Parameter-efficient fine-tuning, executed*.
 
-The science, one idea per module, each explained by one chapter (its docstring names it): :mod:`~peftlab.lora`
-and :mod:`~peftlab.adapter_io` (LoRA, PEFT's files), :mod:`~peftlab.codebooks`, :mod:`~peftlab.nf4` and
-:mod:`~peftlab.double_quant` (4-bit NormalFloat and its constants), :mod:`~peftlab.paged` (the paged
-optimizer), :mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), with
-:mod:`~peftlab.devices` and :mod:`~peftlab.files` beneath them. Above them, the experiment harness
-(:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.book`). Import what you need from the
-module itself, e.g. ``from peftlab.lora import LoRALinear``.
+The science, one idea per module, each explained by one chapter (its docstring names it):
+:mod:`~peftlab.lora` and :mod:`~peftlab.adapter_io` (LoRA, PEFT's files),
+:mod:`~peftlab.codebooks`, :mod:`~peftlab.nf4` and :mod:`~peftlab.double_quant` (4-bit
+NormalFloat and its constants), :mod:`~peftlab.paged` (the paged optimizer),
+:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), with
+:mod:`~peftlab.devices` and :mod:`~peftlab.files` beneath them. Above them, the experiment
+harness (:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.book`).
+Import what you need from the module itself, e.g. ``from peftlab.lora import LoRALinear``.
 """
 
 from peftlab import _deprecated

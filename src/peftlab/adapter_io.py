@@ -2,9 +2,10 @@
 
 Explained in the chapter *LoRA* (book/chapters/lora.md).
 
-A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are
-``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r). An adapter
-saved here loads with ``peft.PeftModel.from_pretrained`` and one saved by PEFT loads here.
+A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``;
+tensor keys are ``base_model.model.<module path>.lora_A.weight`` (r × in) and
+``...lora_B.weight`` (out × r). An adapter saved here loads with
+``peft.PeftModel.from_pretrained`` and one saved by PEFT loads here.
 """
 
 from __future__ import annotations
@@ -37,11 +38,20 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# PEFT features this loader does not implement; an adapter using one is refused, not half-loaded.
+# PEFT features this loader does not implement; an adapter using one is refused, not
+# half-loaded.
 _UNSUPPORTED = {
-    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layers_to_transform": None,
-    "layer_replication": None, "target_parameters": None, "exclude_modules": None,
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "exclude_modules": None,
     "trainable_token_indices": None,
 }
 
@@ -55,25 +65,30 @@ def _keys(name: str) -> tuple[str, str]:
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """Targets that select exactly ``names`` under PEFT's rules: the short names if they do, else a regex.
+    """Targets that select exactly ``names`` under PEFT's rules: the short names if they
+    do, else a regex.
 
-    Note: full names as a list are not exact either ("blk.0" also selects "x.blk.0"); a regex of the
-    escaped full names is (PEFT full-matches a str target).
+    Note: full names as a list are not exact either ("blk.0" also selects "x.blk.0"); a
+    regex of the escaped full names is (PEFT full-matches a str target).
     """
     short = sorted({n.rpartition(".")[2] for n in names})
-    selected = [n for n, m in modules_outside_lora(model) if n and matches_target(n, short)]
+    selected = [
+        n for n, m in modules_outside_lora(model) if n and matches_target(n, short)
+    ]
     if sorted(selected) == sorted(names):
         return short
     return "|".join(re.escape(n) for n in sorted(names))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's LoRA factors and config to ``directory`` in PEFT's format; return the folder.
+    """Write the model's LoRA factors and config to ``directory`` in PEFT's format; return
+    the folder.
 
-    Note: everything is validated and both files are written to temporary names first; then each is moved
-    into place (:func:`peftlab.files.atomic_write_all`). An existing adapter is thus never left with a partly
-    written file (a crash between the two renames can leave a new config beside the old weights; the
-    loader's key and shape checks refuse such a pair).
+    Note: everything is validated and both files are written to temporary names first;
+    then each is moved into place (:func:`peftlab.files.atomic_write_all`). An existing
+    adapter is thus never left with a partly written file (a crash between the two renames
+    can leave a new config beside the old weights; the loader's key and shape checks
+    refuse such a pair).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -82,10 +97,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise ValueError("model has no LoRA layer to save; call add_lora() first")
     settings = {(m.r, m.alpha, m.rslora, _dropout_p(m)) for _, m in layers}
     if len(settings) != 1:
-        raise ValueError(f"all LoRA layers must share r, alpha, rslora and dropout to be saved; found {settings}")
+        raise ValueError(
+            f"all LoRA layers must share r, alpha, rslora and dropout to be saved; found {settings}"
+        )
     merged = [n for n, m in layers if m.merged]
     if merged:
-        raise ValueError(f"LoRA layers {merged[:3]} are merged; unmerge() them before saving")
+        raise ValueError(
+            f"LoRA layers {merged[:3]} are merged; unmerge() them before saving"
+        )
     r, alpha, rslora, dropout = settings.pop()
     names = [n for n, _ in layers]
     tensors = {}
@@ -96,7 +115,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": getattr(
+            getattr(model, "config", None), "_name_or_path", None
+        )
+        or None,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
@@ -111,10 +133,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"directory {str(directory)!r} exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_all({
-        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)),
-    })
+    atomic_write_all(
+        {
+            directory / WEIGHTS_NAME: lambda tmp: save_file(
+                tensors, tmp, metadata={"format": "pt"}
+            ),
+            directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(
+                json.dumps(config, indent=2)
+            ),
+        }
+    )
     return directory
 
 
@@ -130,19 +158,27 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+        raise ValueError(
+            f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}"
+        )
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise ValueError(f"{path} lacks the field {field!r}")
     r, alpha = config["r"], config["lora_alpha"]
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{path}: r must be a positive int, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+    ):
         raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     for field, default in _UNSUPPORTED.items():
         value = config.get(field, default)
         if value != default and not (default is None and value in ({}, [], "")):
-            raise ValueError(f"{path}: {field}={value!r} is not supported here (only {default!r})")
+            raise ValueError(
+                f"{path}: {field}={value!r} is not supported here (only {default!r})"
+            )
     return config
 
 
@@ -156,13 +192,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into ``model`` (in place) and return it.
 
-    A model without LoRA layers is first wrapped per the config (``add_lora`` with its ``target_modules``,
-    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``); an already wrapped one must agree with the
-    config and is filled.
+    A model without LoRA layers is first wrapped per the config (``add_lora`` with its
+    ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``); an
+    already wrapped one must agree with the config and is filled.
 
-    Note: the adapter's keys must be exactly the model's LoRA layers and every shape must fit; otherwise
-    ValueError, and the model is not touched. (PEFT only warns about missing keys and leaves B at zero,
-    which silently gives the base model.)
+    Note: the adapter's keys must be exactly the model's LoRA layers and every shape must
+    fit; otherwise ValueError, and the model is not touched. (PEFT only warns about
+    missing keys and leaves B at zero, which silently gives the base model.)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -183,7 +219,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         scaling = lora_scaling(alpha, r, rslora)
         for name, m in layers:
             if m.merged:
-                raise ValueError(f"LoRA layer {name!r} is merged; unmerge() it before loading an adapter")
+                raise ValueError(
+                    f"LoRA layer {name!r} is merged; unmerge() it before loading an adapter"
+                )
             if m.r != r or not math.isclose(m.scaling, scaling, rel_tol=1e-12):
                 raise ValueError(
                     f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the adapter has r={r}, "
@@ -192,7 +230,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         targets = normalize_targets(config["target_modules"])
         stray = [n for n, _ in layers if not matches_target(n, targets)]
         if stray:
-            raise ValueError(f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}")
+            raise ValueError(
+                f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}"
+            )
         shapes = {n: (m.r, m.in_features, m.out_features) for n, m in layers}
     else:
         names = find_targets(model, config["target_modules"])
@@ -215,9 +255,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+            raise ValueError(
+                f"adapter tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs {shape}"
+            )
         if not tensors[key].is_floating_point():
-            raise ValueError(f"adapter tensor {key!r} has dtype {tensors[key].dtype}, expected a float dtype")
+            raise ValueError(
+                f"adapter tensor {key!r} has dtype {tensors[key].dtype}, expected a float dtype"
+            )
 
     if not layers:
         add_lora(model, config["target_modules"], r, alpha, dropout, rslora)

@@ -1,8 +1,10 @@
-"""Where tensors compute: the 16-bit dtype a device computes natively, reproducible settings, and clocks
+"""Where tensors compute: the 16-bit dtype a device computes natively, reproducible
+settings, and clocks
 that wait for the device.
 
-Used by the 4-bit layer (*QLoRA*, book/chapters/qlora.md), the memory measurements (*Memory savings*,
-book/chapters/memory.md), the experiment harness and every chapter's ``# GPU:`` cell.
+Used by the 4-bit layer (*QLoRA*, book/chapters/qlora.md), the memory measurements
+(*Memory savings*, book/chapters/memory.md), the experiment harness and every chapter's
+``# GPU:`` cell.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ __all__ = [
 
 
 def native_bf16(device: str | torch.device | None = None) -> bool:
-    """True when ``device`` is a CUDA GPU that computes bfloat16 in hardware (compute capability ≥ 8.0).
+    """True when ``device`` is a CUDA GPU that computes bfloat16 in hardware (compute
+    capability ≥ 8.0).
 
-    Note: not ``torch.cuda.is_bf16_supported()``: that also says True on a T4 (sm75, Colab's free GPU),
-    where bfloat16 is emulated — correct, but slower than float16.
+    Note: not ``torch.cuda.is_bf16_supported()``: that also says True on a T4 (sm75,
+    Colab's free GPU), where bfloat16 is emulated — correct, but slower than float16.
     """
     dev = torch.device("cuda" if device is None else device)
     if dev.type != "cuda" or not torch.cuda.is_available():
@@ -39,11 +42,14 @@ def native_bf16(device: str | torch.device | None = None) -> bool:
 
 
 def compute_dtype(device: str | torch.device) -> torch.dtype:
-    """The 16-bit compute dtype for ``device``: bfloat16 on GPUs that compute it natively (sm80+: A100, H100,
-    RTX 30xx/40xx), float16 on older GPUs (T4, V100), float32 on a CPU (faster there than 16-bit, and exact).
+    """The 16-bit compute dtype for ``device``: bfloat16 on GPUs that compute it natively
+    (sm80+: A100, H100,
+    RTX 30xx/40xx), float16 on older GPUs (T4, V100), float32 on a CPU (faster there than
+    16-bit, and exact).
 
-    The one rule the package uses for a default compute dtype (:class:`peftlab.qlora.Linear4bit`,
-    :func:`peftlab.memory.measure_llama`, :func:`peftlab.qlora.finetune` on CUDA).
+    The one rule the package uses for a default compute dtype
+    (:class:`peftlab.qlora.Linear4bit`, :func:`peftlab.memory.measure_llama`,
+    :func:`peftlab.qlora.finetune` on CUDA).
     """
     dev = torch.device(device)
     if dev.type != "cuda":
@@ -52,10 +58,11 @@ def compute_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def synchronize(device: str | torch.device | None) -> None:
-    """Wait until the work queued on ``device`` is done (CUDA); nothing to wait for on a CPU.
+    """Wait until the work queued on ``device`` is done (CUDA); nothing to wait for on a
+    CPU.
 
-    Call it before reading a clock: CUDA kernels run asynchronously, so without it a timer measures their
-    launch, not their work.
+    Call it before reading a clock: CUDA kernels run asynchronously, so without it a timer
+    measures their launch, not their work.
     """
     if device is None:
         return
@@ -65,7 +72,8 @@ def synchronize(device: str | torch.device | None) -> None:
 
 
 class Stopwatch:
-    """Accumulated seconds of the blocks run inside ``with watch:``, synchronizing ``device`` at both ends.
+    """Accumulated seconds of the blocks run inside ``with watch:``, synchronizing
+    ``device`` at both ends.
 
     >>> watch = Stopwatch("cpu")
     >>> with watch:
@@ -85,14 +93,21 @@ class Stopwatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        synchronize(self.device)  # the block's kernels have finished, not only been launched
+        synchronize(
+            self.device
+        )  # the block's kernels have finished, not only been launched
         self.seconds += time.perf_counter() - self._start
         self._start = None
 
 
-def median_seconds(fn: Callable[[], object], device: str | torch.device | None = None, repeats: int = 20,
-                   warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, each timed between two
+def median_seconds(
+    fn: Callable[[], object],
+    device: str | torch.device | None = None,
+    repeats: int = 20,
+    warmup: int = 1,
+) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, each
+    timed between two
     synchronizations of ``device`` (see :class:`Stopwatch`)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
@@ -107,13 +122,19 @@ def median_seconds(fn: Callable[[], object], device: str | torch.device | None =
     return statistics.median(times)
 
 
-def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int = 5,
-                        device: str | torch.device | None = None, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each of ``fns``, called in turn, round after round, the order reversed every other
+def alternating_medians(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    device: str | torch.device | None = None,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds of each of ``fns``, called in turn, round after round, the order
+    reversed every other
     round, each call timed between synchronizations of ``device``.
 
-    Note: comparing two implementations on a shared machine, alternating spreads a change of load over
-    both instead of charging it to whichever ran at the time; medians resist the outliers that remain.
+    Note: comparing two implementations on a shared machine, alternating spreads a change
+    of load over both instead of charging it to whichever ran at the time; medians resist
+    the outliers that remain.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
@@ -124,7 +145,7 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int = 5,
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
-        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
+        for name, fn in list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]:
             watch = Stopwatch(device)
             with watch:
                 fn()
@@ -133,12 +154,14 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int = 5,
 
 
 def make_deterministic() -> None:
-    """Ask torch (and cuBLAS, cuDNN on a GPU) for deterministic kernels, as far as they have them.
+    """Ask torch (and cuBLAS, cuDNN on a GPU) for deterministic kernels, as far as they
+    have them.
 
-    Note: ``CUBLAS_WORKSPACE_CONFIG`` is read when CUDA creates its cuBLAS handle, so it is set here, in
-    the first cell, before anything touches the GPU (a value the reader set is kept). What stays not
-    bit-reproducible on a GPU: bitsandbytes' kernels, and ops that accumulate with atomics (e.g. index_add,
-    scatter_add, some backward passes), which torch then warns about instead of failing.
+    Note: ``CUBLAS_WORKSPACE_CONFIG`` is read when CUDA creates its cuBLAS handle, so it
+    is set here, in the first cell, before anything touches the GPU (a value the reader
+    set is kept). What stays not bit-reproducible on a GPU: bitsandbytes' kernels, and ops
+    that accumulate with atomics (e.g. index_add, scatter_add, some backward passes),
+    which torch then warns about instead of failing.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True

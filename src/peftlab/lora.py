@@ -1,11 +1,13 @@
-"""LoRA: a frozen linear layer plus a trainable low-rank update, its gradients and merging.
+"""LoRA: a frozen linear layer plus a trainable low-rank update, its gradients and
+merging.
 
 Explained in the chapter *LoRA* (book/chapters/lora.md).
 
-The layer computes ``y = W0 x + scaling · B A x`` (Hu et al. 2021, §4.1) with ``lora_A`` (r × in_features)
-and ``lora_B`` (out_features × r); ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
-(Kalajdzievski 2023). Parameter names, initialisation, forward and merge follow Hugging Face PEFT, so that
-adapters cross between the two (see :mod:`peftlab.adapter_io`).
+The layer computes ``y = W0 x + scaling · B A x`` (Hu et al. 2021, §4.1) with ``lora_A``
+(r × in_features) and ``lora_B`` (out_features × r); ``scaling`` is ``alpha / r``, or
+``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023). Parameter names, initialisation,
+forward and merge follow Hugging Face PEFT, so that adapters cross between the two (see
+:mod:`peftlab.adapter_io`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ __all__ = [
     "merge_lora",
 ]
 
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The seven linear layers of a LLaMA block (attention, then MLP): QLoRA's "all linear layers", never ``lm_head``."""
+LLAMA_LINEARS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""The seven linear layers of a LLaMA block (attention, then MLP): QLoRA's "all linear
+layers", never ``lm_head``."""
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` or a module whose class declares ``peftlab_linear = True`` (e.g. 4-bit)."""
+    """True for an ``nn.Linear`` or a module whose class declares ``peftlab_linear =
+    True`` (e.g. 4-bit)."""
     return isinstance(module, nn.Linear) or (
         getattr(type(module), "peftlab_linear", False) is True
         and hasattr(module, "in_features")
@@ -43,17 +55,23 @@ def is_linear_like(module: nn.Module) -> bool:
     )
 
 
-def _check_hyperparameters(r: object, alpha: object, dropout: object, rslora: object) -> None:
+def _check_hyperparameters(
+    r: object, alpha: object, dropout: object, rslora: object
+) -> None:
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be a positive int, got {type(r).__name__} {r!r}")
     if r <= 0:
         raise ValueError(f"r must be a positive int, got {r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a finite real number, got {type(alpha).__name__} {alpha!r}")
+        raise TypeError(
+            f"alpha must be a finite real number, got {type(alpha).__name__} {alpha!r}"
+        )
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite real number, got {alpha}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+        raise TypeError(
+            f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout}")
     if not isinstance(rslora, bool):
@@ -61,7 +79,8 @@ def _check_hyperparameters(r: object, alpha: object, dropout: object, rslora: ob
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
-    """The factor on ``B A``: LoRA's ``alpha / r`` (Hu et al. 2021, §4.1), or rsLoRA's ``alpha / sqrt(r)``
+    """The factor on ``B A``: LoRA's ``alpha / r`` (Hu et al. 2021, §4.1), or rsLoRA's
+    ``alpha / sqrt(r)``
     (Kalajdzievski 2023), which keeps the update's size from shrinking as ``r`` grows."""
     return alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -74,15 +93,18 @@ class LoRAFunction(torch.autograd.Function):
     ``g_A = s · Bᵀ g_ΔW``. Both are evaluated right to left, ``g_B = s · g_yᵀ (x Aᵀ)`` and
     ``g_A = s · (g_y B)ᵀ x``, which is the same product by associativity.
 
-    Note: ``g_ΔW`` itself is never formed: it is out_features × in_features, the full-size gradient
-    LoRA exists to avoid. Every intermediate here has r columns.
+    Note: ``g_ΔW`` itself is never formed: it is out_features × in_features, the full-size
+    gradient LoRA exists to avoid. Every intermediate here has r columns.
 
-    Note: the scaling is applied to the (tokens × r) intermediates, never to a (tokens × out_features)
-    tensor, which is cheaper than scaling the output as PEFT does; results agree to rounding.
+    Note: the scaling is applied to the (tokens × r) intermediates, never to a (tokens ×
+    out_features) tensor, which is cheaper than scaling the output as PEFT does; results
+    agree to rounding.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         u = (x2 @ lora_A.t()) * scaling  # tokens × r, already scaled
         ctx.save_for_backward(x2, lora_A, lora_B, u)
@@ -109,40 +131,57 @@ class LoRAFunction(torch.autograd.Function):
 def _factor_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where LoRA's factors live and in which dtype, for a base layer.
 
-    The device is the base weight's: an ``nn.Linear``'s tensor, or a packed weight that is not a
-    ``torch.Tensor`` but has a ``.device`` (:class:`peftlab.nf4.NF4Tensor`); ``meta`` included (a base
-    without ``weight``: its first parameter or buffer). The dtype
-    is the weight's when it is float32 or float64, else float32 (16-bit and packed bases: PEFT's
-    ``autocast_adapter_dtype``), whatever the 4-bit layer's compute dtype.
+    The device is the base weight's: an ``nn.Linear``'s tensor, or a packed weight that is
+    not a ``torch.Tensor`` but has a ``.device`` (:class:`peftlab.nf4.NF4Tensor`);
+    ``meta`` included (a base without ``weight``: its first parameter or buffer). The
+    dtype is the weight's when it is float32 or float64, else float32 (16-bit and packed
+    bases: PEFT's ``autocast_adapter_dtype``), whatever the 4-bit layer's compute dtype.
     """
     weight = getattr(base, "weight", None)
     device = getattr(weight, "device", None)
-    if not isinstance(device, torch.device):  # no weight attribute: the module's first tensor, else the CPU
+    if not isinstance(
+        device, torch.device
+    ):  # no weight attribute: the module's first tensor, else the CPU
         first = next(iter([*base.parameters(), *base.buffers()]), None)
         device = first.device if first is not None else torch.device("cpu")
-    if isinstance(weight, torch.Tensor) and weight.dtype in (torch.float32, torch.float64):
+    if isinstance(weight, torch.Tensor) and weight.dtype in (
+        torch.float32,
+        torch.float64,
+    ):
         return device, weight.dtype
     return device, torch.float32
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer ``base`` plus the trainable update ``scaling · lora_B @ lora_A``.
+    """A frozen linear layer ``base`` plus the trainable update ``scaling · lora_B @
+    lora_A``.
 
-    ``base`` is an ``nn.Linear`` or a module whose class sets ``peftlab_linear = True`` (the 4-bit layer of
-    the QLoRA chapter). ``lora_A`` starts Kaiming-uniform (a=√5) and ``lora_B`` at zero, as in PEFT and
-    loralib, so the wrapped layer first computes exactly what ``base`` computes.
+    ``base`` is an ``nn.Linear`` or a module whose class sets ``peftlab_linear = True``
+    (the 4-bit layer of the QLoRA chapter). ``lora_A`` starts Kaiming-uniform (a=√5) and
+    ``lora_B`` at zero, as in PEFT and loralib, so the wrapped layer first computes
+    exactly what ``base`` computes.
 
-    Note: the factors are float32 when the base weight is float16/bfloat16 or packed (PEFT's
-    ``autocast_adapter_dtype``): small updates to low-precision factors would round away. The LoRA path
-    runs in the factors' dtype; the output is cast back to the input's dtype.
+    Note: the factors are float32 when the base weight is float16/bfloat16 or packed
+    (PEFT's ``autocast_adapter_dtype``): small updates to low-precision factors would
+    round away. The LoRA path runs in the factors' dtype; the output is cast back to the
+    input's dtype.
 
-    Note: the factors are created on the base weight's device (CUDA, CPU or ``meta``), also for a 4-bit base;
-    ``lora_A`` is drawn from the CPU generator and then moved, so a seed gives the same ``lora_A`` on any device.
+    Note: the factors are created on the base weight's device (CUDA, CPU or ``meta``),
+    also for a 4-bit base; ``lora_A`` is drawn from the CPU generator and then moved, so a
+    seed gives the same ``lora_A`` on any device.
 
-    Note: merging is explicit (``merge()`` / ``unmerge()``), never a side effect of ``eval()``.
+    Note: merging is explicit (``merge()`` / ``unmerge()``), never a side effect of
+    ``eval()``.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(
@@ -155,15 +194,19 @@ class LoRALinear(nn.Module):
         self.r = r
         self.alpha = alpha
         self.rslora = rslora
-        # Note: rsLoRA's alpha/sqrt(r) keeps the update's size independent of r (Kalajdzievski 2023).
+        # Note: rsLoRA's alpha/sqrt(r) keeps the update's size independent of r
+        # (Kalajdzievski 2023).
         self.scaling = lora_scaling(alpha, r, rslora)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         device, dtype = _factor_device_dtype(base)
-        # A is drawn on the CPU (the CPU generator) and then moved, so a seed gives the same A on every device.
+        # A is drawn on the CPU (the CPU generator) and then moved, so a seed gives the
+        # same A on every device.
         lora_A = torch.empty(r, self.in_features, dtype=dtype)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A = nn.Parameter(lora_A.to(device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=dtype, device=device)
+        )
         self.merged = False
 
     @property
@@ -191,21 +234,29 @@ class LoRALinear(nn.Module):
     def _merge_base_weight(self, sign: float, action: str) -> None:
         if not isinstance(self.base, nn.Linear):
             raise ValueError(
-                f"cannot {action} into a {type(self.base).__name__} base: dequantize it to an nn.Linear first"
+                f"cannot {action} into a {type(self.base).__name__} base: "
+                "dequantize it to an nn.Linear first"
             )
         weight = self.base.weight
         with torch.no_grad():
             dtype = torch.promote_types(weight.dtype, torch.float32)
-            new = (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(weight.dtype)
+            new = (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(
+                weight.dtype
+            )
             if not torch.isfinite(new).all():
-                raise ValueError(f"{action} would put non-finite values into the base weight; left unchanged")
+                raise ValueError(
+                    f"{action} would put non-finite values into the base weight; "
+                    "left unchanged"
+                )
             weight.copy_(new)
 
     def merge(self) -> None:
-        """Add ``scaling · B A`` into the base weight, so that forward is one plain linear layer.
+        """Add ``scaling · B A`` into the base weight, so that forward is one plain linear
+        layer.
 
-        Note: the sum is formed in float32 (float64 for float64 weights) and checked for non-finite values
-        before anything is written. ``unmerge()`` restores W0 to within one rounding of the merged weight.
+        Note: the sum is formed in float32 (float64 for float64 weights) and checked for
+        non-finite values before anything is written. ``unmerge()`` restores W0 to within
+        one rounding of the merged weight.
         """
         if self.merged:
             raise ValueError("this LoRALinear is already merged; call unmerge() first")
@@ -213,7 +264,8 @@ class LoRALinear(nn.Module):
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract ``scaling · B A`` from the base weight again (the inverse of ``merge()``)."""
+        """Subtract ``scaling · B A`` from the base weight again (the inverse of
+        ``merge()``)."""
         if not self.merged:
             raise ValueError("this LoRALinear is not merged; nothing to unmerge")
         self._merge_base_weight(-1.0, "unmerge")
@@ -229,7 +281,9 @@ def normalize_targets(target_modules: object) -> str | list[str]:
             raise ValueError("target_modules must not be empty")
         return target_modules
     if not isinstance(target_modules, Iterable):
-        raise TypeError(f"target_modules must be a str or a list of str, got {type(target_modules).__name__}")
+        raise TypeError(
+            f"target_modules must be a str or a list of str, got {type(target_modules).__name__}"
+        )
     targets = list(target_modules)
     if not targets:
         raise ValueError("target_modules must not be empty")
@@ -241,15 +295,16 @@ def normalize_targets(target_modules: object) -> str | list[str]:
 
 def matches_target(name: str, targets: str | list[str]) -> bool:
     """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
-    # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole name;
-    # a list matches a name equal to an entry or ending in "." + entry.
+    # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole
+    # name; a list matches a name equal to an entry or ending in "." + entry.
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def modules_outside_lora(model: nn.Module):
-    """(name, module) pairs, not descending into LoRALinear layers (their ``base`` is not a target)."""
+    """(name, module) pairs, not descending into LoRALinear layers (their ``base`` is not
+    a target)."""
     stack = [("", model)]
     while stack:
         name, module = stack.pop()
@@ -261,7 +316,8 @@ def modules_outside_lora(model: nn.Module):
 
 
 def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
-    """Qualified names of the linear layers of ``model`` that ``target_modules`` selects (PEFT's matching).
+    """Qualified names of the linear layers of ``model`` that ``target_modules`` selects
+    (PEFT's matching).
 
     Raises ValueError when nothing matches, or a match is not linear or already has LoRA.
     """
@@ -273,7 +329,9 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[
         if not name or not matches_target(name, targets):
             continue
         if isinstance(module, LoRALinear):
-            raise ValueError(f"module {name!r} already has LoRA; merge_lora() or use a fresh model")
+            raise ValueError(
+                f"module {name!r} already has LoRA; merge_lora() or use a fresh model"
+            )
         if not is_linear_like(module):
             raise TypeError(
                 f"target_modules selects {name!r}, a {type(module).__name__}; only nn.Linear "
@@ -299,30 +357,36 @@ def add_lora(
     dropout: float = 0.0,
     rslora: bool = False,
 ) -> nn.Module:
-    """Wrap every targeted linear layer in a :class:`LoRALinear` and freeze everything else (in place).
+    """Wrap every targeted linear layer in a :class:`LoRALinear` and freeze everything
+    else (in place).
 
-    ``target_modules``: a list of names, each matching a module whose qualified name equals it or ends with
-    ``"." + name``; or one str, a regex that must match the whole qualified name (PEFT's rules).
-    Returns ``model``.
+    ``target_modules``: a list of names, each matching a module whose qualified name
+    equals it or ends with ``"." + name``; or one str, a regex that must match the whole
+    qualified name (PEFT's rules). Returns ``model``.
     """
     _check_hyperparameters(r, alpha, dropout, rslora)
     names = find_targets(model, target_modules)
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
+        _set_submodule(
+            model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora)
+        )
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` holding ``W0 + scaling · B A`` (in place).
+    """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` holding ``W0 + scaling ·
+    B A`` (in place).
 
     Returns ``model`` (or the new ``nn.Linear`` if ``model`` itself is a LoRALinear).
-    Note: the new weight is computed before anything is replaced; a non-finite result raises ValueError.
+    Note: the new weight is computed before anything is replaced; a non-finite result
+    raises ValueError.
     """
     if isinstance(model, LoRALinear):
         return _merged_linear(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    merged = [(n, _merged_linear(m)) for n, m in layers]  # all checks before the first replacement
+    # all checks before the first replacement
+    merged = [(n, _merged_linear(m)) for n, m in layers]
     for name, linear in merged:
         _set_submodule(model, name, linear)
     return model
@@ -335,17 +399,24 @@ def _merged_linear(layer: LoRALinear) -> nn.Linear:
         )
     base = layer.base
     linear = nn.Linear(
-        layer.in_features, layer.out_features, bias=base.bias is not None,
-        device=base.weight.device, dtype=base.weight.dtype,
+        layer.in_features,
+        layer.out_features,
+        bias=base.bias is not None,
+        device=base.weight.device,
+        dtype=base.weight.dtype,
     )
     with torch.no_grad():
         if layer.merged:
             weight = base.weight.detach().clone()
         else:
             dtype = torch.promote_types(base.weight.dtype, torch.float32)
-            weight = (base.weight.to(dtype) + layer.delta_weight().to(dtype)).to(base.weight.dtype)
+            weight = (base.weight.to(dtype) + layer.delta_weight().to(dtype)).to(
+                base.weight.dtype
+            )
         if not torch.isfinite(weight).all():
-            raise ValueError("merging would put non-finite values into the weight; model left unchanged")
+            raise ValueError(
+                "merging would put non-finite values into the weight; model left unchanged"
+            )
         linear.weight.copy_(weight)
         if base.bias is not None:
             linear.bias.copy_(base.bias)
@@ -354,7 +425,8 @@ def _merged_linear(layer: LoRALinear) -> nn.Linear:
 
 
 class ParameterCount(NamedTuple):
-    """Trainable and total parameters of a model (4-bit layers counted by their logical size)."""
+    """Trainable and total parameters of a model (4-bit layers counted by their logical
+    size)."""
 
     trainable: int
     total: int
@@ -370,9 +442,9 @@ class ParameterCount(NamedTuple):
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable vs total parameters, each shared parameter once.
 
-    Note: a module that keeps frozen weights packed (e.g. two 4-bit values per byte) defines
-    ``extra_parameter_count() -> int``, the logical parameters it holds outside nn.Parameters; they are
-    added to ``total``.
+    Note: a module that keeps frozen weights packed (e.g. two 4-bit values per byte)
+    defines ``extra_parameter_count() -> int``, the logical parameters it holds outside
+    nn.Parameters; they are added to ``total``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

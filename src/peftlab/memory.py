@@ -1,15 +1,18 @@
-"""How much memory finetuning needs: an estimate per component, and a measurement of one real step.
+"""How much memory finetuning needs: an estimate per component, and a measurement of one
+real step.
 
 Explained in the chapter *Memory savings* (book/chapters/memory.md).
 
-:func:`estimate` adds up, in bytes, what one GPU holds during a training step of a LLaMA-shaped model —
-weights, quantization constants, LoRA weights, gradients, optimizer states, activations — for full
-finetuning, 16-bit LoRA and QLoRA. :func:`measure_step` measures the same components for a real step:
-``torch.cuda.max_memory_allocated`` on CUDA; on a CPU, the exact bytes of live tensors, tracked op by op.
+:func:`estimate` adds up, in bytes, what one GPU holds during a training step of a
+LLaMA-shaped model — weights, quantization constants, LoRA weights, gradients, optimizer
+states, activations — for full finetuning, 16-bit LoRA and QLoRA. :func:`measure_step`
+measures the same components for a real step: ``torch.cuda.max_memory_allocated`` on CUDA;
+on a CPU, the exact bytes of live tensors, tracked op by op.
 
-Note: the activation count is for Hugging Face's ``LlamaForCausalLM`` with SDPA attention (no
-sequence × sequence matrix is kept) and its ``labels=`` loss, which casts the logits to float32. It was
-derived by listing the tensors autograd saves in that code and is checked against :func:`measure_step`.
+Note: the activation count is for Hugging Face's ``LlamaForCausalLM`` with SDPA attention
+(no sequence × sequence matrix is kept) and its ``labels=`` loss, which casts the logits
+to float32. It was derived by listing the tensors autograd saves in that code and is
+checked against :func:`measure_step`.
 """
 
 from __future__ import annotations
@@ -47,22 +50,35 @@ __all__ = [
 ]
 
 METHODS = ("full", "lora", "qlora")
-COMPONENTS = ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_states", "activations")
+COMPONENTS = (
+    "weights",
+    "quant_constants",
+    "lora_weights",
+    "gradients",
+    "optimizer_states",
+    "activations",
+)
 
 GiB = 1024**3
 GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
-"""Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000, A100/H100 80GB) has
+"""Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000,
+A100/H100 80GB) has
 24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no estimate here counts."""
 
-__getattr__ = _deprecated.renamed(__name__, {
-    "LINEAR_NAMES": "peftlab.lora.LLAMA_LINEARS",
-    "PAGE_BYTES": "peftlab.paged.DEFAULT_PAGE_BYTES",
-})
+__getattr__ = _deprecated.renamed(
+    __name__,
+    {
+        "LINEAR_NAMES": "peftlab.lora.LLAMA_LINEARS",
+        "PAGE_BYTES": "peftlab.paged.DEFAULT_PAGE_BYTES",
+    },
+)
 
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be a positive int, got {type(value).__name__} {value!r}"
+        )
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
@@ -70,7 +86,8 @@ def _positive_int(value: Any, name: str) -> int:
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """The shape of a LLaMA-architecture model: all a memory estimate needs to know about it."""
+    """The shape of a LLaMA-architecture model: all a memory estimate needs to know about
+    it."""
 
     name: str
     d_model: int
@@ -87,19 +104,29 @@ class LlamaShape:
         if self.n_kv_heads is not None:
             _positive_int(self.n_kv_heads, "n_kv_heads")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
 
     @property
     def kv_dim(self) -> int:
-        """Width of the key and value projections (d_model unless grouped-query attention)."""
+        """Width of the key and value projections (d_model unless grouped-query
+        attention)."""
         heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         return heads * (self.d_model // self.n_heads)
 
     def block_linears(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of the seven linear layers of one block."""
         d, f, kv = self.d_model, self.ffn, self.kv_dim
-        return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
-                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        return {
+            "q_proj": (d, d),
+            "k_proj": (kv, d),
+            "v_proj": (kv, d),
+            "o_proj": (d, d),
+            "gate_proj": (f, d),
+            "up_proj": (f, d),
+            "down_proj": (d, f),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -107,7 +134,8 @@ class LlamaShape:
         return self.n_layers * sum(o * i for o, i in self.block_linears().values())
 
     def lora_params(self, r: int, targets: Iterable[str] = LLAMA_LINEARS) -> int:
-        """LoRA parameters with rank ``r`` on ``targets`` of every block: r × (in + out) per matrix."""
+        """LoRA parameters with rank ``r`` on ``targets`` of every block: r × (in + out)
+        per matrix."""
         linears = self.block_linears()
         return self.n_layers * sum(r * (linears[t][0] + linears[t][1]) for t in targets)
 
@@ -174,7 +202,8 @@ class Breakdown:
         return "\n".join([*rows, f"{'total':>17}: {self.total / 1e9:10.3f} GB"])
 
 
-# ----------------------------------------------------------------------------------------------- estimate
+# -----------------------------------------------------------------------------------
+# estimate
 
 
 def _dtype_bytes(dtype: Any, name: str) -> int:
@@ -188,23 +217,39 @@ def _shape(model: Any) -> LlamaShape:
         return model
     if isinstance(model, str):
         if model not in LLAMA:
-            raise ValueError(f"unknown model {model!r}; known: {', '.join(LLAMA)} (or pass a config)")
+            raise ValueError(
+                f"unknown model {model!r}; known: {', '.join(LLAMA)} (or pass a config)"
+            )
         return LLAMA[model]
     return LlamaShape.from_config(model)
 
 
-def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
-                    blocksize2: int = 256, *, dq_blocksize: int | None = None) -> tuple[int, int]:
-    """(packed 4-bit codes, quantization constants) in bytes for one tensor of ``numel`` elements.
+def quantized_bytes(
+    numel: int,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    blocksize2: int = 256,
+    *,
+    dq_blocksize: int | None = None,
+) -> tuple[int, int]:
+    """(packed 4-bit codes, quantization constants) in bytes for one tensor of ``numel``
+    elements.
 
-    Constants: one float32 absmax per block; with double quantization one uint8 code per block, one
-    float32 absmax per ``blocksize2`` blocks and one float32 offset (QLoRA §3).
+    Constants: one float32 absmax per block; with double quantization one uint8 code per
+    block, one float32 absmax per ``blocksize2`` blocks and one float32 offset (QLoRA §3).
 
-    Note: the lookup tables (16 NF4 values, 256 values of the 8-bit map) are shared constants and not
-    counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is below a rounding error here.
+    Note: the lookup tables (16 NF4 values, 256 values of the 8-bit map) are shared
+    constants and not counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is
+    below a rounding error here.
     """
-    blocksize2 = _deprecated.keyword("dq_blocksize", dq_blocksize, "blocksize2", blocksize2)
-    for value, name in ((numel, "numel"), (blocksize, "blocksize"), (blocksize2, "blocksize2")):
+    blocksize2 = _deprecated.keyword(
+        "dq_blocksize", dq_blocksize, "blocksize2", blocksize2
+    )
+    for value, name in (
+        (numel, "numel"),
+        (blocksize, "blocksize"),
+        (blocksize2, "blocksize2"),
+    ):
         _positive_int(value, name)
     blocks = math.ceil(numel / blocksize)
     if double_quant:
@@ -214,28 +259,39 @@ def quantized_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
     return (numel + 1) // 2, constants
 
 
-def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int = 512,
-                     gradient_checkpointing: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                     lora_dtype: torch.dtype | None = None, r: int = 64, lora_dropout: float = 0.0,
-                     device: str = "cuda") -> int:
+def activation_bytes(
+    shape: LlamaShape,
+    method: str,
+    *,
+    batch: int = 1,
+    seq: int = 512,
+    gradient_checkpointing: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    lora_dtype: torch.dtype | None = None,
+    r: int = 64,
+    lora_dropout: float = 0.0,
+    device: str = "cuda",
+) -> int:
     """Peak bytes of activations (and other step temporaries) of one training step.
 
-    Per token and block, autograd keeps (``p`` bytes per compute element, ``d`` model width, ``f`` FFN
-    width, ``h`` heads): per RMSNorm its float32 input, its normalized output and ``1/rms``; queries, keys
-    (after RoPE), values and the attention output, plus SDPA's float32 log-sum-exp per head; the four
-    ``f``-wide tensors of the SwiGLU MLP (gate, SiLU(gate), up, product). With a frozen base the norms'
-    scaled outputs are not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of
-    each adapter, and a copy of the adapter's input where dropout or a different LoRA dtype makes one.
-    The head keeps the final norm's input and, at its peak in backward, the float32 log-probabilities,
-    their gradient and the logits' float32 gradient: 12 bytes per vocabulary entry and token. With
-    gradient checkpointing only each block's input is kept, and one block is recomputed at a time.
-    QLoRA adds one dequantized weight matrix (the largest), a transient.
+    Per token and block, autograd keeps (``p`` bytes per compute element, ``d`` model
+    width, ``f`` FFN width, ``h`` heads): per RMSNorm its float32 input, its normalized
+    output and ``1/rms``; queries, keys (after RoPE), values and the attention output,
+    plus SDPA's float32 log-sum-exp per head; the four ``f``-wide tensors of the SwiGLU
+    MLP (gate, SiLU(gate), up, product). With a frozen base the norms' scaled outputs are
+    not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of each
+    adapter, and a copy of the adapter's input where dropout or a different LoRA dtype
+    makes one. The head keeps the final norm's input and, at its peak in backward, the
+    float32 log-probabilities, their gradient and the logits' float32 gradient: 12 bytes
+    per vocabulary entry and token. With gradient checkpointing only each block's input is
+    kept, and one block is recomputed at a time. QLoRA adds one dequantized weight matrix
+    (the largest), a transient.
 
-    Note: the logits themselves are not counted: a training loop that keeps only the loss (as
-    ``transformers.Trainer`` does) frees them before backward. Keeping ``outputs`` alive adds ``p`` bytes
-    per vocabulary entry and token.
-    Note: the adapters are assumed on all seven linear layers (QLoRA's setup); with fewer, frozen layers
-    keep less and the count is an upper bound.
+    Note: the logits themselves are not counted: a training loop that keeps only the loss
+    (as ``transformers.Trainer`` does) frees them before backward. Keeping ``outputs``
+    alive adds ``p`` bytes per vocabulary entry and token.
+    Note: the adapters are assumed on all seven linear layers (QLoRA's setup); with fewer,
+    frozen layers keep less and the count is an upper bound.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -247,8 +303,8 @@ def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     d, f, h, kv, V = shape.d_model, shape.ffn, shape.n_heads, shape.kv_dim, shape.vocab
     frozen = method in ("lora", "qlora")
-    # Note: for float32 compute the RMSNorm's .to(float32) is a no-op; 4 + 2p still counts its input, the
-    # normalized tensor and the output once each.
+    # Note: for float32 compute the RMSNorm's .to(float32) is a no-op; 4 + 2p still counts
+    # its input, the normalized tensor and the output once each.
     norm_out = p * d  # the norm's output, kept by whoever reads it next
     attention = p * (2 * d + 2 * kv) + 4 * h
     mlp = 3 * p * f
@@ -257,22 +313,25 @@ def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int
         block = 2 * ((4 + p) * d + 4 + norm_out) + attention + mlp + mlp_out
     else:
         block = 2 * (4 * d + 4) + attention + mlp + 7 * pl * r
-        inputs = 6 * d + f  # what the seven adapters read: q, k, v, o, gate, up (d wide) and down (f wide)
+        # what the seven adapters read: q, k, v, o, gate, up (d wide) and down (f wide)
+        inputs = 6 * d + f
         if lora_dropout > 0 or pl != p:
-            # Each adapter keeps its own copy of its input (dropped out and/or cast); the shared
-            # inputs themselves are then kept by nobody.
-            # Note: dropout's mask is a bool on CUDA (native_dropout) but a p-byte float on a CPU.
+            # Each adapter keeps its own copy of its input (dropped out and/or cast); the
+            # shared inputs themselves are then kept by nobody. Note: dropout's mask is a
+            # bool on CUDA (native_dropout) but a p-byte float on a CPU.
             mask = (1 if device == "cuda" else p) if lora_dropout > 0 else 0
             block += inputs * (pl + mask)
         else:
             block += 2 * norm_out + mlp_out
-    # Head: the final norm, then the loss in float32: log-probabilities, their gradient and the
-    # logits' gradient (12 bytes per vocabulary entry); the logits themselves are gone by then.
+    # Head: the final norm, then the loss in float32: log-probabilities, their gradient
+    # and the logits' gradient (12 bytes per vocabulary entry); the logits themselves are
+    # gone by then.
     head = (4 * d + 4 if frozen else (4 + 2 * p) * d + 4) + 12 * V + p * d
     tokens = batch * seq
     if gradient_checkpointing:
-        # Recomputing a block, its activations meet the gradients in flight: the residual stream's and,
-        # in the MLP's backward, one f-wide and two d-wide gradients at most.
+        # Recomputing a block, its activations meet the gradients in flight: the residual
+        # stream's and, in the MLP's backward, one f-wide and two d-wide gradients at
+        # most.
         total = tokens * (shape.n_layers * p * d + max(head, block + p * (3 * d + f)))
     else:
         total = tokens * (shape.n_layers * block + head)
@@ -281,36 +340,58 @@ def activation_bytes(shape: LlamaShape, method: str, *, batch: int = 1, seq: int
     return total
 
 
-def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch.bfloat16,
-             compute_dtype: torch.dtype | None = None, lora_dtype: torch.dtype | None = None,
-             optimizer_bits: int = 32, batch: int = 1, seq: int = 512, gradient_checkpointing: bool = True,
-             blocksize: int = 64, double_quant: bool = True, blocksize2: int = 256, dq_blocksize: int | None = None,
-             lora_dropout: float = 0.0, target_modules: Iterable[str] = LLAMA_LINEARS,
-             n_gpus: int = 1, device: str = "cuda") -> Breakdown:
+def estimate(
+    model: Any,
+    method: str,
+    *,
+    r: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
+    lora_dtype: torch.dtype | None = None,
+    optimizer_bits: int = 32,
+    batch: int = 1,
+    seq: int = 512,
+    gradient_checkpointing: bool = True,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    blocksize2: int = 256,
+    dq_blocksize: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Iterable[str] = LLAMA_LINEARS,
+    n_gpus: int = 1,
+    device: str = "cuda",
+) -> Breakdown:
     """Bytes one GPU needs for a training step of ``model`` with ``method``.
 
     Args:
-        model: ``"llama-7b"``, ``"llama-13b"``, ``"llama-33b"``, ``"llama-65b"``, a :class:`LlamaShape` or
-            a ``transformers.LlamaConfig``.
-        method: ``"full"`` (every parameter trained), ``"lora"`` (frozen 16-bit base) or ``"qlora"``
-            (frozen NF4 base of the blocks' linear layers; embeddings, norms and ``lm_head`` in ``dtype``).
-        r, target_modules, lora_dropout: the adapters (default: r=64 on all seven linear layers).
-        dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to it, ``lora_dtype``
-            (the adapters and their gradients) too.
-        optimizer_bits: 32 (default) or 16 — Adam's two states per trained parameter, updated page by
-            page as a paged AdamW does (``torch.optim.AdamW`` with ``foreach=True`` briefly needs a
-            temporary as large as all its states, which is not counted).
-        batch, seq, gradient_checkpointing: the activations (see :func:`activation_bytes`).
-        blocksize, double_quant, blocksize2: the 4-bit format (QLoRA: 64, True, 256).
-        device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's mask differs).
-        n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split over the GPUs;
-            each GPU also holds one gathered block while it computes. Activations are per GPU.
+        model: ``"llama-7b"``, ``"llama-13b"``, ``"llama-33b"``, ``"llama-65b"``, a
+            :class:`LlamaShape` or a ``transformers.LlamaConfig``.
+        method: ``"full"`` (every parameter trained), ``"lora"`` (frozen 16-bit base) or
+            ``"qlora"`` (frozen NF4 base of the blocks' linear layers; embeddings, norms
+            and ``lm_head`` in ``dtype``). r, target_modules, lora_dropout: the adapters
+            (default: r=64 on all seven linear layers).
+        dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to it,
+            ``lora_dtype`` (the adapters and their gradients) too.
+        optimizer_bits: 32 (default) or 16 — Adam's two states per trained parameter,
+            updated page by page as a paged AdamW does (``torch.optim.AdamW`` with
+            ``foreach=True`` briefly needs a temporary as large as all its states, which
+            is not counted). batch, seq, gradient_checkpointing: the activations (see
+            :func:`activation_bytes`). blocksize, double_quant, blocksize2: the 4-bit
+            format (QLoRA: 64, True, 256).
+        device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's
+        mask differs).
+        n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split
+            over the GPUs; each GPU also holds one gathered block while it computes.
+            Activations are per GPU.
 
-    Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch 1, sequence
-    512, checkpointing). Full finetuning keeps 16-bit weights and gradients and no float32 master copy:
-    12 bytes per parameter before activations, the count behind the paper's "more than 780 GB" for 65B.
+    Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch
+    1, sequence 512, checkpointing). Full finetuning keeps 16-bit weights and gradients
+    and no float32 master copy: 12 bytes per parameter before activations, the count
+    behind the paper's "more than 780 GB" for 65B.
     """
-    blocksize2 = _deprecated.keyword("dq_blocksize", dq_blocksize, "blocksize2", blocksize2)
+    blocksize2 = _deprecated.keyword(
+        "dq_blocksize", dq_blocksize, "blocksize2", blocksize2
+    )
     shape = _shape(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -318,13 +399,19 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
         _positive_int(value, name)
     if optimizer_bits not in (32, 16):
         raise ValueError(f"optimizer_bits must be 32 or 16, got {optimizer_bits!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+    if (
+        isinstance(lora_dropout, bool)
+        or not isinstance(lora_dropout, (int, float))
+        or not 0 <= lora_dropout < 1
+    ):
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
     targets = list(target_modules)
     linears = shape.block_linears()
     unknown = [t for t in targets if t not in linears]
     if unknown or not targets:
-        raise ValueError(f"target_modules must be a non-empty subset of {LLAMA_LINEARS}, got {targets}")
+        raise ValueError(
+            f"target_modules must be a non-empty subset of {LLAMA_LINEARS}, got {targets}"
+        )
     w = _dtype_bytes(dtype, "dtype")
     compute_dtype = dtype if compute_dtype is None else compute_dtype
     lora_dtype = dtype if lora_dtype is None else lora_dtype
@@ -344,21 +431,38 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
             c, q = quantized_bytes(out_f * in_f, blocksize, double_quant, blocksize2)
             packed, constants = packed + c, constants + q
         trained, trained_bytes = lora_params, wl
-        parts = dict(weights=shape.n_layers * packed + w * shape.other_params,
-                     quant_constants=shape.n_layers * constants, lora_weights=wl * lora_params)
+        parts = dict(
+            weights=shape.n_layers * packed + w * shape.other_params,
+            quant_constants=shape.n_layers * constants,
+            lora_weights=wl * lora_params,
+        )
     parts["gradients"] = trained_bytes * trained
     parts["optimizer_states"] = state * trained
     if n_gpus > 1:
-        block_bytes = (parts["weights"] + parts.get("quant_constants", 0) + parts.get("lora_weights", 0))
-        # Note: ZeRO-3 all-gathers one block's parameters before using it; approximately a 1/n_layers share.
+        block_bytes = (
+            parts["weights"]
+            + parts.get("quant_constants", 0)
+            + parts.get("lora_weights", 0)
+        )
+        # Note: ZeRO-3 all-gathers one block's parameters before using it; approximately a
+        # 1/n_layers share.
         gathered = block_bytes // shape.n_layers
         parts = {k: math.ceil(v / n_gpus) for k, v in parts.items()}
         parts["weights"] += gathered
     activations = activation_bytes(
-        shape, method, batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
-        compute_dtype=compute_dtype, lora_dtype=lora_dtype, r=r, lora_dropout=lora_dropout, device=device)
-    # The optimizer update runs after backward, when the activations are gone; a paged AdamW (ours, or
-    # bitsandbytes') needs at most two page-sized temporaries for it.
+        shape,
+        method,
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=gradient_checkpointing,
+        compute_dtype=compute_dtype,
+        lora_dtype=lora_dtype,
+        r=r,
+        lora_dropout=lora_dropout,
+        device=device,
+    )
+    # The optimizer update runs after backward, when the activations are gone; a paged
+    # AdamW (ours, or bitsandbytes') needs at most two page-sized temporaries for it.
     if method == "full":
         largest = shape.vocab * shape.d_model
     else:
@@ -368,22 +472,25 @@ def estimate(model: Any, method: str, *, r: int = 64, dtype: torch.dtype = torch
     return Breakdown(**parts)
 
 
-# -------------------------------------------------------------------------------------------- measurement
+# -----------------------------------------------------------------------------------
+# measurement
 
 
 class _LiveTensors(TorchDispatchMode):
     """Records every new tensor storage an op creates and when it is freed.
 
-    Note: storages are the unit (views and in-place results share one); a weak reference with a callback
-    sees the moment the last tensor using a storage dies. What does not pass through PyTorch's dispatcher
-    (allocator caches, kernels' private workspaces) is not seen: these are bytes of live tensors.
+    Note: storages are the unit (views and in-place results share one); a weak reference
+    with a callback sees the moment the last tensor using a storage dies. What does not
+    pass through PyTorch's dispatcher (allocator caches, kernels' private workspaces) is
+    not seen: these are bytes of live tensors.
     """
 
     def __init__(self, static: Iterable[torch.UntypedStorage]) -> None:
         super().__init__()
         self._static = {id(s): s for s in static}
         self._live: dict[int, int] = {}  # id(storage) -> serial of its allocation
-        self.events: list[tuple[int, int]] = []  # (serial, +bytes) on allocation, (serial, -bytes) on free
+        # (serial, +bytes) on allocation, (serial, -bytes) on free
+        self.events: list[tuple[int, int]] = []
         self.sizes: dict[int, int] = {}
 
     def _freed(self, key: int, serial: int) -> None:
@@ -400,7 +507,8 @@ class _LiveTensors(TorchDispatchMode):
                 continue
             try:
                 st = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            # tensor subclasses without storage
+            except (RuntimeError, NotImplementedError):
                 continue
             key = id(st)
             if key in self._static or key in self._live:
@@ -418,20 +526,35 @@ def _storages(tensors: Iterable[Any]) -> list[torch.UntypedStorage]:
     for t in tensors:
         if isinstance(t, torch.Tensor):
             out.append(t.untyped_storage())
-        elif hasattr(t, "pages"):  # peftlab.paged.PagedTensor: resident pages are device tensors
-            out.extend(pg.data.untyped_storage() for pg in t.pages if getattr(pg, "data", None) is not None)
+        # peftlab.paged.PagedTensor: resident pages are device tensors
+        elif hasattr(t, "pages"):
+            out.extend(
+                pg.data.untyped_storage()
+                for pg in t.pages
+                if getattr(pg, "data", None) is not None
+            )
     return out
 
 
-def _static_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, list]:
-    parts: dict[str, list] = {"weights": [], "quant_constants": [], "lora_weights": [], "optimizer_states": []}
+def _static_parts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, list]:
+    parts: dict[str, list] = {
+        "weights": [],
+        "quant_constants": [],
+        "lora_weights": [],
+        "optimizer_states": [],
+    }
     for module in model.modules():
         memory_tensors = getattr(module, "memory_tensors", None)
-        if callable(memory_tensors):  # peftlab.qlora.Linear4bit: packed codes and constants
+        # peftlab.qlora.Linear4bit: packed codes and constants
+        if callable(memory_tensors):
             for kind, tensors in memory_tensors().items():
                 parts[kind].extend(_storages(tensors))
     for name, p in model.named_parameters():
-        parts["lora_weights" if "lora_" in name else "weights"].append(p.untyped_storage())
+        parts["lora_weights" if "lora_" in name else "weights"].append(
+            p.untyped_storage()
+        )
     parts["weights"].extend(b.untyped_storage() for b in model.buffers())
     if optimizer is not None:
         for s in optimizer.state.values():
@@ -440,13 +563,15 @@ def _static_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
 
 def _cuda_peak_above_start(step: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes the caching allocator handed out on ``device`` while ``step()`` ran, above what was allocated
+    """Peak bytes the caching allocator handed out on ``device`` while ``step()`` ran,
+    above what was allocated
     before it.
 
-    Note: every call names ``device`` (a model on ``cuda:1`` is measured there, not on the current device) and
-    synchronizes before reading the counters, so kernels still queued count. The CUDA context, the
-    allocator's cached-but-free blocks and memory outside PyTorch's allocator (e.g. bitsandbytes' paged
-    states in unified memory) are not allocations, so they are not counted.
+    Note: every call names ``device`` (a model on ``cuda:1`` is measured there, not on the
+    current device) and synchronizes before reading the counters, so kernels still queued
+    count. The CUDA context, the allocator's cached-but-free blocks and memory outside
+    PyTorch's allocator (e.g. bitsandbytes' paged states in unified memory) are not
+    allocations, so they are not counted.
     """
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -456,31 +581,42 @@ def _cuda_peak_above_start(step: Callable[[], Any], device: torch.device) -> int
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.optim.Optimizer | None = None,
-                 *, warmup: bool = True) -> Breakdown:
-    """Measure the memory of one call of ``step()`` (forward, backward, optimizer step) per component.
+def measure_step(
+    model: nn.Module,
+    step: Callable[[], Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    warmup: bool = True,
+) -> Breakdown:
+    """Measure the memory of one call of ``step()`` (forward, backward, optimizer step)
+    per component.
 
-    Gradients are set to None first (as ``zero_grad()`` does); ``step`` must not keep references to its
-    outputs. Weights, constants, LoRA weights and optimizer states are the bytes of their storages;
-    gradients the bytes of the ``.grad`` tensors the step leaves; activations the peak of every other
-    tensor the step creates (saved activations, the logits, temporaries).
+    Gradients are set to None first (as ``zero_grad()`` does); ``step`` must not keep
+    references to its outputs. Weights, constants, LoRA weights and optimizer states are
+    the bytes of their storages; gradients the bytes of the ``.grad`` tensors the step
+    leaves; activations the peak of every other tensor the step creates (saved
+    activations, the logits, temporaries).
 
-    On CUDA this is ``torch.cuda.max_memory_allocated`` minus what was allocated before, less the
-    gradients; on a CPU the exact bytes of live tensors (see :class:`_LiveTensors`).
+    On CUDA this is ``torch.cuda.max_memory_allocated`` minus what was allocated before,
+    less the gradients; on a CPU the exact bytes of live tensors (see
+    :class:`_LiveTensors`).
 
-    Note: with ``warmup`` (default) the step runs once first, so that the optimizer's states exist and
-    the measured step is a steady one, like every step after the first.
+    Note: with ``warmup`` (default) the step runs once first, so that the optimizer's
+    states exist and the measured step is a steady one, like every step after the first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(step):
-        raise TypeError(f"step must be a callable taking no arguments, got {type(step).__name__}")
+        raise TypeError(
+            f"step must be a callable taking no arguments, got {type(step).__name__}"
+        )
     if warmup:
         step()
     model.zero_grad(set_to_none=True)
     parts = _static_parts(model, optimizer)
     device = next(model.parameters()).device
-    grad_bytes: dict[int, int] = {}  # id(parameter) -> bytes of the gradient the step gave it
+    # id(parameter) -> bytes of the gradient the step gave it
+    grad_bytes: dict[int, int] = {}
     grad_serials: set[int | None] = set()
     tracker: _LiveTensors | None = None
 
@@ -490,7 +626,11 @@ def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.opt
         if tracker is not None:
             grad_serials.add(tracker.serial_of(storage))
 
-    hooks = [p.register_post_accumulate_grad_hook(grad_done) for p in model.parameters() if p.requires_grad]
+    hooks = [
+        p.register_post_accumulate_grad_hook(grad_done)
+        for p in model.parameters()
+        if p.requires_grad
+    ]
     try:
         if device.type == "cuda":
             activations = _cuda_peak_above_start(step, device) - sum(grad_bytes.values())
@@ -516,22 +656,36 @@ def measure_step(model: nn.Module, step: Callable[[], Any], optimizer: torch.opt
     return Breakdown(gradients=sum(grad_bytes.values()), activations=activations, **sizes)
 
 
-def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r: int = 64,
-                  gradient_checkpointing: bool = True, dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu", seed: int = 0) -> tuple[Breakdown, Breakdown]:
-    """Measure one training step of a randomly initialised ``LlamaForCausalLM(config)`` and estimate it.
+def measure_llama(
+    config: Any,
+    method: str,
+    *,
+    batch: int = 1,
+    seq: int = 512,
+    r: int = 64,
+    gradient_checkpointing: bool = True,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[Breakdown, Breakdown]:
+    """Measure one training step of a randomly initialised ``LlamaForCausalLM(config)``
+    and estimate it.
 
-    The model is trained with ``method`` — every parameter; LoRA (r, alpha=16) on all seven linear layers of
-    the blocks; or the same on an NF4 + double-quantized base (:func:`peftlab.qlora.quantize_model`) — and
-    :class:`peftlab.paged.PagedAdamW`, on ``device`` (default: the CPU) in ``dtype`` (default:
-    :func:`peftlab.devices.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the GPU computes it
-    natively, float16 on older GPUs such as the T4). Returns ``(measured, estimated)``.
+    The model is trained with ``method`` — every parameter; LoRA (r, alpha=16) on all
+    seven linear layers of the blocks; or the same on an NF4 + double-quantized base
+    (:func:`peftlab.qlora.quantize_model`) — and :class:`peftlab.paged.PagedAdamW`, on
+    ``device`` (default: the CPU) in ``dtype`` (default:
+    :func:`peftlab.devices.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the
+    GPU computes it natively, float16 on older GPUs such as the T4). Returns ``(measured,
+    estimated)``.
 
-    Note: the model is initialised on the CPU and the tokens drawn there, then moved, so a seed gives the
-    same model and batch on every device and the CUDA generator is left untouched.
+    Note: the model is initialised on the CPU and the tokens drawn there, then moved, so a
+    seed gives the same model and batch on every device and the CUDA generator is left
+    untouched.
 
-    Note: peftlab's LoRA factors are float32 whatever the base dtype, and PagedAdamW keeps its states in
-    the parameters' dtype; the estimate is told both, so that it predicts this run and not the paper's.
+    Note: peftlab's LoRA factors are float32 whatever the base dtype, and PagedAdamW keeps
+    its states in the parameters' dtype; the estimate is told both, so that it predicts
+    this run and not the paper's.
     """
     from transformers import LlamaForCausalLM
 
@@ -544,12 +698,16 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
 
     device = torch.device(device)
     dtype = dtype or compute_dtype(device)
-    config = type(config)(**{**config.to_dict(), "use_cache": False, "attn_implementation": "sdpa"})
+    config = type(config)(
+        **{**config.to_dict(), "use_cache": False, "attn_implementation": "sdpa"}
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         if method == "qlora":
             from peftlab.qlora import quantize_model
 
@@ -565,18 +723,30 @@ def measure_llama(config: Any, method: str, *, batch: int = 1, seq: int = 512, r
         optimizer.zero_grad()
 
     measured = measure_step(model, step, optimizer)
-    estimated = estimate(config, method, r=r, dtype=dtype, batch=batch, seq=seq,
-                         gradient_checkpointing=gradient_checkpointing, device=device.type,
-                         lora_dtype=torch.float32 if method != "full" else None,
-                         optimizer_bits=8 * torch.empty((), dtype=dtype).element_size() if method == "full" else 32)
+    estimated = estimate(
+        config,
+        method,
+        r=r,
+        dtype=dtype,
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=gradient_checkpointing,
+        device=device.type,
+        lora_dtype=torch.float32 if method != "full" else None,
+        optimizer_bits=8 * torch.empty((), dtype=dtype).element_size()
+        if method == "full"
+        else 32,
+    )
     return measured, estimated
 
 
-# ----------------------------------------------------------------------------------------------- saved tensors
+# -----------------------------------------------------------------------------------
+# saved tensors
 
 
 class SavedBytes:
-    """What :func:`count_saved_bytes` counted: ``nbytes`` of distinct storages in ``tensors`` saves."""
+    """What :func:`count_saved_bytes` counted: ``nbytes`` of distinct storages in
+    ``tensors`` saves."""
 
     def __init__(self) -> None:
         self.nbytes = 0
@@ -586,15 +756,18 @@ class SavedBytes:
 
 @contextmanager
 def count_saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
-    """Count the memory autograd keeps for backward inside the block: a step's activations.
+    """Count the memory autograd keeps for backward inside the block: a step's
+    activations.
 
     Args:
-        exclude: tensors whose storage is not activation memory, typically ``model.parameters()``
-            (autograd saves weights, or views of them, to compute input gradients).
+        exclude: tensors whose storage is not activation memory, typically
+            ``model.parameters()`` (autograd saves weights, or views of them, to compute
+            input gradients).
 
-    Note: a storage saved several times (by several ops, or through views) counts once, with its full size.
-    With gradient checkpointing (``use_reentrant=False``) this counts what is kept across the forward
-    (each checkpointed block's inputs), not what backward recomputes one block at a time.
+    Note: a storage saved several times (by several ops, or through views) counts once,
+    with its full size. With gradient checkpointing (``use_reentrant=False``) this counts
+    what is kept across the forward (each checkpointed block's inputs), not what backward
+    recomputes one block at a time.
     """
     counter = SavedBytes()
     counter._seen.update(t.untyped_storage().data_ptr() for t in exclude)

@@ -1,10 +1,13 @@
-"""NF4, the 4-bit NormalFloat of QLoRA: a tensor type, its quantizer, and interchange with bitsandbytes.
+"""NF4, the 4-bit NormalFloat of QLoRA: a tensor type, its quantizer, and interchange with
+bitsandbytes.
 
-Explained in the chapter *4-bit NormalFloat* (book/chapters/nf4.md); double quantization of the
-``absmax`` constants in the chapter *Double quantization* (book/chapters/double_quant.md).
+Explained in the chapter *4-bit NormalFloat* (book/chapters/nf4.md); double quantization
+of the ``absmax`` constants in the chapter *Double quantization*
+(book/chapters/double_quant.md).
 
-Pure PyTorch, so it runs on any device; on the CPU it is byte-identical to bitsandbytes 0.50.2's
-``quantize_4bit(..., quant_type="nf4")`` (codes, ``absmax`` and dequantized values).
+Pure PyTorch, so it runs on any device; on the CPU it is byte-identical to bitsandbytes
+0.50.2's ``quantize_4bit(..., quant_type="nf4")`` (codes, ``absmax`` and dequantized
+values).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from peftlab.codebooks import (  # the unchecked cores: quantize_nf4 and dequantize_nf4 check their input
+# the unchecked cores: quantize_nf4 and dequantize_nf4 check their input
+from peftlab.codebooks import (
     FLOAT_DTYPES,
     _dequantize_4bit_into,
     _quantize_4bit,
@@ -29,18 +33,18 @@ if TYPE_CHECKING:  # imported lazily at run time: double quantization is optiona
 __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "to_bnb", "from_bnb"]
 
 
-
 @dataclass(frozen=True)
 class NF4Tensor:
     """A tensor stored in NF4: packed 4-bit codes plus one scale (``absmax``) per block.
 
-    ``packed`` is uint8 ``[(numel + 1) // 2]``, two codes per byte with the first element in the high
-    nibble; ``absmax`` is float32 ``[ceil(numel / blocksize)]``, or a ``DoubleQuantState`` when the
-    constants are double-quantized. ``shape`` and ``dtype`` are those of the original tensor.
-    Build one with :func:`quantize_nf4`; read it back with :func:`dequantize_nf4`.
+    ``packed`` is uint8 ``[(numel + 1) // 2]``, two codes per byte with the first element
+    in the high nibble; ``absmax`` is float32 ``[ceil(numel / blocksize)]``, or a
+    ``DoubleQuantState`` when the constants are double-quantized. ``shape`` and ``dtype``
+    are those of the original tensor. Build one with :func:`quantize_nf4`; read it back
+    with :func:`dequantize_nf4`.
 
-    Note: frozen, and :meth:`to` returns a new tensor: a device move copies the bytes and never
-    re-quantizes, so a model moved between devices keeps exactly the same weights.
+    Note: frozen, and :meth:`to` returns a new tensor: a device move copies the bytes and
+    never re-quantizes, so a model moved between devices keeps exactly the same weights.
     """
 
     packed: torch.Tensor
@@ -53,12 +57,20 @@ class NF4Tensor:
         object.__setattr__(self, "shape", torch.Size(self.shape))
         check_blocksize(self.blocksize)
         if self.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if not isinstance(self.packed, torch.Tensor) or self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
+            raise TypeError(
+                f"dtype must be float32, float16 or bfloat16, got {self.dtype}"
+            )
+        if (
+            not isinstance(self.packed, torch.Tensor)
+            or self.packed.dtype != torch.uint8
+            or self.packed.dim() != 1
+        ):
             raise TypeError("packed must be a 1-D uint8 torch.Tensor")
         n = self.shape.numel()
         if n == 0 or self.packed.numel() != (n + 1) // 2:
-            raise ValueError(f"packed must hold {(n + 1) // 2} bytes for shape {tuple(self.shape)}, got {self.packed.numel()}")
+            raise ValueError(
+                f"packed must hold {(n + 1) // 2} bytes for shape {tuple(self.shape)}, got {self.packed.numel()}"
+            )
         blocks = -(-n // self.blocksize)
         if isinstance(self.absmax, torch.Tensor):
             if self.absmax.dtype != torch.float32 or self.absmax.shape != (blocks,):
@@ -70,12 +82,18 @@ class NF4Tensor:
             from peftlab.double_quant import DoubleQuantState
 
             if not isinstance(self.absmax, DoubleQuantState):
-                raise TypeError(f"absmax must be a float32 tensor or a DoubleQuantState, got {type(self.absmax).__name__}")
+                raise TypeError(
+                    f"absmax must be a float32 tensor or a DoubleQuantState, got {type(self.absmax).__name__}"
+                )
             if self.absmax.codes.numel() != blocks:
-                raise ValueError(f"absmax must hold {blocks} codes, got {self.absmax.codes.numel()}")
+                raise ValueError(
+                    f"absmax must hold {blocks} codes, got {self.absmax.codes.numel()}"
+                )
             absmax_device = self.absmax.device
         if absmax_device != self.packed.device:
-            raise ValueError(f"packed ({self.packed.device}) and absmax ({absmax_device}) must be on the same device")
+            raise ValueError(
+                f"packed ({self.packed.device}) and absmax ({absmax_device}) must be on the same device"
+            )
 
     @property
     def numel(self) -> int:
@@ -93,20 +111,31 @@ class NF4Tensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the real buffers: packed codes plus the constants (all of their buffers)."""
+        """Bytes of the real buffers: packed codes plus the constants (all of their
+        buffers)."""
         constants = self.absmax.nbytes if self.double_quant else self.absmax.numel() * 4
         return self.packed.numel() + constants
 
     @property
     def bits_per_param(self) -> float:
-        """Storage per original value in bits: 4.5 for blocks of 64, about 4.127 with double quantization."""
+        """Storage per original value in bits: 4.5 for blocks of 64, about 4.127 with
+        double quantization."""
         return 8 * self.nbytes / self.numel
 
     def to(self, device: torch.device | str) -> NF4Tensor:
-        """The same NF4 tensor on ``device`` (a copy of the buffers; this one is unchanged)."""
-        return NF4Tensor(self.packed.to(device), self.absmax.to(device), self.shape, self.dtype, self.blocksize)
+        """The same NF4 tensor on ``device`` (a copy of the buffers; this one is
+        unchanged)."""
+        return NF4Tensor(
+            self.packed.to(device),
+            self.absmax.to(device),
+            self.shape,
+            self.dtype,
+            self.blocksize,
+        )
 
-    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Shorthand for :func:`dequantize_nf4`."""
         return dequantize_nf4(self, dtype, out)
 
@@ -119,18 +148,23 @@ class NF4Tensor:
 
 
 def quantize_nf4(
-    w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, *, blocksize2: int = 256
+    w: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    *,
+    blocksize2: int = 256,
 ) -> NF4Tensor:
-    """Quantize ``w`` (any shape; float32, float16 or bfloat16) to NF4 in blocks of ``blocksize``.
+    """Quantize ``w`` (any shape; float32, float16 or bfloat16) to NF4 in blocks of
+    ``blocksize``.
 
-    With ``double_quant=True`` the float32 ``absmax`` constants are quantized again to 8 bits in
-    blocks of ``blocksize2`` (see :mod:`peftlab.double_quant`), as QLoRA does.
+    With ``double_quant=True`` the float32 ``absmax`` constants are quantized again to 8
+    bits in blocks of ``blocksize2`` (see :mod:`peftlab.double_quant`), as QLoRA does.
 
-    Note: blocks run over the *flattened* tensor (row-major), as in bitsandbytes, so a block may
-    straddle two rows; a trailing partial block gets its own ``absmax``.
+    Note: blocks run over the *flattened* tensor (row-major), as in bitsandbytes, so a
+    block may straddle two rows; a trailing partial block gets its own ``absmax``.
 
-    Raises TypeError for non-tensors or non-float dtypes and a blocksize that is not an int,
-    ValueError for empty tensors, NaN or inf values and unsupported block sizes.
+    Raises TypeError for non-tensors or non-float dtypes and a blocksize that is not an
+    int, ValueError for empty tensors, NaN or inf values and unsupported block sizes.
     """
     w = check_float_tensor(w, "w")
     blocksize = check_blocksize(blocksize)
@@ -146,35 +180,48 @@ def quantize_nf4(
 
 
 def _check_out(out: object, q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``out`` if it can receive ``q`` dequantized to ``dtype``; TypeError/ValueError naming ``out`` otherwise."""
+    """``out`` if it can receive ``q`` dequantized to ``dtype``; TypeError/ValueError
+    naming ``out`` otherwise."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"out must have dtype {dtype} (the dtype asked for), got {out.dtype}")
+        raise TypeError(
+            f"out must have dtype {dtype} (the dtype asked for), got {out.dtype}"
+        )
     if out.shape != q.shape:
-        raise ValueError(f"out must have shape {tuple(q.shape)} (the quantized tensor's), got {tuple(out.shape)}")
+        raise ValueError(
+            f"out must have shape {tuple(q.shape)} (the quantized tensor's), got {tuple(out.shape)}"
+        )
     if out.device != q.device:
-        raise ValueError(f"out must be on {q.device} (where the quantized tensor is), got {out.device}")
+        raise ValueError(
+            f"out must be on {q.device} (where the quantized tensor is), got {out.device}"
+        )
     if not out.is_contiguous():
         raise ValueError("out must be contiguous: it is written through a flat view")
     if out.requires_grad:
-        raise ValueError("out must not require grad: dequantizing overwrites it outside autograd")
+        raise ValueError(
+            "out must not require grad: dequantizing overwrites it outside autograd"
+        )
     return out
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor ``q`` stands for, in its original shape and in ``dtype`` (default: its original dtype).
+def dequantize_nf4(
+    q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tensor ``q`` stands for, in its original shape and in ``dtype`` (default: its
+    original dtype).
 
-    With ``out`` (a contiguous tensor of ``q``'s shape, of that dtype, on ``q``'s device) the values are
-    written there and ``out`` is returned: a caller that dequantizes again and again, as the 4-bit layer
-    of the chapter *QLoRA end to end* does, reuses one buffer instead of allocating a weight-sized one
-    each time (on a CPU, a fresh 64 MB tensor costs about as much as the dequantization itself).
+    With ``out`` (a contiguous tensor of ``q``'s shape, of that dtype, on ``q``'s device)
+    the values are written there and ``out`` is returned: a caller that dequantizes again
+    and again, as the 4-bit layer of the chapter *QLoRA end to end* does, reuses one
+    buffer instead of allocating a weight-sized one each time (on a CPU, a fresh 64 MB
+    tensor costs about as much as the dequantization itself).
 
-    Note: values are computed in float32 (``code * absmax``) and cast once at the end, as in
-    bitsandbytes, so a bfloat16 result is the float32 value rounded to nearest-even.
-    Note: on a CPU the work runs in cache-sized steps (see :func:`peftlab.codebooks.dequantize_4bit`),
-    writing ``out`` once and never reading it. Double-quantized constants are dequantized once per call,
-    not per step.
+    Note: values are computed in float32 (``code * absmax``) and cast once at the end, as
+    in bitsandbytes, so a bfloat16 result is the float32 value rounded to nearest-even.
+    Note: on a CPU the work runs in cache-sized steps (see
+    :func:`peftlab.codebooks.dequantize_4bit`), writing ``out`` once and never reading it.
+    Double-quantized constants are dequantized once per call, not per step.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
@@ -190,58 +237,94 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
         from peftlab.double_quant import dequantize_absmax
 
         absmax = dequantize_absmax(absmax)
-    _dequantize_4bit_into(q.packed, absmax, get_code("nf4", q.device), q.blocksize, q.numel, out.view(-1))
+    _dequantize_4bit_into(
+        q.packed, absmax, get_code("nf4", q.device), q.blocksize, q.numel, out.view(-1)
+    )
     return out
 
 
 def to_bnb(q: NF4Tensor) -> tuple[torch.Tensor, Any]:
-    """``(packed, QuantState)`` as bitsandbytes' ``quantize_4bit(..., quant_type="nf4")`` would return them.
+    """``(packed, QuantState)`` as bitsandbytes' ``quantize_4bit(..., quant_type="nf4")``
+    would return them.
 
-    The packed bytes are shared, not copied (shape ``[(numel + 1) // 2, 1]`` as bitsandbytes stores them).
-    With double quantization the state is nested: ``absmax`` holds the 8-bit codes, ``offset`` the
-    mean, and ``state2`` the second-level ``absmax2``, the dynamic map and ``blocksize2``.
+    The packed bytes are shared, not copied (shape ``[(numel + 1) // 2, 1]`` as
+    bitsandbytes stores them). With double quantization the state is nested: ``absmax``
+    holds the 8-bit codes, ``offset`` the mean, and ``state2`` the second-level
+    ``absmax2``, the dynamic map and ``blocksize2``.
     """
     from bitsandbytes.functional import QuantState
 
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
     code = get_code("nf4", q.device)
-    common = dict(shape=q.shape, code=code, blocksize=q.blocksize, quant_type="nf4", dtype=q.dtype)
+    common = dict(
+        shape=q.shape, code=code, blocksize=q.blocksize, quant_type="nf4", dtype=q.dtype
+    )
     if not q.double_quant:
         return q.packed.view(-1, 1), QuantState(absmax=q.absmax, **common)
     from peftlab.double_quant import dynamic_map
 
     dq = q.absmax
-    state2 = QuantState(absmax=dq.absmax2, code=dynamic_map(True).to(q.device), blocksize=dq.blocksize2, dtype=torch.float32)
-    return q.packed.view(-1, 1), QuantState(absmax=dq.codes, offset=dq.offset, state2=state2, **common)
+    state2 = QuantState(
+        absmax=dq.absmax2,
+        code=dynamic_map(True).to(q.device),
+        blocksize=dq.blocksize2,
+        dtype=torch.float32,
+    )
+    return q.packed.view(-1, 1), QuantState(
+        absmax=dq.codes, offset=dq.offset, state2=state2, **common
+    )
 
 
 def from_bnb(packed: torch.Tensor, state: Any) -> NF4Tensor:
-    """The :class:`NF4Tensor` of bitsandbytes' ``(packed, QuantState)``: the inverse of :func:`to_bnb`.
+    """The :class:`NF4Tensor` of bitsandbytes' ``(packed, QuantState)``: the inverse of
+    :func:`to_bnb`.
 
-    Raises TypeError for a state that is not a ``QuantState`` and ValueError for one that is not
-    NF4 (FP4, or a different table) or whose buffers do not match its shape and block size.
+    Raises TypeError for a state that is not a ``QuantState`` and ValueError for one that
+    is not NF4 (FP4, or a different table) or whose buffers do not match its shape and
+    block size.
     """
     from bitsandbytes.functional import QuantState
 
     if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a bitsandbytes QuantState, got {type(state).__name__}")
+        raise TypeError(
+            f"state must be a bitsandbytes QuantState, got {type(state).__name__}"
+        )
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if state.quant_type != "nf4":
         raise ValueError(f"state.quant_type must be 'nf4', got {state.quant_type!r}")
-    if state.code is not None and not torch.equal(state.code.float().cpu(), get_code("nf4")):
+    if state.code is not None and not torch.equal(
+        state.code.float().cpu(), get_code("nf4")
+    ):
         raise ValueError("state.code is not the NF4 table")
     flat = packed.reshape(-1)
-    if flat.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype over the same bytes
+    if (
+        flat.dtype != torch.uint8
+    ):  # bitsandbytes' quant_storage may be another dtype over the same bytes
         flat = flat.contiguous().view(torch.uint8)
     if not state.nested:
-        return NF4Tensor(flat, state.absmax.float(), torch.Size(state.shape), state.dtype, state.blocksize)
+        return NF4Tensor(
+            flat,
+            state.absmax.float(),
+            torch.Size(state.shape),
+            state.dtype,
+            state.blocksize,
+        )
     from peftlab.double_quant import DoubleQuantState, dynamic_map
 
     state2 = state.state2
-    if state2.code is not None and not torch.equal(state2.code.float().cpu(), dynamic_map(True)):
+    if state2.code is not None and not torch.equal(
+        state2.code.float().cpu(), dynamic_map(True)
+    ):
         raise ValueError("state.state2.code is not bitsandbytes' signed dynamic map")
-    offset = torch.as_tensor(state.offset, dtype=torch.float32, device=flat.device).reshape(())
-    dq = DoubleQuantState(state.absmax.reshape(-1), state2.absmax.float().reshape(-1), offset, state2.blocksize)
+    offset = torch.as_tensor(
+        state.offset, dtype=torch.float32, device=flat.device
+    ).reshape(())
+    dq = DoubleQuantState(
+        state.absmax.reshape(-1),
+        state2.absmax.float().reshape(-1),
+        offset,
+        state2.blocksize,
+    )
     return NF4Tensor(flat, dq, torch.Size(state.shape), state.dtype, state.blocksize)

@@ -1,19 +1,22 @@
-"""Paged optimizer state: a page pool with a device budget, and an AdamW whose states live in it.
+"""Paged optimizer state: a page pool with a device budget, and an AdamW whose states live
+in it.
 
 Explained in the chapter *Paged optimizers* (book/chapters/paged.md).
 
-QLoRA's third trick (Dettmers et al. 2023, §3): when a memory spike (the activations of a long sequence)
-would not fit, optimizer states step aside to host memory and come back for the update. bitsandbytes does
-it with CUDA unified memory and the driver's page migration; here the mechanism is explicit:
+QLoRA's third trick (Dettmers et al. 2023, §3): when a memory spike (the activations of a
+long sequence) would not fit, optimizer states step aside to host memory and come back for
+the update. bitsandbytes does it with CUDA unified memory and the driver's page migration;
+here the mechanism is explicit:
 
-- :class:`PagePool` holds pages of optimizer state within ``capacity_bytes`` of device memory. Pages that
-  do not fit live in host memory. On CUDA they are real device buffers and pinned host buffers moved by
-  asynchronous copies; on a CPU the pool *simulates* the device budget: the copies are real, the budget is
-  exact byte accounting.
-- :meth:`PagePool.reserve` is a context manager for a spike: it evicts least-recently-used pages to host
-  until the spike fits, or refuses (:class:`PoolMemoryError`) before changing anything.
-- :class:`PagedAdamW` takes the same steps as ``torch.optim.AdamW``; its two state tensors are paged in,
-  one page at a time, for each update.
+- :class:`PagePool` holds pages of optimizer state within ``capacity_bytes`` of device
+  memory. Pages that do not fit live in host memory. On CUDA they are real device buffers
+  and pinned host buffers moved by asynchronous copies; on a CPU the pool *simulates* the
+  device budget: the copies are real, the budget is exact byte accounting.
+- :meth:`PagePool.reserve` is a context manager for a spike: it evicts least-recently-used
+  pages to host until the spike fits, or refuses (:class:`PoolMemoryError`) before
+  changing anything.
+- :class:`PagedAdamW` takes the same steps as ``torch.optim.AdamW``; its two state tensors
+  are paged in, one page at a time, for each update.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ DEFAULT_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class PoolMemoryError(MemoryError):
-    """A spike or a page that does not fit in the pool even after every page has been evicted.
+    """A spike or a page that does not fit in the pool even after every page has been
+    evicted.
 
-    Attributes name the sizes involved, in bytes: ``requested``, ``capacity`` and ``reserved`` (held by
-    other reservations, which cannot be evicted).
+    Attributes name the sizes involved, in bytes: ``requested``, ``capacity`` and
+    ``reserved`` (held by other reservations, which cannot be evicted).
     """
 
     def __init__(self, what: str, requested: int, capacity: int, reserved: int) -> None:
@@ -91,7 +95,8 @@ class PoolStats:
 
 
 class _Page:
-    """One chunk of a paged tensor: its live copy is ``data`` (device) or ``host``, never both."""
+    """One chunk of a paged tensor: its live copy is ``data`` (device) or ``host``, never
+    both."""
 
     __slots__ = ("numel", "nbytes", "data", "host", "in_use")
 
@@ -99,14 +104,19 @@ class _Page:
         self.numel = data.numel()
         self.nbytes = self.numel * data.element_size()
         self.data: torch.Tensor | None = data
-        self.host: torch.Tensor | None = None  # kept once allocated: the page's backing store
+        self.host: torch.Tensor | None = (
+            None  # kept once allocated: the page's backing store
+        )
         self.in_use = False  # True while an update uses it: not evictable
 
 
 class PagedTensor:
-    """A tensor stored as pages of a :class:`PagePool`; flat, split into chunks of ``page_numel`` elements."""
+    """A tensor stored as pages of a :class:`PagePool`; flat, split into chunks of
+    ``page_numel`` elements."""
 
-    def __init__(self, pool: PagePool, shape: torch.Size, dtype: torch.dtype, pages: list[_Page]) -> None:
+    def __init__(
+        self, pool: PagePool, shape: torch.Size, dtype: torch.dtype, pages: list[_Page]
+    ) -> None:
         self.pool, self.shape, self.dtype, self.pages = pool, shape, dtype, pages
 
     @property
@@ -116,9 +126,12 @@ class PagedTensor:
     def to_tensor(self) -> torch.Tensor:
         """A new ordinary tensor on the pool's device with the current values.
 
-        Note: reading does not page anything in or change the LRU order; host pages are copied directly.
+        Note: reading does not page anything in or change the LRU order; host pages are
+        copied directly.
         """
-        out = torch.empty(math.prod(self.shape), dtype=self.dtype, device=self.pool.device)
+        out = torch.empty(
+            math.prod(self.shape), dtype=self.dtype, device=self.pool.device
+        )
         start = 0
         for page in self.pages:
             src = page.data if page.data is not None else page.host
@@ -129,26 +142,34 @@ class PagedTensor:
 
 def _as_positive_int(value: Any, name: str, unit: str = "bytes") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int number of {unit}, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be an int number of {unit}, got {type(value).__name__}"
+        )
     if value <= 0:
         raise ValueError(f"{name} must be > 0 {unit}, got {value}")
     return value
 
 
 class PagePool:
-    """A fixed budget of device memory for optimizer-state pages; pages that do not fit live on the host.
+    """A fixed budget of device memory for optimizer-state pages; pages that do not fit
+    live on the host.
 
     Args:
-        capacity_bytes: the device budget; pages and :meth:`reserve` spikes must fit in it together.
-        device: where pages live when resident (default: the CPU; pass ``"cuda"`` for a GPU). On cpu the
-            budget is simulated: copies between "device" and "host" buffers are real, the limit is accounting.
-        page_bytes: page size; a tensor is split into pages of ``page_bytes // element_size`` elements.
+        capacity_bytes: the device budget; pages and :meth:`reserve` spikes must fit in it
+        together.
+        device: where pages live when resident (default: the CPU; pass ``"cuda"`` for a
+            GPU). On cpu the budget is simulated: copies between "device" and "host"
+            buffers are real, the limit is accounting.
+        page_bytes: page size; a tensor is split into pages of ``page_bytes //
+        element_size`` elements.
         timeline_len: how many recent :class:`Event` s :attr:`stats` keeps for plotting.
 
-    Note: eviction is least-recently-used; a page is "used" when it is allocated or paged in for an update.
-    Pages are paged in lazily, when an update needs them (bitsandbytes prefetches before each update instead).
-    Note: ``stats.paging_seconds`` is the copies' own time: on CUDA measured by CUDA events around each
-    asynchronous copy (read, and so waited for, only when :attr:`stats` is read), on a CPU by the clock.
+    Note: eviction is least-recently-used; a page is "used" when it is allocated or paged
+    in for an update. Pages are paged in lazily, when an update needs them (bitsandbytes
+    prefetches before each update instead).
+    Note: ``stats.paging_seconds`` is the copies' own time: on CUDA measured by CUDA
+    events around each asynchronous copy (read, and so waited for, only when :attr:`stats`
+    is read), on a CPU by the clock.
     """
 
     def __init__(
@@ -161,10 +182,11 @@ class PagePool:
         self.capacity_bytes = _as_positive_int(capacity_bytes, "capacity_bytes")
         self.page_bytes = _as_positive_int(page_bytes, "page_bytes")
         self.device = _resolve_device(device)
-        # Note: on CUDA, copies run asynchronously on the current stream (stream order makes them safe: a
-        # freed device buffer is only reused after the copy that read it, see _page_out), and host buffers are
-        # pinned. Use a pool from one stream at a time: a page's host buffer is reused by its next page-out,
-        # which stream order only keeps behind the previous page-in on the same stream.
+        # Note: on CUDA, copies run asynchronously on the current stream (stream order
+        # makes them safe: a freed device buffer is only reused after the copy that read
+        # it, see _page_out), and host buffers are pinned. Use a pool from one stream at a
+        # time: a page's host buffer is reused by its next page-out, which stream order
+        # only keeps behind the previous page-in on the same stream.
         self._async = self.device.type == "cuda"
         self._resident: OrderedDict[int, _Page] = OrderedDict()  # LRU order: oldest first
         self._resident_bytes = 0
@@ -174,9 +196,12 @@ class PagePool:
         self._out_bytes = self._in_bytes = self._outs = self._ins = 0
         self._copy_timer = _CudaCopyTimer(self.device) if self._async else _ClockTimer()
         self._t0 = time.perf_counter()
-        self._timeline: deque[Event] = deque(maxlen=_as_positive_int(timeline_len, "timeline_len", "events"))
+        self._timeline: deque[Event] = deque(
+            maxlen=_as_positive_int(timeline_len, "timeline_len", "events")
+        )
 
-    # -- accounting -------------------------------------------------------------------------------
+    # -- accounting
+    # ---------------------------------------------------------------------------------
     @property
     def device_bytes(self) -> int:
         """Bytes held on the device: resident pages plus reservations."""
@@ -188,7 +213,8 @@ class PagePool:
 
     @property
     def stats(self) -> PoolStats:
-        """Bytes on device and host, bytes paged out and in, the peak, and the timeline (a snapshot)."""
+        """Bytes on device and host, bytes paged out and in, the peak, and the timeline (a
+        snapshot)."""
         return PoolStats(
             capacity_bytes=self.capacity_bytes,
             device_bytes=self.device_bytes,
@@ -205,24 +231,36 @@ class PagePool:
         )
 
     def mark(self, label: str) -> None:
-        """Add a labelled point to the timeline (e.g. the start of a training step); changes nothing."""
+        """Add a labelled point to the timeline (e.g. the start of a training step);
+        changes nothing."""
         self._record("mark", label)
 
     def _record(self, kind: str, label: str = "") -> None:
         self._peak = max(self._peak, self.device_bytes)
         self._timeline.append(
-            Event(time.perf_counter() - self._t0, kind, label, self.device_bytes, self._host_bytes,
-                  self._reserved_bytes)
+            Event(
+                time.perf_counter() - self._t0,
+                kind,
+                label,
+                self.device_bytes,
+                self._host_bytes,
+                self._reserved_bytes,
+            )
         )
 
     def _check_fits(self, nbytes: int, what: str) -> None:
-        """Raise before changing anything if ``nbytes`` cannot fit even with every page evicted."""
+        """Raise before changing anything if ``nbytes`` cannot fit even with every page
+        evicted."""
         if nbytes > self.capacity_bytes - self._reserved_bytes:
             raise PoolMemoryError(what, nbytes, self.capacity_bytes, self._reserved_bytes)
 
-    # -- pages --------------------------------------------------------------------------------------
-    def zeros(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32) -> PagedTensor:
-        """A zero-filled :class:`PagedTensor`; its pages start on the device (evicting others if needed)."""
+    # -- pages
+    # ---------------------------------------------------------------------------------
+    def zeros(
+        self, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32
+    ) -> PagedTensor:
+        """A zero-filled :class:`PagedTensor`; its pages start on the device (evicting
+        others if needed)."""
         shape = torch.Size(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
         page_numel = max(self.page_bytes // itemsize, 1)
@@ -271,7 +309,8 @@ class PagePool:
         self._make_room(self.capacity_bytes)
 
     def _make_room(self, nbytes: int) -> None:
-        """Evict LRU pages (not those in use) until ``nbytes`` more fit (callers have checked that they can)."""
+        """Evict LRU pages (not those in use) until ``nbytes`` more fit (callers have
+        checked that they can)."""
         if self.free_bytes >= nbytes:
             return
         for page in list(self._resident.values()):
@@ -282,15 +321,19 @@ class PagePool:
 
     def _page_out(self, page: _Page) -> None:
         if page.host is None:
-            page.host = torch.empty(page.numel, dtype=page.data.dtype, pin_memory=self._async)
+            page.host = torch.empty(
+                page.numel, dtype=page.data.dtype, pin_memory=self._async
+            )
         token = self._copy_timer.start()
         page.host.copy_(page.data, non_blocking=self._async)
         self._copy_timer.stop(token)
         if self._async:
-            # The copy runs on the current stream; if that is not the stream the buffer was allocated on, the
-            # caching allocator must not hand the block out again before the copy has read it.
+            # The copy runs on the current stream; if that is not the stream the buffer
+            # was allocated on, the caching allocator must not hand the block out again
+            # before the copy has read it.
             page.data.record_stream(torch.cuda.current_stream(self.device))
-        page.data = None  # on CUDA the block returns to the caching allocator, reused in stream order
+        # on CUDA the block returns to the caching allocator, reused in stream order
+        page.data = None
         del self._resident[id(page)]
         self._resident_bytes -= page.nbytes
         self._host_bytes += page.nbytes
@@ -299,7 +342,8 @@ class PagePool:
         self._record("page_out")
 
     def _page_in(self, page: _Page) -> None:
-        # Note: a fresh buffer and an explicit copy: on cpu, ``host.to("cpu")`` would alias the host buffer.
+        # Note: a fresh buffer and an explicit copy: on cpu, ``host.to("cpu")`` would
+        # alias the host buffer.
         page.data = torch.empty_like(page.host, device=self.device)
         token = self._copy_timer.start()
         page.data.copy_(page.host, non_blocking=self._async)
@@ -312,8 +356,10 @@ class PagePool:
         self._record("page_in")
 
     def _acquire(self, pages: Sequence[_Page]) -> None:
-        """Make ``pages`` resident together and most recently used (callers have checked that they fit)."""
-        if all(page.data is not None for page in pages):  # the common case: nothing to page in
+        """Make ``pages`` resident together and most recently used (callers have checked
+        that they fit)."""
+        # the common case: nothing to page in
+        if all(page.data is not None for page in pages):
             for page in pages:
                 self._resident.move_to_end(id(page))
             return
@@ -330,19 +376,25 @@ class PagePool:
             for page in pages:
                 page.in_use = False
 
-    # -- spikes -------------------------------------------------------------------------------------
+    # -- spikes
+    # ---------------------------------------------------------------------------------
     @contextmanager
     def reserve(self, nbytes: int, label: str = "spike") -> Iterator[None]:
-        """Hold ``nbytes`` of the device budget for a memory spike, evicting LRU pages to host as needed.
+        """Hold ``nbytes`` of the device budget for a memory spike, evicting LRU pages to
+        host as needed.
 
         Raises:
-            PoolMemoryError: (a ``MemoryError``) if ``nbytes`` exceeds the capacity minus other reservations,
-                i.e. even an empty pool could not hold it; then no page has moved.
+            PoolMemoryError: (a ``MemoryError``) if ``nbytes`` exceeds the capacity minus
+                other reservations, i.e. even an empty pool could not hold it; then no
+                page has moved.
 
-        Note: pages evicted for the spike are not paged back when it ends; they return when next used.
+        Note: pages evicted for the spike are not paged back when it ends; they return
+        when next used.
         """
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-            raise TypeError(f"nbytes must be an int number of bytes, got {type(nbytes).__name__}")
+            raise TypeError(
+                f"nbytes must be an int number of bytes, got {type(nbytes).__name__}"
+            )
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         self._check_fits(nbytes, f"reserve({label!r})")
@@ -373,10 +425,12 @@ class _ClockTimer:
 
 
 class _CudaCopyTimer:
-    """Seconds of asynchronous CUDA copies, by CUDA events recorded around each on the current stream.
+    """Seconds of asynchronous CUDA copies, by CUDA events recorded around each on the
+    current stream.
 
-    Note: the clock would measure only the launch of an asynchronous copy. Events measure the copy on the GPU
-    without making the host wait for it; they are read (their end waited for) only when the total is asked.
+    Note: the clock would measure only the launch of an asynchronous copy. Events measure
+    the copy on the GPU without making the host wait for it; they are read (their end
+    waited for) only when the total is asked.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -393,7 +447,8 @@ class _CudaCopyTimer:
         end = torch.cuda.Event(enable_timing=True)
         end.record(torch.cuda.current_stream(self.device))
         self._pending.append((token, end))
-        if len(self._pending) >= 4096:  # a long run that never reads the total: fold the finished copies
+        # a long run that never reads the total: fold the finished copies
+        if len(self._pending) >= 4096:
             self._fold(wait=False)
 
     def _fold(self, wait: bool) -> None:
@@ -418,18 +473,24 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+        raise ValueError(
+            f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}"
+        ) from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")
-        if device.index is None:  # compare equal to the parameters' device, which carries an index
+        if (
+            device.index is None
+        ):  # compare equal to the parameters' device, which carries an index
             device = torch.device("cuda", torch.cuda.current_device())
     elif device.type != "cpu":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
     return device
 
 
-def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def _check_hyperparameters(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> None:
     def number(value: Any, name: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -453,17 +514,21 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose two state tensors live in a :class:`PagePool`.
 
-    Takes the same steps as ``torch.optim.AdamW`` with the same arguments (its single-tensor path: the
-    same operations in the same order), whether or not states were paged out in between.
+    Takes the same steps as ``torch.optim.AdamW`` with the same arguments (its
+    single-tensor path: the same operations in the same order), whether or not states were
+    paged out in between.
 
-    Args:
-        params, lr, betas, eps, weight_decay: as for ``torch.optim.AdamW`` (same defaults).
-        pool: where the states live. Default: a pool on the parameters' device whose capacity is the free
-            device memory on CUDA, and unlimited on cpu (then nothing is ever paged).
+    Args: params, lr, betas, eps, weight_decay: as for ``torch.optim.AdamW`` (same
+        defaults).
+        pool: where the states live. Default: a pool on the parameters' device whose
+            capacity is the free device memory on CUDA, and unlimited on cpu (then nothing
+            is ever paged).
 
-    Note: Adam is elementwise, so each update runs page by page on slices of the parameter and gradient:
-    only one page of each state needs to be resident at a time, and temporaries are page-sized.
-    Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does), so checkpoints load in either.
+    Note: Adam is elementwise, so each update runs page by page on slices of the parameter
+    and gradient: only one page of each state needs to be resident at a time, and
+    temporaries are page-sized.
+    Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does), so
+    checkpoints load in either.
     """
 
     def __init__(
@@ -476,12 +541,18 @@ class PagedAdamW(torch.optim.Optimizer):
         pool: PagePool | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        )
         for group in self.param_groups:
-            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            _check_hyperparameters(
+                group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            )
             for p in group["params"]:
                 if p.is_complex() or not p.is_floating_point():
-                    raise TypeError(f"params must be real floating-point tensors, got dtype {p.dtype}")
+                    raise TypeError(
+                        f"params must be real floating-point tensors, got dtype {p.dtype}"
+                    )
         if pool is None:
             pool = _default_pool(self.param_groups[0]["params"][0].device)
         if not isinstance(pool, PagePool):
@@ -490,13 +561,17 @@ class PagedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.device != pool.device:
-                    raise ValueError(f"params must be on the pool's device {pool.device}, got one on {p.device}")
+                    raise ValueError(
+                        f"params must be on the pool's device {pool.device}, got one on {p.device}"
+                    )
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             if not p.is_contiguous():
-                raise ValueError("params must be contiguous: updates run on slices of p.view(-1)")
+                raise ValueError(
+                    "params must be contiguous: updates run on slices of p.view(-1)"
+                )
             state["step"] = torch.tensor(0.0)  # as torch.optim.AdamW keeps it
             state["exp_avg"] = self.pool.zeros(p.shape, p.dtype)
             state["exp_avg_sq"] = self.pool.zeros(p.shape, p.dtype)
@@ -504,16 +579,19 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One AdamW update of every parameter with a gradient; states are paged in page by page.
+        """One AdamW update of every parameter with a gradient; states are paged in page
+        by page.
 
-        Raises ``PoolMemoryError`` before changing anything if one page of each state cannot fit beside
-        the current reservations.
+        Raises ``PoolMemoryError`` before changing anything if one page of each state
+        cannot fit beside the current reservations.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        work = [
+            (g, p) for g in self.param_groups for p in g["params"] if p.grad is not None
+        ]
         largest = 0
         for _, p in work:
             if p.grad.is_sparse:
@@ -523,7 +601,12 @@ class PagedAdamW(torch.optim.Optimizer):
         self.pool._check_fits(2 * largest, "one page of each AdamW state")
         for group, p in work:
             state = self._state(p)
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, (beta1, beta2), eps, wd = (
+                group["lr"],
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
             state["step"] += 1
             step = state["step"].item()
             bias_correction1 = 1 - beta1**step
@@ -537,12 +620,15 @@ class PagedAdamW(torch.optim.Optimizer):
                 self.pool._acquire((m_page, v_page))
                 m, v = m_page.data, v_page.data
                 stop = start + m_page.numel
-                whole = stop - start == p_flat.numel()  # one page: skip making slices (Python time per param)
+                # one page: skip making slices (Python time per param)
+                whole = stop - start == p_flat.numel()
                 g = g_flat if whole else g_flat[start:stop]
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-                (p_flat if whole else p_flat[start:stop]).addcdiv_(m, denom, value=-step_size)
+                (p_flat if whole else p_flat[start:stop]).addcdiv_(
+                    m, denom, value=-step_size
+                )
                 start = stop
         return loss
 
@@ -550,14 +636,23 @@ class PagedAdamW(torch.optim.Optimizer):
         """As ``torch.optim.AdamW.state_dict()``: states gathered into ordinary tensors."""
         sd = super().state_dict()
         sd["state"] = {
-            key: {k: (v.to_tensor() if isinstance(v, PagedTensor) else v) for k, v in s.items()}
+            key: {
+                k: (v.to_tensor() if isinstance(v, PagedTensor) else v)
+                for k, v in s.items()
+            }
             for key, s in sd["state"].items()
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load an ``AdamW``-format state dict (ours or torch's); states are copied into the pool."""
-        old = [v for s in self.state.values() for v in s.values() if isinstance(v, PagedTensor)]
+        """Load an ``AdamW``-format state dict (ours or torch's); states are copied into
+        the pool."""
+        old = [
+            v
+            for s in self.state.values()
+            for v in s.values()
+            if isinstance(v, PagedTensor)
+        ]
         super().load_state_dict(state_dict)
         for v in old:
             self.pool.free(v)
@@ -574,7 +669,10 @@ def _default_pool(device: torch.device) -> PagePool:
     return PagePool(2**62, device)  # effectively unlimited: nothing is paged
 
 
-__getattr__ = _deprecated.renamed(__name__, {
-    "SavedBytes": "peftlab.memory.SavedBytes",
-    "count_saved_bytes": "peftlab.memory.count_saved_bytes",
-})
+__getattr__ = _deprecated.renamed(
+    __name__,
+    {
+        "SavedBytes": "peftlab.memory.SavedBytes",
+        "count_saved_bytes": "peftlab.memory.count_saved_bytes",
+    },
+)

@@ -1,10 +1,11 @@
-"""QLoRA's frozen base: a 4-bit linear layer (NF4, double quantization) and a function that quantizes a model.
+"""QLoRA's frozen base: a 4-bit linear layer (NF4, double quantization) and a function
+that quantizes a model.
 
 Explained in the chapter *QLoRA end to end* (book/chapters/qlora.md).
 
-Storage and compute are separate (Dettmers et al. 2023, §3, Eq. 5–6): weights are stored in NF4 with
-double-quantized constants and dequantized to the compute dtype for every matmul; only LoRA adapters on
-top (:func:`peftlab.lora.add_lora`) get gradients.
+Storage and compute are separate (Dettmers et al. 2023, §3, Eq. 5–6): weights are stored
+in NF4 with double-quantized constants and dequantized to the compute dtype for every
+matmul; only LoRA adapters on top (:func:`peftlab.lora.add_lora`) get gradients.
 """
 
 from __future__ import annotations
@@ -24,32 +25,47 @@ from peftlab.devices import compute_dtype as default_compute_dtype
 from peftlab.lora import LLAMA_LINEARS, add_lora, matches_target
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4, to_bnb
 
-__all__ = ["KERNELS", "Linear4bit", "bnb_linear4bit", "free_workspaces", "prepare_qlora", "quantize_model",
-           "workspace_nbytes"]
+__all__ = [
+    "KERNELS",
+    "Linear4bit",
+    "bnb_linear4bit",
+    "free_workspaces",
+    "prepare_qlora",
+    "quantize_model",
+    "workspace_nbytes",
+]
 
 KERNELS = ("torch", "bnb")
 
-__getattr__ = _deprecated.renamed(__name__, {
-    "ALL_LINEARS": "peftlab.lora.LLAMA_LINEARS",
-    "FINETUNE_METHODS": "peftlab.memory.METHODS",
-    "finetune": _deprecated.qlora_finetune,
-    "finetune_compute_dtype": "peftlab.harness.experiments.sixteen_bit_dtype",
-})
+__getattr__ = _deprecated.renamed(
+    __name__,
+    {
+        "ALL_LINEARS": "peftlab.lora.LLAMA_LINEARS",
+        "FINETUNE_METHODS": "peftlab.memory.METHODS",
+        "finetune": _deprecated.qlora_finetune,
+        "finetune_compute_dtype": "peftlab.harness.experiments.sixteen_bit_dtype",
+    },
+)
 
 
-# Each thread's dequantization buffer, by (dtype, device): as large as the largest weight seen, every smaller
-# weight dequantized into its beginning. So a LLaMA block's seven layers (three shapes) share one buffer the
-# size of its largest matrix: what a fresh dequantized weight already cost at its peak, now allocated once.
-# Per thread, because two threads running layers at once would otherwise write one buffer together; autograd's
-# backward may run on another thread than the forward (on a GPU it does), which then has a buffer of its own.
+# Each thread's dequantization buffer, by (dtype, device): as large as the largest weight
+# seen, every smaller weight dequantized into its beginning. So a LLaMA block's seven
+# layers (three shapes) share one buffer the size of its largest matrix: what a fresh
+# dequantized weight already cost at its peak, now allocated once. Per thread, because two
+# threads running layers at once would otherwise write one buffer together; autograd's
+# backward may run on another thread than the forward (on a GPU it does), which then has a
+# buffer of its own.
 _WORKSPACES = threading.local()
 
 
-def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A contiguous ``shape`` view of this thread's buffer for ``dtype`` on ``device``, grown if too small.
+def _workspace(
+    shape: torch.Size, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A contiguous ``shape`` view of this thread's buffer for ``dtype`` on ``device``,
+    grown if too small.
 
-    Note: made outside inference mode even when first asked for inside it: an inference tensor could not be
-    written later by a forward that runs with autograd on.
+    Note: made outside inference mode even when first asked for inside it: an inference
+    tensor could not be written later by a forward that runs with autograd on.
     """
     buffers: dict[tuple, torch.Tensor] = _WORKSPACES.__dict__.setdefault("buffers", {})
     key, numel = (dtype, device), shape.numel()
@@ -62,26 +78,31 @@ def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> t
 
 
 def workspace_nbytes() -> int:
-    """Bytes held by the calling thread's dequantization workspaces (one per compute dtype and device)."""
+    """Bytes held by the calling thread's dequantization workspaces (one per compute dtype
+    and device)."""
     buffers = _WORKSPACES.__dict__.get("buffers", {})
     return sum(b.numel() * b.element_size() for b in buffers.values())
 
 
 def free_workspaces() -> None:
-    """Drop the calling thread's dequantization workspaces; the next 4-bit forward makes them again."""
+    """Drop the calling thread's dequantization workspaces; the next 4-bit forward makes
+    them again."""
     _WORKSPACES.__dict__.pop("buffers", None)
 
 
 class _Dequantize4bitMatmul(torch.autograd.Function):
-    """``y = x Wᵀ + b`` with ``W`` dequantized from 4 bits, in forward and again in backward.
+    """``y = x Wᵀ + b`` with ``W`` dequantized from 4 bits, in forward and again in
+    backward.
 
-    Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a dequantized ``W`` would
-    keep ``W`` (needed for the input gradient) until backward: every layer's full-precision weight at
-    once, which is the memory QLoRA exists to save. Dequantizing twice costs time, not memory.
-    Note: ``W`` is the thread's workspace (see :meth:`Linear4bit.weight_for_matmul`), overwritten by the
-    next 4-bit layer; that is safe because it is used only inside each call: the products below
-    are new tensors, never views of it, and backward is ``once_differentiable`` (it runs without
-    autograd, so a double backward cannot save the workspace and read it after it changed).
+    Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a dequantized
+    ``W`` would keep ``W`` (needed for the input gradient) until backward: every layer's
+    full-precision weight at once, which is the memory QLoRA exists to save. Dequantizing
+    twice costs time, not memory.
+    Note: ``W`` is the thread's workspace (see :meth:`Linear4bit.weight_for_matmul`),
+    overwritten by the next 4-bit layer; that is safe because it is used only inside each
+    call: the products below are new tensors, never views of it, and backward is
+    ``once_differentiable`` (it runs without autograd, so a double backward cannot save
+    the workspace and read it after it changed).
     """
 
     @staticmethod
@@ -99,96 +120,158 @@ class _Dequantize4bitMatmul(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen linear layer stored in NF4 (``weight`` is a :class:`peftlab.nf4.NF4Tensor`).
+    """A frozen linear layer stored in NF4 (``weight`` is a
+    :class:`peftlab.nf4.NF4Tensor`).
 
-    ``forward`` casts the input to ``compute_dtype``, dequantizes the weight to it, multiplies, and casts
-    the result back to the input's dtype (as bitsandbytes' ``Linear4bit`` does). With
-    ``kernels="bnb"`` the product runs in bitsandbytes' ``matmul_4bit`` on the same bytes.
+    ``forward`` casts the input to ``compute_dtype``, dequantizes the weight to it,
+    multiplies, and casts the result back to the input's dtype (as bitsandbytes'
+    ``Linear4bit`` does). With ``kernels="bnb"`` the product runs in bitsandbytes'
+    ``matmul_4bit`` on the same bytes.
 
-    ``compute_dtype`` defaults to :func:`peftlab.devices.compute_dtype` of the weight's device: float32 on a
-    CPU, bfloat16 on GPUs that compute it natively (sm80+), float16 on older ones (T4).
+    ``compute_dtype`` defaults to :func:`peftlab.devices.compute_dtype` of the weight's
+    device: float32 on a CPU, bfloat16 on GPUs that compute it natively (sm80+), float16
+    on older ones (T4).
 
-    Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``, ``.bfloat16()``...)
-    only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit values never drift.
-    Note: the NF4 weight is a plain attribute, not a buffer, so ``state_dict()`` leaves it out (it would
-    otherwise hold uint8 codes that ``load_state_dict`` into an ``nn.Linear`` cannot read); save the
-    adapters, and quantize the base again from its checkpoint — quantization is deterministic.
-    Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it; ``merge()`` refuses it
-    (merging into 4 bits would round the update away), so keep adapters separate or dequantize first.
-    Note: with ``workspace=True`` (default) the weight is dequantized into a buffer reused by every 4-bit layer
-    on the thread with the same compute dtype and device (see :meth:`weight_for_matmul`): one buffer the size
-    of the largest weight, held for good, instead of a fresh one allocated and freed at every call.
-    ``workspace=False`` allocates.
+    Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``,
+    ``.bfloat16()``...) only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit
+    values never drift.
+    Note: the NF4 weight is a plain attribute, not a buffer, so ``state_dict()`` leaves it
+    out (it would otherwise hold uint8 codes that ``load_state_dict`` into an
+    ``nn.Linear`` cannot read); save the adapters, and quantize the base again from its
+    checkpoint — quantization is deterministic.
+    Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it;
+    ``merge()`` refuses it (merging into 4 bits would round the update away), so keep
+    adapters separate or dequantize first.
+    Note: with ``workspace=True`` (default) the weight is dequantized into a buffer reused
+    by every 4-bit layer on the thread with the same compute dtype and device (see
+    :meth:`weight_for_matmul`): one buffer the size of the largest weight, held for good,
+    instead of a fresh one allocated and freed at every call. ``workspace=False``
+    allocates.
     """
 
     peftlab_linear = True
 
-    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None, kernels: str = "torch", workspace: bool = True) -> None:
+    def __init__(
+        self,
+        weight: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        kernels: str = "torch",
+        workspace: bool = True,
+    ) -> None:
         super().__init__()
         if not isinstance(weight, NF4Tensor):
-            raise TypeError(f"weight must be an NF4Tensor (see peftlab.nf4.quantize_nf4), got {type(weight).__name__}")
+            raise TypeError(
+                f"weight must be an NF4Tensor (see peftlab.nf4.quantize_nf4), got {type(weight).__name__}"
+            )
         if len(weight.shape) != 2:
-            raise ValueError(f"weight must stand for a 2-D (out_features × in_features) matrix, got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must stand for a 2-D (out_features × in_features) matrix, got shape {tuple(weight.shape)}"
+            )
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         if not isinstance(workspace, bool):
             raise TypeError(f"workspace must be a bool, got {type(workspace).__name__}")
-        compute_dtype = default_compute_dtype(weight.device) if compute_dtype is None else compute_dtype
+        compute_dtype = (
+            default_compute_dtype(weight.device)
+            if compute_dtype is None
+            else compute_dtype
+        )
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}")
+            raise TypeError(
+                f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}"
+            )
         self.out_features, self.in_features = weight.shape
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,):
-                raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got {getattr(bias, 'shape', bias)!r}")
+                raise ValueError(
+                    f"bias must be a tensor of shape ({self.out_features},), got {getattr(bias, 'shape', bias)!r}"
+                )
             bias = bias.detach().clone()
         self.weight = weight
         self.bias = bias
         self.compute_dtype = compute_dtype
         self.kernels = kernels
         self.workspace = workspace
-        self._bnb_state: tuple[NF4Tensor, torch.Tensor, Any] | None = None  # bitsandbytes' view of the bytes
+        self._bnb_state: tuple[NF4Tensor, torch.Tensor, Any] | None = (
+            None  # bitsandbytes' view of the bytes
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, kernels: str = "torch", workspace: bool = True) -> Linear4bit:
-        """Quantize ``linear``'s weight to NF4 (QLoRA's default: blocks of 64, double quantization)."""
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        kernels: str = "torch",
+        workspace: bool = True,
+    ) -> Linear4bit:
+        """Quantize ``linear``'s weight to NF4 (QLoRA's default: blocks of 64, double
+        quantization)."""
         if isinstance(linear, Linear4bit):
-            raise ValueError("linear is already a Linear4bit: quantizing it again would compound the error")
+            raise ValueError(
+                "linear is already a Linear4bit: quantizing it again would compound the error"
+            )
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        if double_quant and weight.absmax.codes.untyped_storage().nbytes() > weight.absmax.codes.nbytes:
-            # The 8-bit codes can be a view of a buffer padded to whole blocks of 256; keep only the codes.
-            weight = replace(weight, absmax=replace(weight.absmax, codes=weight.absmax.codes.clone()))
-        return cls(weight, linear.bias, compute_dtype=compute_dtype, kernels=kernels, workspace=workspace)
+        weight = quantize_nf4(
+            linear.weight.detach(), blocksize=blocksize, double_quant=double_quant
+        )
+        if (
+            double_quant
+            and weight.absmax.codes.untyped_storage().nbytes()
+            > weight.absmax.codes.nbytes
+        ):
+            # The 8-bit codes can be a view of a buffer padded to whole blocks of 256;
+            # keep only the codes.
+            weight = replace(
+                weight, absmax=replace(weight.absmax, codes=weight.absmax.codes.clone())
+            )
+        return cls(
+            weight,
+            linear.bias,
+            compute_dtype=compute_dtype,
+            kernels=kernels,
+            workspace=workspace,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in ``dtype`` (default: ``compute_dtype``), out_features × in_features."""
+        """The weight in ``dtype`` (default: ``compute_dtype``), out_features ×
+        in_features."""
         return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
 
     def weight_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype`` for one product, right now: valid only until the next 4-bit layer runs.
+        """The weight in ``dtype`` for one product, right now: valid only until the next
+        4-bit layer runs.
 
-        With ``self.workspace`` it is written into the calling thread's buffer for this dtype and device
-        (no allocation after the first call: on a CPU a fresh weight-sized tensor costs about as much as
-        dequantizing into it); otherwise it is a fresh tensor, as :meth:`dequantize` returns.
+        With ``self.workspace`` it is written into the calling thread's buffer for this
+        dtype and device (no allocation after the first call: on a CPU a fresh
+        weight-sized tensor costs about as much as dequantizing into it); otherwise it is
+        a fresh tensor, as :meth:`dequantize` returns.
         """
         if not self.workspace:
             return self.dequantize(dtype)
-        return dequantize_nf4(self.weight, dtype, out=_workspace(self.weight.shape, dtype, self.weight.device))
+        return dequantize_nf4(
+            self.weight,
+            dtype,
+            out=_workspace(self.weight.shape, dtype, self.weight.device),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.in_features,):
             raise ValueError(
-                f"x must be a tensor whose last dimension is in_features={self.in_features}, "
+                "x must be a tensor whose last dimension is "
+                f"in_features={self.in_features}, "
                 f"got shape {tuple(getattr(x, 'shape', ()))}"
             )
         x_c = x.to(self.compute_dtype)
         if self.kernels == "bnb":
             import bitsandbytes as bnb
 
-            # Built once per weight (and device): building it costs more than a small matmul.
+            # Built once per weight (and device): building it costs more than a small
+            # matmul.
             if self._bnb_state is None or self._bnb_state[0] is not self.weight:
                 self._bnb_state = (self.weight, *to_bnb(self.weight))
             _, packed, state = self._bnb_state
@@ -200,8 +283,9 @@ class Linear4bit(nn.Module):
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # nn.Module.to()/cuda()/half() all arrive here with a function on tensors. Probe it with an empty
-        # tensor: the device it returns moves the packed bytes; a new dtype becomes the compute dtype.
+        # nn.Module.to()/cuda()/half() all arrive here with a function on tensors. Probe
+        # it with an empty tensor: the device it returns moves the packed bytes; a new
+        # dtype becomes the compute dtype.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.weight.device))
         if probe.device != self.weight.device:
             self.weight = self.weight.to(probe.device)
@@ -211,74 +295,119 @@ class Linear4bit(nn.Module):
         return super()._apply(fn, recurse)
 
     def memory_tensors(self) -> dict[str, list[Any]]:
-        """The tensors this layer holds, by kind (used by :func:`peftlab.memory.measure_step`)."""
+        """The tensors this layer holds, by kind (used by
+        :func:`peftlab.memory.measure_step`)."""
         absmax = self.weight.absmax
-        constants = [absmax] if isinstance(absmax, torch.Tensor) else [absmax.codes, absmax.absmax2, absmax.offset]
+        constants = (
+            [absmax]
+            if isinstance(absmax, torch.Tensor)
+            else [absmax.codes, absmax.absmax2, absmax.offset]
+        )
         weights = [self.weight.packed] + ([] if self.bias is None else [self.bias])
         return {"weights": weights, "quant_constants": constants}
 
     def extra_parameter_count(self) -> int:
-        """Logical frozen parameters held outside nn.Parameters: in × out (+ bias), for count_parameters."""
-        return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+        """Logical frozen parameters held outside nn.Parameters: in × out (+ bias), for
+        count_parameters."""
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
-                f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}, workspace={self.workspace}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
+            f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}, workspace={self.workspace}"
+        )
 
 
-def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   blocksize: int = 64, double_quant: bool = True) -> nn.Module:
-    """bitsandbytes' own NF4 ``Linear4bit`` holding ``linear``'s weights: the reference ours is checked against.
+def bnb_linear4bit(
+    linear: nn.Linear,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """bitsandbytes' own NF4 ``Linear4bit`` holding ``linear``'s weights: the reference
+    ours is checked against.
 
-    Note: bitsandbytes quantizes when the layer is moved to ``device``, not when it is built.
+    Note: bitsandbytes quantizes when the layer is moved to ``device``, not when it is
+    built.
     """
     import bitsandbytes as bnb
 
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    ref = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4")
+    ref = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+    )
     ref.load_state_dict(linear.state_dict())
     ref.weight.blocksize = blocksize
     return ref.to(device)
 
 
-def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None, *, blocksize: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                   kernels: str = "torch", progress: bool = True) -> nn.Module:
-    """Replace linear layers of ``model`` by :class:`Linear4bit` (in place); returns ``model``.
+def quantize_model(
+    model: nn.Module,
+    target_modules: Iterable[str] | None = None,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    kernels: str = "torch",
+    progress: bool = True,
+) -> nn.Module:
+    """Replace linear layers of ``model`` by :class:`Linear4bit` (in place); returns
+    ``model``.
 
-    ``target_modules``: names, each matching a module whose qualified name equals it or ends with
-    ``"." + name`` (PEFT's rule); default: every ``nn.Linear`` except ``lm_head``, i.e. all linear layers
-    of the blocks, as QLoRA does.
+    ``target_modules``: names, each matching a module whose qualified name equals it or
+    ends with ``"." + name`` (PEFT's rule); default: every ``nn.Linear`` except
+    ``lm_head``, i.e. all linear layers of the blocks, as QLoRA does.
 
-    Note: ``lm_head`` is never quantized (QLoRA keeps it in 16 bits: it is one matrix, and the logits
-    are sensitive to it); naming it is an error, not a silent skip.
+    Note: ``lm_head`` is never quantized (QLoRA keeps it in 16 bits: it is one matrix, and
+    the logits are sensitive to it); naming it is an error, not a silent skip.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if target_modules is None:
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"]
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.split(".")[-1] != "lm_head"
+        ]
         if not names:
-            raise ValueError("model has no nn.Linear layers to quantize (besides lm_head); is it already quantized?")
+            raise ValueError(
+                "model has no nn.Linear layers to quantize (besides lm_head); is it already quantized?"
+            )
     else:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         targets = list(target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+            raise ValueError(
+                f"target_modules must be a non-empty list of module names, got {target_modules!r}"
+            )
         if any(t.split(".")[-1] == "lm_head" for t in targets):
-            raise ValueError("target_modules must not include lm_head: QLoRA keeps it in 16 bits")
+            raise ValueError(
+                "target_modules must not include lm_head: QLoRA keeps it in 16 bits"
+            )
         names = [n for n, _ in model.named_modules() if n and matches_target(n, targets)]
         if not names:
             raise ValueError(f"no module of model matches target_modules={targets}")
         for n in names:
             m = model.get_submodule(n)
             if isinstance(m, Linear4bit):
-                raise ValueError(f"module {n!r} is already a Linear4bit: quantizing it again would compound the error")
+                raise ValueError(
+                    f"module {n!r} is already a Linear4bit: quantizing it again would compound the error"
+                )
             if not isinstance(m, nn.Linear):
-                raise TypeError(f"target module {n!r} must be an nn.Linear, got {type(m).__name__}")
+                raise TypeError(
+                    f"target module {n!r} must be an nn.Linear, got {type(m).__name__}"
+                )
     if progress:
         from tqdm.auto import tqdm
 
@@ -286,18 +415,35 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] | None = None
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = Linear4bit.from_linear(getattr(parent, child), blocksize=blocksize, double_quant=double_quant,
-                                       compute_dtype=compute_dtype, kernels=kernels)
+        layer = Linear4bit.from_linear(
+            getattr(parent, child),
+            blocksize=blocksize,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            kernels=kernels,
+        )
         setattr(parent, child, layer)
     return model
 
 
-def prepare_qlora(model: nn.Module, target_modules: Iterable[str] = LLAMA_LINEARS, *, r: int = 64,
-                  alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
-                  compute_dtype: torch.dtype | None = None, kernels: str = "torch") -> nn.Module:
-    """QLoRA's model, in place: the targeted linear layers stored in NF4 with double quantization (frozen),
-    LoRA adapters on the same layers (trained). The paper's defaults: every linear layer of the blocks,
+def prepare_qlora(
+    model: nn.Module,
+    target_modules: Iterable[str] = LLAMA_LINEARS,
+    *,
+    r: int = 64,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    kernels: str = "torch",
+) -> nn.Module:
+    """QLoRA's model, in place: the targeted linear layers stored in NF4 with double
+    quantization (frozen),
+    LoRA adapters on the same layers (trained). The paper's defaults: every linear layer
+    of the blocks,
     r = 64, α = 16. Returns ``model``."""
     targets = list(target_modules)
-    quantize_model(model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False)
+    quantize_model(
+        model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False
+    )
     return add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)

@@ -1,8 +1,8 @@
 """Claims: a measured number set beside a paper's or a library's, asserted by the build.
 
-A chapter calls :func:`claim` wherever it compares itself with a source. The call glues both numbers
-for the prose, fails the cell (and so the build) when the comparison breaks, and records the result for
-the *Claims checked* page (book/reference/claims.md).
+A chapter calls :func:`claim` wherever it compares itself with a source. The call glues
+both numbers for the prose, fails the cell (and so the build) when the comparison breaks,
+and records the result for the *Claims checked* page (book/reference/claims.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ from typing import Any, Callable
 
 from peftlab.book.runtime import chapter_order, current_chapter, glue, output_dir
 
-__all__ = ["Claim", "ClaimError", "RELATIONS", "claim", "claims_markdown", "format_number", "load_claims"]
+__all__ = [
+    "Claim",
+    "ClaimError",
+    "RELATIONS",
+    "claim",
+    "claims_markdown",
+    "format_number",
+    "load_claims",
+]
 
 _KEY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -51,7 +59,11 @@ class Claim:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "item"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        and not hasattr(value, "item")
+    ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value.item() if hasattr(value, "item") else value)
     if not math.isfinite(value):
@@ -60,7 +72,8 @@ def _number(name: str, value: Any) -> float:
 
 
 def format_number(x: float) -> str:
-    """Whole numbers and numbers from 1,000 up in full with thousands separators (6,738,415,616, 9,250);
+    """Whole numbers and numbers from 1,000 up in full with thousands separators
+    (6,738,415,616, 9,250);
     others to 4 significant digits."""
     if x == int(x) and abs(x) < 1e16:
         return f"{int(x):,}"
@@ -83,12 +96,13 @@ def claim(
 ) -> None:
     """Check ``measured`` against ``expected`` and glue both (``key``, ``key-expected``).
 
-    ``relation="approx"`` passes when ``|measured - expected| <= max(rel * |expected|, abs)``; the other
-    relations compare ``measured <relation> expected`` (e.g. ``"<"`` for "below 48 GB").
-    ``source`` cites where ``expected`` comes from ("QLoRA §3"), ``what`` says it in words; ``fmt``
-    (e.g. ``"{:.3f}"``) sets how the Claims page prints both numbers, default :func:`format_number`.
-    Raises :class:`ClaimError` when the claim fails, after recording it. Returns None, so a cell that
-    ends with a claim shows nothing; the prose shows the glued numbers.
+    ``relation="approx"`` passes when ``|measured - expected| <= max(rel * |expected|,
+    abs)``; the other relations compare ``measured <relation> expected`` (e.g. ``"<"`` for
+    "below 48 GB"). ``source`` cites where ``expected`` comes from ("QLoRA §3"), ``what``
+    says it in words; ``fmt`` (e.g. ``"{:.3f}"``) sets how the Claims page prints both
+    numbers, default :func:`format_number`. Raises :class:`ClaimError` when the claim
+    fails, after recording it. Returns None, so a cell that ends with a claim shows
+    nothing; the prose shows the glued numbers.
     """
     if not isinstance(key, str) or not _KEY.match(key):
         raise ValueError(f"key must be lowercase words joined by '-', got {key!r}")
@@ -98,7 +112,9 @@ def claim(
     m, e = _number("measured", measured), _number("expected", expected)
     if relation == "approx":
         if rel is None and abs is None:
-            raise ValueError("relation='approx' needs a tolerance: rel=..., abs=... or both")
+            raise ValueError(
+                "relation='approx' needs a tolerance: rel=..., abs=... or both"
+            )
         bound = max((rel or 0.0) * math.fabs(e), abs or 0.0)
         passed = math.fabs(m - e) <= bound
         parts = ([f"{rel:.3g} relative"] if rel is not None else []) + (
@@ -111,7 +127,9 @@ def claim(
         passed = RELATIONS[relation](m, e)
         tolerance = f"measured {relation} expected"
     else:
-        raise ValueError(f"relation must be 'approx' or one of {sorted(RELATIONS)}, got {relation!r}")
+        raise ValueError(
+            f"relation must be 'approx' or one of {sorted(RELATIONS)}, got {relation!r}"
+        )
     record = Claim(
         key=key,
         what=what.strip(),
@@ -137,14 +155,20 @@ def claim(
 
 
 def load_claims() -> list[Claim]:
-    """Every claim recorded by this build, chapters in the book's order (``_toc.yml``), then by key."""
-    records = [Claim(**json.loads(p.read_text())) for p in output_dir("claims").glob("*.json")]
+    """Every claim recorded by this build, chapters in the book's order (``_toc.yml``),
+    then by key."""
+    records = [
+        Claim(**json.loads(p.read_text())) for p in output_dir("claims").glob("*.json")
+    ]
     order = {name: i for i, name in enumerate(chapter_order())}
-    return sorted(records, key=lambda c: (order.get(c.chapter, len(order)), c.chapter or "", c.key))
+    return sorted(
+        records, key=lambda c: (order.get(c.chapter, len(order)), c.chapter or "", c.key)
+    )
 
 
 def claims_markdown() -> str:
-    """The Claims page (MyST): per chapter, every claim with both numbers, the tolerance and the verdict."""
+    """The Claims page (MyST): per chapter, every claim with both numbers, the tolerance
+    and the verdict."""
     claims = load_claims()
     if not claims:
         return "*No claims were recorded by this build.*"
@@ -154,9 +178,25 @@ def claims_markdown() -> str:
     for c in claims:
         if c.chapter != chapter:
             chapter = c.chapter
-            title = f"{{doc}}`/book/chapters/{c.chapter}`" if c.chapter else "Outside a chapter"
-            out += ["", f"**{title}**", "",
-                    "| Claim | Source | Ours | Source's | Tolerance | Holds |", "|---|---|---|---|---|---|"]
-        cells = [c.what, c.source, c.measured_text, c.expected_text, c.tolerance, "✓" if c.passed else "✗"]
+            title = (
+                f"{{doc}}`/book/chapters/{c.chapter}`"
+                if c.chapter
+                else "Outside a chapter"
+            )
+            out += [
+                "",
+                f"**{title}**",
+                "",
+                "| Claim | Source | Ours | Source's | Tolerance | Holds |",
+                "|---|---|---|---|---|---|",
+            ]
+        cells = [
+            c.what,
+            c.source,
+            c.measured_text,
+            c.expected_text,
+            c.tolerance,
+            "✓" if c.passed else "✗",
+        ]
         out.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     return "\n".join(out)

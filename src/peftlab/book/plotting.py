@@ -1,11 +1,11 @@
 """The book's figure style and the one way a citable figure leaves a chapter.
 
-Every figure a reader may cite is drawn with :func:`new_figure` and saved with :func:`save_figure`, which
-exports it under a stable file name (SVG, PDF, PNG), glues it for the prose and records it for the
-*Figures* page (book/reference/figures.md).
+Every figure a reader may cite is drawn with :func:`new_figure` and saved with
+:func:`save_figure`, which exports it under a stable file name (SVG, PDF, PNG), glues it
+for the prose and records it for the *Figures* page (book/reference/figures.md).
 
-Note: the files are byte-for-byte reproducible — no dates or random ids in the metadata, a fixed SVG hash
-salt — so two clean builds on the same machine produce identical downloads.
+Note: the files are byte-for-byte reproducible — no dates or random ids in the metadata, a
+fixed SVG hash salt — so two clean builds on the same machine produce identical downloads.
 """
 
 from __future__ import annotations
@@ -67,14 +67,18 @@ _METADATA = {
 def new_figure(
     ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6, **kwargs: Any
 ) -> tuple[Figure, Any]:
-    """A figure in the book's style: ``fig, ax = new_figure()`` (``ax`` is an array for several panels)."""
+    """A figure in the book's style: ``fig, ax = new_figure()`` (``ax`` is an array for
+    several panels)."""
     use_style()
     kwargs.setdefault("layout", "constrained")
     return plt.subplots(nrows=nrows, ncols=ncols, figsize=(width, height), **kwargs)
 
 
-def grouped_bars(ax: Any, groups: dict[str, dict[str, float]], ylabel: str, fmt: str = "{:.2f}") -> None:
-    """Bars side by side: one cluster per group (``groups[group][series] = value``), one colour per series,
+def grouped_bars(
+    ax: Any, groups: dict[str, dict[str, float]], ylabel: str, fmt: str = "{:.2f}"
+) -> None:
+    """Bars side by side: one cluster per group (``groups[group][series] = value``), one
+    colour per series,
     each bar labelled with its value. Used for the GPU timings the chapters record (ours beside the reference)."""
     series = list(dict.fromkeys(name for values in groups.values() for name in values))
     width = 0.8 / len(series)
@@ -91,14 +95,18 @@ def grouped_bars(ax: Any, groups: dict[str, dict[str, float]], ylabel: str, fmt:
 
 def _export(fig: Figure, path: Path, fmt: str, dpi: float | None = None) -> None:
     extra = {} if dpi is None else {"dpi": dpi}
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt], **extra))
+    atomic_write(
+        path, lambda tmp: fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt], **extra)
+    )
 
 
 def _show(fig: Figure) -> None:
-    """Display ``fig`` as the cell's output in Jupyter or Colab; in the book's build, leave it to the glue.
+    """Display ``fig`` as the cell's output in Jupyter or Colab; in the book's build,
+    leave it to the glue.
 
-    Note: the book places each figure once, where the prose's ``{glue:figure}`` puts it; everywhere else
-    (a Colab twin, a reader's Jupyter) the figure appears under the cell that drew it.
+    Note: the book places each figure once, where the prose's ``{glue:figure}`` puts it;
+    everywhere else (a Colab twin, a reader's Jupyter) the figure appears under the cell
+    that drew it.
     """
     if in_book_build():
         return
@@ -111,9 +119,15 @@ def _show(fig: Figure) -> None:
         display(fig)
 
 
-def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None,
-                record: Record | None = None) -> None:
-    """Export ``fig`` as ``<name>.svg/.pdf/.png``, show it, glue it, and record it for the Figures page.
+def save_figure(
+    fig: Figure,
+    name: str,
+    caption: str,
+    seed: int | None = None,
+    record: Record | None = None,
+) -> None:
+    """Export ``fig`` as ``<name>.svg/.pdf/.png``, show it, glue it, and record it for the
+    Figures page.
 
     The prose shows it with::
 
@@ -123,17 +137,20 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None,
         {glue:md}`<name>-caption`
         ```
 
-    ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.book.runtime.provenance` (device, seed,
-    versions), so the caption always says what produced the figure. A figure drawn from a GPU
-    measurement passes its :class:`~peftlab.book.records.Record`, whose provenance (device, CUDA, versions,
-    date) then ends the caption instead. Outside the book's build the figure is also displayed under the
-    cell. Returns None, so a cell that ends with it shows nothing twice; :func:`load_figure_records` reads
-    the records back.
+    ``<name>-caption`` is ``caption`` followed by :func:`~peftlab.book.runtime.provenance`
+    (device, seed, versions), so the caption always says what produced the figure. A
+    figure drawn from a GPU measurement passes its :class:`~peftlab.book.records.Record`,
+    whose provenance (device, CUDA, versions, date) then ends the caption instead. Outside
+    the book's build the figure is also displayed under the cell. Returns None, so a cell
+    that ends with it shows nothing twice; :func:`load_figure_records` reads the records
+    back.
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"name must be lowercase words joined by '-' (a stable file name), got {name!r}")
+        raise ValueError(
+            f"name must be lowercase words joined by '-' (a stable file name), got {name!r}"
+        )
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("caption must be a non-empty str saying what the figure shows")
     folder = output_dir("figures")
@@ -165,16 +182,28 @@ def save_figure(fig: Figure, name: str, caption: str, seed: int | None = None,
 
 
 def load_figure_records() -> list[dict[str, Any]]:
-    """Every figure saved by this build, in the book's order: chapters as in ``_toc.yml``, then saved order."""
-    records = [json.loads(p.read_text()) for p in output_dir("figure-records").glob("*.json")]
+    """Every figure saved by this build, in the book's order: chapters as in ``_toc.yml``,
+    then saved order."""
+    records = [
+        json.loads(p.read_text()) for p in output_dir("figure-records").glob("*.json")
+    ]
     order = {name: i for i, name in enumerate(chapter_order())}
-    return sorted(records, key=lambda r: (order.get(r["chapter"], len(order)), r["chapter"] or "", r.get("index", 0)))
+    return sorted(
+        records,
+        key=lambda r: (
+            order.get(r["chapter"], len(order)),
+            r["chapter"] or "",
+            r.get("index", 0),
+        ),
+    )
 
 
 def figures_markdown(static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
-    """The Figures page's table (MyST): thumbnail, number, caption and downloads for every figure.
+    """The Figures page's table (MyST): thumbnail, number, caption and downloads for every
+    figure.
 
-    The thumbnail links to the full-size PNG; a figure drawn from a GPU record is marked with its device.
+    The thumbnail links to the full-size PNG; a figure drawn from a GPU record is marked
+    with its device.
     """
     records = load_figure_records()
     if not records:
@@ -182,8 +211,10 @@ def figures_markdown(static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
     rows = ["| | Figure | Caption | Files |", "|---|---|---|---|"]
     for r in records:
         name = r["name"]
-        thumb = (f'<a href="{static_prefix}/{name}.png"><img src="{static_prefix}/thumbnails/{name}.png" '
-                 f'alt="Thumbnail of {name}" width="160" loading="lazy"></a>')
+        thumb = (
+            f'<a href="{static_prefix}/{name}.png"><img src="{static_prefix}/thumbnails/{name}.png" '
+            f'alt="Thumbnail of {name}" width="160" loading="lazy"></a>'
+        )
         files = " ".join(
             f'<a href="{static_prefix}/{f}" download>{f.rsplit(".", 1)[1].upper()}</a>'
             for f in r["files"]
@@ -197,14 +228,17 @@ def figures_markdown(static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
 
 
 def figure_markdown(name: str, static_prefix: str = FIGURES_FROM_CHAPTER) -> str:
-    """A MyST ``{figure}`` block for a figure saved by this run, for prose that exists only sometimes.
+    """A MyST ``{figure}`` block for a figure saved by this run, for prose that exists
+    only sometimes.
 
-    A chapter's *Measured on a GPU* section is glued as MyST (``{glue:md}`` with ``:format: myst``)
-    because it depends on whether a GPU record exists; its figures are numbered and captioned like the
-    others, from the record :func:`save_figure` wrote.
+    A chapter's *Measured on a GPU* section is glued as MyST (``{glue:md}`` with
+    ``:format: myst``) because it depends on whether a GPU record exists; its figures are
+    numbered and captioned like the others, from the record :func:`save_figure` wrote.
     """
     path = output_dir("figure-records") / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"no figure named {name!r} was saved by this run (save_figure first)")
+        raise ValueError(
+            f"no figure named {name!r} was saved by this run (save_figure first)"
+        )
     entry = json.loads(path.read_text())
-    return (f"```{{figure}} {static_prefix}/{name}.svg\n:name: {entry['label']}\n\n{entry['caption']}\n```")
+    return f"```{{figure}} {static_prefix}/{name}.svg\n:name: {entry['label']}\n\n{entry['caption']}\n```"

@@ -1,11 +1,13 @@
-"""Measurements made once on a GPU, kept with their provenance, and rendered by every build of the book.
+"""Measurements made once on a GPU, kept with their provenance, and rendered by every
+build of the book.
 
-The book builds on a CPU, so nothing a GPU measures could otherwise reach it. A chapter's ``# GPU:`` cell
-measures, plots for the reader who ran it, and calls :func:`save_record`. When ``bash scripts/gpu-check.sh``
-runs the chapters on a CUDA machine it points :data:`RECORD_DIR_ENV` at the repository's ``results/gpu``
-folder, so the records are committed; every later build reads the latest one back with :func:`load_record`
-and draws it in the chapter's *Measured on a GPU* section, with the device, CUDA, library versions and date
-in the caption (the memory, rank/α, NF4 and paged chapters).
+The book builds on a CPU, so nothing a GPU measures could otherwise reach it. A chapter's
+``# GPU:`` cell measures, plots for the reader who ran it, and calls :func:`save_record`.
+When ``bash scripts/gpu-check.sh`` runs the chapters on a CUDA machine it points
+:data:`RECORD_DIR_ENV` at the repository's ``results/gpu`` folder, so the records are
+committed; every later build reads the latest one back with :func:`load_record` and draws
+it in the chapter's *Measured on a GPU* section, with the device, CUDA, library versions
+and date in the caption (the memory, rank/α, NF4 and paged chapters).
 
 Note: a record is plain JSON (no pickle): a file a reader may receive and open safely.
 """
@@ -25,7 +27,14 @@ import torch
 from peftlab.files import atomic_write
 from peftlab.book.runtime import book_root, output_dir, versions
 
-__all__ = ["RECORD_DIR_ENV", "RESULTS_FOLDER", "Record", "gpu_provenance", "load_record", "save_record"]
+__all__ = [
+    "RECORD_DIR_ENV",
+    "RESULTS_FOLDER",
+    "Record",
+    "gpu_provenance",
+    "load_record",
+    "save_record",
+]
 
 #: Environment variable naming the folder :func:`save_record` writes to (set by scripts/gpu-check.sh).
 RECORD_DIR_ENV = "PEFTLAB_RECORD_DIR"
@@ -34,7 +43,16 @@ RECORD_DIR_ENV = "PEFTLAB_RECORD_DIR"
 RESULTS_FOLDER = Path("results") / "gpu"
 
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
-_PROVENANCE_KEYS = ("device", "capability", "cuda", "torch", "bitsandbytes", "peftlab", "python", "date")
+_PROVENANCE_KEYS = (
+    "device",
+    "capability",
+    "cuda",
+    "torch",
+    "bitsandbytes",
+    "peftlab",
+    "python",
+    "date",
+)
 
 
 @dataclass(frozen=True)
@@ -51,17 +69,21 @@ class Record:
         return self.provenance["device"]
 
     def caption(self) -> str:
-        """One sentence for a figure caption: device, compute capability, CUDA, versions and date."""
+        """One sentence for a figure caption: device, compute capability, CUDA, versions
+        and date."""
         p = self.provenance
         libs = [f"peftlab {p['peftlab']}", f"torch {p['torch']}"]
         if p.get("bitsandbytes", "-") != "-":
             libs.append(f"bitsandbytes {p['bitsandbytes']}")
-        return (f"Measured on {p['device']} (compute capability {p['capability']}, CUDA {p['cuda']}) "
-                f"on {p['date']} with {', '.join(libs)}.")
+        return (
+            f"Measured on {p['device']} (compute capability {p['capability']}, CUDA {p['cuda']}) "
+            f"on {p['date']} with {', '.join(libs)}."
+        )
 
 
 def gpu_provenance() -> dict[str, str]:
-    """The provenance of a measurement on this machine's first CUDA device (a ``RuntimeError`` without one)."""
+    """The provenance of a measurement on this machine's first CUDA device (a
+    ``RuntimeError`` without one)."""
     if not torch.cuda.is_available():
         raise RuntimeError("a GPU record needs a CUDA device, and torch sees none")
     v = versions()
@@ -80,17 +102,24 @@ def gpu_provenance() -> dict[str, str]:
 
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"name must be lowercase words joined by '-' (a stable file name), got {name!r}")
+        raise ValueError(
+            f"name must be lowercase words joined by '-' (a stable file name), got {name!r}"
+        )
     return name
 
 
-def save_record(name: str, data: dict[str, Any], *, provenance: dict[str, str] | None = None) -> Path:
-    """Write ``data`` (JSON-serialisable) with its provenance as ``<name>.json``; return the file's path.
+def save_record(
+    name: str, data: dict[str, Any], *, provenance: dict[str, str] | None = None
+) -> Path:
+    """Write ``data`` (JSON-serialisable) with its provenance as ``<name>.json``; return
+    the file's path.
 
-    The folder is ``$PEFTLAB_RECORD_DIR`` when set (scripts/gpu-check.sh sets it to ``results/gpu``, whose
-    records the book renders), else :func:`peftlab.book.runtime.output_dir` ``("gpu-records")``, e.g.
-    ``./peftlab-output/gpu-records`` on Colab. ``provenance`` defaults to :func:`gpu_provenance`; pass one
-    only to write a record measured elsewhere (or a synthetic one in a test).
+    The folder is ``$PEFTLAB_RECORD_DIR`` when set (scripts/gpu-check.sh sets it to
+    ``results/gpu``, whose records the book renders), else
+    :func:`peftlab.book.runtime.output_dir` ``("gpu-records")``, e.g.
+    ``./peftlab-output/gpu-records`` on Colab. ``provenance`` defaults to
+    :func:`gpu_provenance`; pass one only to write a record measured elsewhere (or a
+    synthetic one in a test).
     """
     _check_name(name)
     if not isinstance(data, dict):
@@ -100,14 +129,22 @@ def save_record(name: str, data: dict[str, Any], *, provenance: dict[str, str] |
     if missing:
         raise ValueError(f"provenance lacks {missing}; it needs {list(_PROVENANCE_KEYS)}")
     try:
-        text = json.dumps({"name": name, "provenance": provenance, "data": data}, indent=1, sort_keys=True,
-                          allow_nan=False)
+        text = json.dumps(
+            {"name": name, "provenance": provenance, "data": data},
+            indent=1,
+            sort_keys=True,
+            allow_nan=False,
+        )
     except (TypeError, ValueError) as err:
-        raise ValueError(f"data must hold only finite numbers, strings, lists and dicts: {err}") from None
+        raise ValueError(
+            f"data must hold only finite numbers, strings, lists and dicts: {err}"
+        ) from None
     env = os.environ.get(RECORD_DIR_ENV)
     folder = Path(env) if env else output_dir("gpu-records")
     folder.mkdir(parents=True, exist_ok=True)
-    path = atomic_write(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    path = atomic_write(
+        folder / f"{name}.json", lambda tmp: Path(tmp).write_text(text + "\n")
+    )
     print(f"recorded {name} to {path}")
     return path
 
@@ -115,11 +152,11 @@ def save_record(name: str, data: dict[str, Any], *, provenance: dict[str, str] |
 def load_record(name: str, folder: str | os.PathLike | None = None) -> Record | None:
     """The record ``<name>.json`` in ``folder``, or None if there is none.
 
-    ``folder`` defaults to ``$PEFTLAB_RECORD_DIR`` when set (so a GPU check reads what it just wrote), else
-    the book's ``results/gpu``.
+    ``folder`` defaults to ``$PEFTLAB_RECORD_DIR`` when set (so a GPU check reads what it
+    just wrote), else the book's ``results/gpu``.
 
-    A file that exists but is not a record raises a ``ValueError`` naming it: a broken record must not
-    quietly turn into "nothing measured".
+    A file that exists but is not a record raises a ``ValueError`` naming it: a broken
+    record must not quietly turn into "nothing measured".
     """
     _check_name(name)
     if folder is None and os.environ.get(RECORD_DIR_ENV):
@@ -136,8 +173,12 @@ def load_record(name: str, folder: str | os.PathLike | None = None) -> Record | 
         raw = json.loads(path.read_text())
         record = Record(name=raw["name"], data=raw["data"], provenance=raw["provenance"])
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a GPU record (name, data, provenance): {err}") from None
+        raise ValueError(
+            f"{path} is not a GPU record (name, data, provenance): {err}"
+        ) from None
     missing = [k for k in _PROVENANCE_KEYS if k not in record.provenance]
     if record.name != name or not isinstance(record.data, dict) or missing:
-        raise ValueError(f"{path} is not a GPU record for {name!r} (provenance lacks {missing})")
+        raise ValueError(
+            f"{path} is not a GPU record for {name!r} (provenance lacks {missing})"
+        )
     return record

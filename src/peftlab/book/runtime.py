@@ -1,9 +1,12 @@
-"""Where a chapter runs, and what it says about it: device, seeds, provenance, glue, output folders.
+"""Where a chapter runs, and what it says about it: device, seeds, provenance, glue,
+output folders.
 
-Used by every chapter's first cell (see *Build status*, book/reference/status.md, for what a build saw).
+Used by every chapter's first cell (see *Build status*, book/reference/status.md, for what
+a build saw).
 
-Note: chapters run in three places — the offline book build, a reader's laptop and Google Colab — so
-nothing here needs the build tools: :func:`glue` falls back to a no-op when myst-nb is not installed.
+Note: chapters run in three places — the offline book build, a reader's laptop and Google
+Colab — so nothing here needs the build tools: :func:`glue` falls back to a no-op when
+myst-nb is not installed.
 """
 
 from __future__ import annotations
@@ -44,16 +47,18 @@ BOOK_BUILD_ENV = "PEFTLAB_BOOK_BUILD"
 
 
 def in_book_build() -> bool:
-    """True while the book's own build executes the chapter; False on Colab, in Jupyter or a script."""
+    """True while the book's own build executes the chapter; False on Colab, in Jupyter or
+    a script."""
     return os.environ.get(BOOK_BUILD_ENV) == "1"
 
 
 def device() -> torch.device:
     """The device a chapter's GPU cells use: CUDA when present, else the CPU.
 
-    Note: only for cells marked ``# GPU:`` (and switches such as the rank/α chapter's ``LARGE``); every
-    other cell, and every function default in the package, runs on the CPU unless told otherwise, so the
-    numbers the prose and the claims quote are the CPU's wherever the book runs.
+    Note: only for cells marked ``# GPU:`` (and switches such as the rank/α chapter's
+    ``LARGE``); every other cell, and every function default in the package, runs on the
+    CPU unless told otherwise, so the numbers the prose and the claims quote are the CPU's
+    wherever the book runs.
     """
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -66,7 +71,8 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and the libraries the book checks itself against (``"-"`` where missing)."""
+    """Versions of Python and the libraries the book checks itself against (``"-"`` where
+    missing)."""
     out = {"python": platform.python_version()}
     for name in ("peftlab", "torch", "bitsandbytes", "peft", "transformers"):
         try:
@@ -102,10 +108,13 @@ def seed_everything(seed: int) -> None:
 
 
 def start_chapter(name: str, seed: int = 0) -> None:
-    """First call of every chapter: names it (for figures and claims), seeds it, makes torch
+    """First call of every chapter: names it (for figures and claims), seeds it, makes
+    torch
     deterministic and applies the plot style."""
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str (the chapter's file stem), got {name!r}")
+        raise TypeError(
+            f"name must be a non-empty str (the chapter's file stem), got {name!r}"
+        )
     _state["chapter"] = name
     _state["figures"] = 0
     make_deterministic()
@@ -133,11 +142,14 @@ def chapter_order() -> list[str]:
 
     toc = yaml.safe_load((root / "_toc.yml").read_text())
     parts = toc.get("parts", [{"chapters": toc.get("chapters", [])}])
-    return [Path(entry["file"]).name for part in parts for entry in part.get("chapters", [])]
+    return [
+        Path(entry["file"]).name for part in parts for entry in part.get("chapters", [])
+    ]
 
 
 def book_root(start: Path | None = None) -> Path | None:
-    """The repository root (the folder with ``_config.yml`` and ``_toc.yml``) above ``start``, if any."""
+    """The repository root (the folder with ``_config.yml`` and ``_toc.yml``) above
+    ``start``, if any."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "_config.yml").is_file() and (folder / "_toc.yml").is_file():
@@ -148,8 +160,9 @@ def book_root(start: Path | None = None) -> Path | None:
 def output_dir(kind: str) -> Path:
     """Where generated material of ``kind`` goes, created if needed.
 
-    Inside the book: figures under ``_static/figures`` (Sphinx copies them into the site) and records
-    under ``_build/.peftlab/<kind>``. Elsewhere (Colab, a laptop): ``./peftlab-output/<kind>``.
+    Inside the book: figures under ``_static/figures`` (Sphinx copies them into the site)
+    and records under ``_build/.peftlab/<kind>``. Elsewhere (Colab, a laptop):
+    ``./peftlab-output/<kind>``.
     """
     root = book_root()
     if root is None:
@@ -165,8 +178,8 @@ def output_dir(kind: str) -> Path:
 def glue(name: str, value: Any, display: bool = False) -> None:
     """Store ``value`` under ``name`` for the prose (``{glue:text}`name:.2f```).
 
-    Uses myst-nb's ``glue`` in the book build; a no-op where myst-nb is missing, so chapters run on
-    Colab unchanged.
+    Uses myst-nb's ``glue`` in the book build; a no-op where myst-nb is missing, so
+    chapters run on Colab unchanged.
     """
     try:
         from myst_nb import glue as _glue
@@ -176,7 +189,8 @@ def glue(name: str, value: Any, display: bool = False) -> None:
 
 
 def describe_environment() -> dict[str, str]:
-    """Print and return what this run has: Python, torch, bitsandbytes, the device and native bf16 support."""
+    """Print and return what this run has: Python, torch, bitsandbytes, the device and
+    native bf16 support."""
     v = versions()
     info = {
         "python": v["python"],
@@ -184,11 +198,13 @@ def describe_environment() -> dict[str, str]:
         "bitsandbytes": v["bitsandbytes"],
         "peftlab": v["peftlab"],
         "device": device_name(),
-        "bf16": str(native_bf16()),  # computed natively: sm80+, not the emulation a T4 offers
+        # computed natively: sm80+, not the emulation a T4 offers
+        "bf16": str(native_bf16()),
     }
     if not torch.cuda.is_available():
-        info["note"] = "no CUDA GPU: GPU cells are skipped and say so; the PyTorch path runs everywhere"
+        info["note"] = (
+            "no CUDA GPU: GPU cells are skipped and say so; the PyTorch path runs everywhere"
+        )
     for key, value in info.items():
         print(f"{key:>12}: {value}", file=sys.stdout)
     return info
-

@@ -1,6 +1,7 @@
-"""The book's figure style: a colour-blind-safe palette and matplotlib settings that draw the same
-bytes on every machine. Applied by every chapter's first cell (``peftlab.book.runtime.start_chapter``)
-and by :func:`peftlab.book.plotting.new_figure`.
+"""The book's figure style: a colour-blind-safe palette and matplotlib settings that draw
+the same
+bytes on every machine. Applied by every chapter's first cell
+(``peftlab.book.runtime.start_chapter``) and by :func:`peftlab.book.plotting.new_figure`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ import matplotlib
 __all__ = ["PALETTE", "use_style"]
 
 #: Okabe & Ito's colour-blind-safe palette (blue, orange, green, vermillion, purple, sky, yellow, black).
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+PALETTE = [
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#000000",
+]
 
 _STYLE: dict[str, Any] = {
     "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
@@ -26,7 +36,8 @@ _STYLE: dict[str, Any] = {
     "ytick.labelsize": 9,
     "legend.fontsize": 9,
     "legend.frameon": False,
-    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
+    # ships with matplotlib: the same glyphs on every machine
+    "font.family": "DejaVu Sans",
     "figure.dpi": 110,
     "savefig.dpi": 200,
     "savefig.bbox": "tight",
@@ -38,5 +49,6 @@ _STYLE: dict[str, Any] = {
 
 
 def use_style() -> None:
-    """Apply the book's style to matplotlib (called by :func:`peftlab.book.runtime.start_chapter`)."""
+    """Apply the book's style to matplotlib (called by
+    :func:`peftlab.book.runtime.start_chapter`)."""
     matplotlib.rcParams.update(_STYLE)

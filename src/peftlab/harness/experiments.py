@@ -1,17 +1,21 @@
-"""Seeded finetuning runs of the tiny pretrained LLaMA, sweeps over them, and tidy result tables.
+"""Seeded finetuning runs of the tiny pretrained LLaMA, sweeps over them, and tidy result
+tables.
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
-One run (:func:`finetune`) adapts the shipped checkpoint (:func:`peftlab.harness.pretrained.load_pretrained`)
-to the downstream text (standard-library Python source, :mod:`peftlab.harness.textdata`) with full
-finetuning, LoRA or QLoRA, and returns one row: its settings and its measured losses. The same loop serves
-the rank/α sweeps and the QLoRA chapter's three-way comparison (*QLoRA*, book/chapters/qlora.md), whose
-recipe :func:`qlora_recipe` spells out. :func:`sweep` runs many
-and returns a list of rows (a tidy table: one row per run, one column per setting or measurement).
-Rows are cached on disk, keyed by their settings, under a folder the caller names.
+One run (:func:`finetune`) adapts the shipped checkpoint
+(:func:`peftlab.harness.pretrained.load_pretrained`) to the downstream text
+(standard-library Python source, :mod:`peftlab.harness.textdata`) with full finetuning,
+LoRA or QLoRA, and returns one row: its settings and its measured losses. The same loop
+serves the rank/α sweeps and the QLoRA chapter's three-way comparison (*QLoRA*,
+book/chapters/qlora.md), whose recipe :func:`qlora_recipe` spells out. :func:`sweep` runs
+many and returns a list of rows (a tidy table: one row per run, one column per setting or
+measurement). Rows are cached on disk, keyed by their settings, under a folder the caller
+names.
 
-Also here: a synthetic task whose true update has a known rank (:func:`synthetic_rank_run`), and the
-LoRA paper's subspace similarity between two adapters (:func:`subspace_similarity`).
+Also here: a synthetic task whose true update has a known rank
+(:func:`synthetic_rank_run`), and the LoRA paper's subspace similarity between two
+adapters (:func:`subspace_similarity`).
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "all": LLAMA_LINEARS,
 }
-"""Named sets of target modules: the LoRA paper's W_q, W_v; attention; every linear layer of a block
+"""Named sets of target modules: the LoRA paper's W_q, W_v; attention; every linear layer
+of a block
 (QLoRA's choice; never ``lm_head``)."""
 
 
 OPTIMIZERS = ("adamw", "paged_adamw")
-"""``torch.optim.AdamW``, or the package's :class:`peftlab.paged.PagedAdamW` (the QLoRA recipe's)."""
+"""``torch.optim.AdamW``, or the package's :class:`peftlab.paged.PagedAdamW` (the QLoRA
+recipe's)."""
 
 PRECISIONS = ("float32", "16-bit")
 """What a LoRA or QLoRA run's frozen base computes in: float32, or the 16-bit dtype of
@@ -64,16 +70,19 @@ PRECISIONS = ("float32", "16-bit")
 class RunConfig:
     """Settings of one finetuning run; every field is part of its cache key.
 
-    ``method`` is one of :data:`peftlab.memory.METHODS`: ``"full"`` (every parameter trained; the LoRA
-    fields are then ignored and normalised away), ``"lora"``, or ``"qlora"`` (the same adapters on an NF4 +
-    double-quantized base, :func:`peftlab.qlora.prepare_qlora`). ``targets`` names a set in
-    :data:`TARGETS`. ``train_bytes`` keeps only the first bytes of the downstream train split (``None``:
-    all of it). ``pretrained=False`` starts from the same architecture untrained. ``eval_every`` > 0
-    records a learning curve (held-out and train loss every ``eval_every`` steps). ``device`` is where the
-    run trains. ``optimizer`` is one of :data:`OPTIMIZERS` (constant learning rate, no weight decay),
-    ``max_grad_norm`` the gradient-norm clip, ``precision`` one of :data:`PRECISIONS`, ``kernels`` the 4-bit
-    layer's (``"torch"`` or ``"bnb"``, QLoRA only). ``measure_memory`` adds the measured memory of one step
-    (:func:`peftlab.memory.measure_step`, on a copy of the model) to the row.
+    ``method`` is one of :data:`peftlab.memory.METHODS`: ``"full"`` (every parameter
+    trained; the LoRA fields are then ignored and normalised away), ``"lora"``, or
+    ``"qlora"`` (the same adapters on an NF4 + double-quantized base,
+    :func:`peftlab.qlora.prepare_qlora`). ``targets`` names a set in :data:`TARGETS`.
+    ``train_bytes`` keeps only the first bytes of the downstream train split (``None``:
+    all of it). ``pretrained=False`` starts from the same architecture untrained.
+    ``eval_every`` > 0 records a learning curve (held-out and train loss every
+    ``eval_every`` steps). ``device`` is where the run trains. ``optimizer`` is one of
+    :data:`OPTIMIZERS` (constant learning rate, no weight decay), ``max_grad_norm`` the
+    gradient-norm clip, ``precision`` one of :data:`PRECISIONS`, ``kernels`` the 4-bit
+    layer's (``"torch"`` or ``"bnb"``, QLoRA only). ``measure_memory`` adds the measured
+    memory of one step (:func:`peftlab.memory.measure_step`, on a copy of the model) to
+    the row.
     """
 
     method: str = "lora"
@@ -99,58 +108,111 @@ class RunConfig:
     measure_memory: bool = False
 
     def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("targets", tuple(TARGETS)), ("optimizer", OPTIMIZERS),
-                              ("precision", PRECISIONS), ("kernels", ("torch", "bnb"))):
+        for name, allowed in (
+            ("method", METHODS),
+            ("targets", tuple(TARGETS)),
+            ("optimizer", OPTIMIZERS),
+            ("precision", PRECISIONS),
+            ("kernels", ("torch", "bnb")),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         for name in ("r", "steps", "batch_size", "seq_len", "eval_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+        if (
+            isinstance(self.eval_every, bool)
+            or not isinstance(self.eval_every, int)
+            or self.eval_every < 0
+        ):
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
-        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in (
+            "cpu",
+            "cuda",
+        ):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
         for name in ("alpha", "lr", "max_grad_norm"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value > 0
+            ):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def normalized(self) -> "RunConfig":
         """The same run spelled one way, so that identical runs share a cache key.
 
         Full finetuning ignores the LoRA fields and trains in float32; at ``r = 1``,
-        ``alpha / sqrt(r) == alpha / r``, so rsLoRA is the same run as plain LoRA; only QLoRA has kernels.
+        ``alpha / sqrt(r) == alpha / r``, so rsLoRA is the same run as plain LoRA; only
+        QLoRA has kernels.
         """
         if self.method == "full":
-            return replace(self, r=1, alpha=1.0, rslora=False, dropout=0.0, targets="qv", precision="float32",
-                           kernels="torch")
+            return replace(
+                self,
+                r=1,
+                alpha=1.0,
+                rslora=False,
+                dropout=0.0,
+                targets="qv",
+                precision="float32",
+                kernels="torch",
+            )
         kernels = self.kernels if self.method == "qlora" else "torch"
-        return replace(self, alpha=float(self.alpha), rslora=self.rslora and self.r > 1, kernels=kernels)
+        return replace(
+            self,
+            alpha=float(self.alpha),
+            rslora=self.rslora and self.r > 1,
+            kernels=kernels,
+        )
 
     @property
     def scaling(self) -> float:
-        """LoRA's ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 0 for full finetuning."""
-        return 0.0 if self.method == "full" else lora_scaling(self.alpha, self.r, self.rslora)
+        """LoRA's ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 0 for full
+        finetuning."""
+        return (
+            0.0
+            if self.method == "full"
+            else lora_scaling(self.alpha, self.r, self.rslora)
+        )
 
 
 def qlora_recipe(method: str, **settings: Any) -> RunConfig:
-    """The QLoRA paper's recipe, where it applies, for ``method`` ("full", "lora" or "qlora"): adapters on all
-    linear layers with α = 16, paged AdamW at a constant learning rate, gradient norm clipped at 0.3, the frozen
-    base computing in 16 bits, and one step's memory measured. ``settings`` override any field.
+    """The QLoRA paper's recipe, where it applies, for ``method`` ("full", "lora" or
+    "qlora"): adapters on all
+    linear layers with α = 16, paged AdamW at a constant learning rate, gradient norm
+    clipped at 0.3, the frozen base computing in 16 bits, and one step's memory measured.
+    ``settings`` override any field.
 
-    Note: the learning rate defaults to 2e-3 for the adapters and 5e-4 for full finetuning, which diverges at
-    2e-3 on this model; the paper's dropout (0.1 up to 13B) is a setting like any other.
+    Note: the learning rate defaults to 2e-3 for the adapters and 5e-4 for full
+    finetuning, which diverges at 2e-3 on this model; the paper's dropout (0.1 up to 13B)
+    is a setting like any other.
     """
-    defaults = dict(targets="all", r=16, alpha=16.0, optimizer="paged_adamw", max_grad_norm=0.3,
-                    precision="16-bit", measure_memory=True, lr=5e-4 if method == "full" else 2e-3)
+    defaults = dict(
+        targets="all",
+        r=16,
+        alpha=16.0,
+        optimizer="paged_adamw",
+        max_grad_norm=0.3,
+        precision="16-bit",
+        measure_memory=True,
+        lr=5e-4 if method == "full" else 2e-3,
+    )
     return RunConfig(method=method, **{**defaults, **settings})
 
 
 def sixteen_bit_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype of a ``precision="16-bit"`` run's frozen base: bfloat16 on a CPU (the paper's dtype; a CPU
+    """The dtype of a ``precision="16-bit"`` run's frozen base: bfloat16 on a CPU (the
+    paper's dtype; a CPU
     has no faster 16-bit type), on CUDA :func:`peftlab.devices.compute_dtype` (float16 on a T4)."""
     device = torch.device(device)
     return torch.bfloat16 if device.type == "cpu" else compute_dtype(device)
@@ -169,7 +231,9 @@ def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig
     configs = []
     for values in product(*(list(v) for v in axes.values())):
         settings = dict(zip(axes, values))
-        config = replace(base, **{k: v for k, v in settings.items() if not (k == "alpha" and v == "r")})
+        config = replace(
+            base, **{k: v for k, v in settings.items() if not (k == "alpha" and v == "r")}
+        )
         if settings.get("alpha") == "r":
             config = replace(config, alpha=float(config.r))
         configs.append(config)
@@ -182,7 +246,8 @@ def _checkpoint_digest() -> str:
 
 
 def cache_key(config: RunConfig) -> str:
-    """A stable name for a run: hash of its settings, the checkpoint, the Python version (the texts)."""
+    """A stable name for a run: hash of its settings, the checkpoint, the Python version
+    (the texts)."""
     payload = {
         "config": asdict(config.normalized()),
         "checkpoint": _checkpoint_digest(),
@@ -204,9 +269,9 @@ def _texts(train_bytes: int | None) -> dict[str, torch.Tensor]:
 
 @lru_cache(maxsize=2)
 def _base_model(is_pretrained: bool) -> torch.nn.Module:
-    # Built once per process and deep-copied per run: building a LlamaForCausalLM costs more than a
-    # short finetuning. The untrained model is the pretraining seed's initialisation, i.e. the very
-    # weights the shipped checkpoint started from.
+    # Built once per process and deep-copied per run: building a LlamaForCausalLM costs
+    # more than a short finetuning. The untrained model is the pretraining seed's
+    # initialisation, i.e. the very weights the shipped checkpoint started from.
     return pretrained.load_pretrained() if is_pretrained else pretrained.build_model(0)
 
 
@@ -220,33 +285,62 @@ def _loss_on(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
-    """The model a run trains, on ``config.device``, and the dtype its frozen base computes in."""
+    """The model a run trains, on ``config.device``, and the dtype its frozen base
+    computes in."""
     model = copy.deepcopy(_base_model(config.pretrained))
-    dtype = sixteen_bit_dtype(config.device) if config.precision == "16-bit" else torch.float32
-    # LoRA's A is drawn on the CPU before the move, so CPU and GPU runs start from the same A.
+    dtype = (
+        sixteen_bit_dtype(config.device)
+        if config.precision == "16-bit"
+        else torch.float32
+    )
+    # LoRA's A is drawn on the CPU before the move, so CPU and GPU runs start from the
+    # same A.
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(config.seed)  # CPU only: CUDA RNG untouched
+        # CPU only: CUDA RNG untouched
+        torch.random.default_generator.manual_seed(config.seed)
         if config.method == "full":
             model.requires_grad_(True)
         else:
-            # As in the paper, the base is loaded in 16 bits and its linear layers quantized from there.
+            # As in the paper, the base is loaded in 16 bits and its linear layers
+            # quantized from there.
             model.to(dtype)
             targets = list(TARGETS[config.targets])
             if config.method == "qlora":
-                prepare_qlora(model, targets, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                              rslora=config.rslora, compute_dtype=dtype, kernels=config.kernels)
+                prepare_qlora(
+                    model,
+                    targets,
+                    r=config.r,
+                    alpha=config.alpha,
+                    dropout=config.dropout,
+                    rslora=config.rslora,
+                    compute_dtype=dtype,
+                    kernels=config.kernels,
+                )
             else:
-                add_lora(model, targets, config.r, config.alpha, config.dropout, rslora=config.rslora)
+                add_lora(
+                    model,
+                    targets,
+                    config.r,
+                    config.alpha,
+                    config.dropout,
+                    rslora=config.rslora,
+                )
     return model.to(config.device).train(), dtype
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
-          max_grad_norm: float) -> None:
+def _step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    max_grad_norm: float,
+) -> None:
     """One training step: forward, backward, clip the gradient norm, update."""
     loss = pretrained.lm_loss(model, *batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm
+    )
     opt.step()
 
 
@@ -256,22 +350,38 @@ def _optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimiz
     return kind(params, lr=config.lr, weight_decay=0.0)
 
 
-def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _run(
+    config: RunConfig, progress: bool
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     texts = _texts(config.train_bytes)
     device = torch.device(config.device)
     held, train_eval, pre = (
-        tuple(t.to(device) for t in textdata.spaced_windows(texts[name], config.eval_windows, config.seq_len))
-        for name in ("held_out", "train", "pretraining"))
+        tuple(
+            t.to(device)
+            for t in textdata.spaced_windows(
+                texts[name], config.eval_windows, config.seq_len
+            )
+        )
+        for name in ("held_out", "train", "pretraining")
+    )
     model, dtype = _prepare(config)
     count = count_parameters(model)
     row: dict[str, Any] = {"compute_dtype": str(dtype).removeprefix("torch.")}
     if config.measure_memory:  # on a copy, so that training is not disturbed
         probe = copy.deepcopy(model)
         probe_opt = _optimizer(config, probe)
-        batch = tuple(t.to(device) for t in textdata.random_batch(
-            texts["train"], config.batch_size, config.seq_len, torch.Generator().manual_seed(config.seed)))
-        row["memory"] = measure_step(probe, lambda: _step(probe, probe_opt, batch, config.max_grad_norm),
-                                     probe_opt).as_dict()
+        batch = tuple(
+            t.to(device)
+            for t in textdata.random_batch(
+                texts["train"],
+                config.batch_size,
+                config.seq_len,
+                torch.Generator().manual_seed(config.seed),
+            )
+        )
+        row["memory"] = measure_step(
+            probe, lambda: _step(probe, probe_opt, batch, config.max_grad_norm), probe_opt
+        ).as_dict()
         del probe, probe_opt
     opt = _optimizer(config, model)
     gen = torch.Generator().manual_seed(config.seed)
@@ -280,13 +390,25 @@ def _run(config: RunConfig, progress: bool) -> tuple[dict[str, Any], dict[str, t
     curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
     steps = range(config.steps)
     if progress:
-        steps = tqdm(steps, desc=f"{config.method} r={config.r} seed={config.seed}", leave=False, mininterval=0.5)
-    watch = Stopwatch(device)  # synchronizes a GPU before reading the clock: its kernels run asynchronously
+        steps = tqdm(
+            steps,
+            desc=f"{config.method} r={config.r} seed={config.seed}",
+            leave=False,
+            mininterval=0.5,
+        )
+    # synchronizes a GPU before reading the clock: its kernels run asynchronously
+    watch = Stopwatch(device)
     for step in steps:
-        x, y = textdata.random_batch(texts["train"], config.batch_size, config.seq_len, gen)
+        x, y = textdata.random_batch(
+            texts["train"], config.batch_size, config.seq_len, gen
+        )
         with watch:
             _step(model, opt, (x.to(device), y.to(device)), config.max_grad_norm)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+        if (
+            config.eval_every
+            and (step + 1) % config.eval_every == 0
+            and step + 1 < config.steps
+        ):
             curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
     row["seconds"] = watch.seconds
     row["seconds_per_step"] = watch.seconds / config.steps
@@ -311,23 +433,26 @@ def finetune(
 ) -> dict[str, Any]:
     """Run (or load from ``cache_dir``) one finetuning; return its row.
 
-    The row holds every field of ``config``, plus ``scaling``; the losses in nats/byte on the
-    downstream held-out text before and after (``initial_held_out_loss``, ``held_out_loss``), on the
-    downstream train text (``train_loss``) and on the pretraining held-out text
-    (``initial_pretraining_loss``, ``pretraining_loss``: forgetting); ``trainable`` and ``total``
-    parameters; ``seconds`` and ``seconds_per_step`` of training (evaluations excluded, timed between
-    synchronizations of the device); ``compute_dtype``; ``curve`` as ``[step, held-out loss, train loss]``
-    rows; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`); ``cached``. An
-    adapted run's trained ``lora_A``/``lora_B`` are stored beside its row in ``cache_dir`` (or kept in the
-    row under ``"adapter"`` without one): see :func:`load_run_adapter`.
+    The row holds every field of ``config``, plus ``scaling``; the losses in nats/byte on
+    the downstream held-out text before and after (``initial_held_out_loss``,
+    ``held_out_loss``), on the downstream train text (``train_loss``) and on the
+    pretraining held-out text (``initial_pretraining_loss``, ``pretraining_loss``:
+    forgetting); ``trainable`` and ``total`` parameters; ``seconds`` and
+    ``seconds_per_step`` of training (evaluations excluded, timed between synchronizations
+    of the device); ``compute_dtype``; ``curve`` as ``[step, held-out loss, train loss]``
+    rows; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`);
+    ``cached``. An adapted run's trained ``lora_A``/``lora_B`` are stored beside its row
+    in ``cache_dir`` (or kept in the row under ``"adapter"`` without one): see
+    :func:`load_run_adapter`.
 
     Note: losses are measured on ``eval_windows`` windows spread evenly over each text
-    (:func:`peftlab.harness.textdata.spaced_windows`), the same windows for every run, so runs compare
-    on identical data.
+    (:func:`peftlab.harness.textdata.spaced_windows`), the same windows for every run, so
+    runs compare on identical data.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
-    asked = asdict(config)  # the row reports the settings as asked, even when the run is shared
+    # the row reports the settings as asked, even when the run is shared
+    asked = asdict(config)
     config = config.normalized()
     key = cache_key(config)
     folder = None
@@ -337,15 +462,21 @@ def finetune(
             raise ValueError(f"cache_dir must be a folder, got the file {str(folder)!r}")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{key}.json"
-        if path.is_file() and (config.method == "full" or path.with_suffix(".safetensors").is_file()):
-            return _with_breakdown({**json.loads(path.read_text()), **asked, "cached": True})
+        if path.is_file() and (
+            config.method == "full" or path.with_suffix(".safetensors").is_file()
+        ):
+            return _with_breakdown(
+                {**json.loads(path.read_text()), **asked, "cached": True}
+            )
     measured, adapter = _run(config, progress)
     row = {**asdict(config), "scaling": config.scaling, "key": key, **measured}
     if folder is not None:
         if adapter:
             from safetensors.torch import save_file
 
-            atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(adapter, tmp))
+            atomic_write(
+                path.with_suffix(".safetensors"), lambda tmp: save_file(adapter, tmp)
+            )
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(row, indent=1)))
     elif adapter:
         row["adapter"] = adapter
@@ -353,13 +484,18 @@ def finetune(
 
 
 def _with_breakdown(row: dict[str, Any]) -> dict[str, Any]:
-    """The row with its measured memory as a :class:`peftlab.memory.Breakdown` (JSON keeps a dict)."""
+    """The row with its measured memory as a :class:`peftlab.memory.Breakdown` (JSON keeps
+    a dict)."""
     if "memory" in row:
-        row["memory"] = Breakdown(**{k: v for k, v in row["memory"].items() if k != "total"})
+        row["memory"] = Breakdown(
+            **{k: v for k, v in row["memory"].items() if k != "total"}
+        )
     return row
 
 
-def load_run_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def load_run_adapter(
+    row: dict[str, Any], cache_dir: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
     """The trained ``lora_A``/``lora_B`` tensors of a run in the cache, by parameter name.
 
     Not a PEFT adapter folder: for those, :func:`peftlab.adapter_io.load_adapter`.
@@ -370,14 +506,18 @@ def load_run_adapter(row: dict[str, Any], cache_dir: str | os.PathLike | None = 
         raise ValueError("cache_dir is needed: this row's adapter was stored on disk")
     path = Path(cache_dir) / f"{row['key']}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} not found (only LoRA and QLoRA runs have one)")
+        raise FileNotFoundError(
+            f"adapter file {path} not found (only LoRA and QLoRA runs have one)"
+        )
     from safetensors.torch import load_file
 
     return load_file(str(path))
 
 
 def sweep(
-    configs: Sequence[RunConfig], cache_dir: str | os.PathLike | None = None, progress: bool = True
+    configs: Sequence[RunConfig],
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every config (cached ones are loaded) and return their rows, in order."""
     configs = list(configs)
@@ -389,11 +529,13 @@ def sweep(
 
 @lru_cache(maxsize=None)
 def count_ops(method: str = "lora", targets: str = "qv") -> tuple[int, int]:
-    """Operators dispatched by one training step of a run and by one evaluation forward: ``(step, eval)``.
+    """Operators dispatched by one training step of a run and by one evaluation forward:
+    ``(step, eval)``.
 
-    Each operator is about one GPU kernel launch, and for a model this small a GPU step costs about one
-    launch's CPU overhead per operator (it is launch-bound). Counted on a CPU, where ``torch.optim.AdamW`` runs
-    one parameter at a time; on CUDA it batches its updates (foreach), so the count is an upper bound there.
+    Each operator is about one GPU kernel launch, and for a model this small a GPU step
+    costs about one launch's CPU overhead per operator (it is launch-bound). Counted on a
+    CPU, where ``torch.optim.AdamW`` runs one parameter at a time; on CUDA it batches its
+    updates (foreach), so the count is an upper bound there.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -431,15 +573,21 @@ def count_ops(method: str = "lora", targets: str = "qv") -> tuple[int, int]:
     return train_ops.n, eval_ops.n
 
 
-def estimate_seconds(config: RunConfig, flops_per_second: float, seconds_per_op: float,
-                     seconds_per_run: float = 0.5) -> float:
-    """Seconds one run (:func:`finetune`) should take on a device of ``flops_per_second`` sustained, when
-    each operator costs at least ``seconds_per_op`` to launch: every step and every evaluation forward
-    takes the longer of its arithmetic and its launches (:func:`count_ops`), plus ``seconds_per_run`` to
-    set the run up.
+def estimate_seconds(
+    config: RunConfig,
+    flops_per_second: float,
+    seconds_per_op: float,
+    seconds_per_run: float = 0.5,
+) -> float:
+    """Seconds one run (:func:`finetune`) should take on a device of ``flops_per_second``
+    sustained, when
+    each operator costs at least ``seconds_per_op`` to launch: every step and every
+    evaluation forward takes the longer of its arithmetic and its launches
+    (:func:`count_ops`), plus ``seconds_per_run`` to set the run up.
 
-    Arithmetic per token: 6 N for a training step and 2 N for a forward (N parameters; an upper bound for
-    LoRA, whose frozen weights get no gradient), plus attention's 4 · layers · seq_len · d_model per forward.
+    Arithmetic per token: 6 N for a training step and 2 N for a forward (N parameters; an
+    upper bound for LoRA, whose frozen weights get no gradient), plus attention's 4 ·
+    layers · seq_len · d_model per forward.
     """
     config = config.normalized()
     cfg = pretrained.tiny_llama_config()
@@ -449,7 +597,8 @@ def estimate_seconds(config: RunConfig, flops_per_second: float, seconds_per_op:
     step_flops = config.batch_size * config.seq_len * (6 * n + 3 * attention)
     eval_flops = config.eval_windows * config.seq_len * (2 * n + attention)
     points = (config.steps - 1) // config.eval_every if config.eval_every else 0
-    evals = 6 + 2 * points  # before and after: held-out, train, pretraining text; per curve point: two
+    # before and after: held-out, train, pretraining text; per curve point: two
+    evals = 6 + 2 * points
     step = max(step_flops / flops_per_second, step_ops * seconds_per_op)
     forward = max(eval_flops / flops_per_second, eval_ops * seconds_per_op)
     return seconds_per_run + config.steps * step + evals * forward
@@ -460,10 +609,14 @@ def select(rows: Iterable[dict[str, Any]], **where: Any) -> list[dict[str, Any]]
     return [row for row in rows if all(row.get(k) == v for k, v in where.items())]
 
 
-def aggregate(rows: Iterable[dict[str, Any]], value: str, by: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean, sample standard deviation and count of ``value`` over rows sharing the ``by`` fields.
+def aggregate(
+    rows: Iterable[dict[str, Any]], value: str, by: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Mean, sample standard deviation and count of ``value`` over rows sharing the ``by``
+    fields.
 
-    Groups keep the order in which they first appear. The standard deviation of a single row is 0.
+    Groups keep the order in which they first appear. The standard deviation of a single
+    row is 0.
     """
     groups: dict[tuple, list[float]] = {}
     for row in rows:
@@ -472,12 +625,17 @@ def aggregate(rows: Iterable[dict[str, Any]], value: str, by: Sequence[str]) -> 
     for key, values in groups.items():
         t = torch.tensor(values, dtype=torch.float64)
         std = t.std().item() if len(values) > 1 else 0.0
-        out.append({**dict(zip(by, key)), "mean": t.mean().item(), "std": std, "n": len(values)})
+        out.append(
+            {**dict(zip(by, key)), "mean": t.mean().item(), "std": std, "n": len(values)}
+        )
     return out
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "{:.3f}") -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "{:.3f}"
+) -> str:
     """A MyST/Markdown table of ``columns`` (floats formatted with ``fmt``)."""
+
     def cell(v: Any) -> str:
         return fmt.format(v) if isinstance(v, float) else str(v)
 
@@ -487,21 +645,27 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: 
 
 
 def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
-    """φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) (Hu et al. 2021, §7.2), in [0, 1].
+    """φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) (Hu et al. 2021, §7.2), in
+    [0, 1].
 
-    ``A1`` (r1 × k) and ``A2`` (r2 × k) are two ``lora_A`` matrices of the same layer; U1, U2 hold
-    their right-singular vectors (directions in the input space), most important first. 1 means the
-    top-i directions of one span the top-j of the other (or vice versa); 0 means orthogonal.
+    ``A1`` (r1 × k) and ``A2`` (r2 × k) are two ``lora_A`` matrices of the same layer; U1,
+    U2 hold their right-singular vectors (directions in the input space), most important
+    first. 1 means the top-i directions of one span the top-j of the other (or vice
+    versa); 0 means orthogonal.
     """
     for name, a in (("A1", A1), ("A2", A2)):
         if not isinstance(a, torch.Tensor) or a.dim() != 2:
             raise TypeError(f"{name} must be a 2-D tensor (r × in_features)")
     if A1.shape[1] != A2.shape[1]:
-        raise ValueError(f"A1 and A2 must have the same in_features, got {A1.shape[1]} and {A2.shape[1]}")
+        raise ValueError(
+            "A1 and A2 must have the same in_features, "
+            f"got {A1.shape[1]} and {A2.shape[1]}"
+        )
     for name, n, a in (("i", i, A1), ("j", j, A2)):
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(a.shape):
             raise ValueError(f"{name} must be an int in [1, {min(a.shape)}], got {n!r}")
-    u1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh[:i]  # i × k, rows orthonormal
+    # i × k, rows orthonormal
+    u1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh[:i]
     u2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh[:j]
     return (torch.linalg.matrix_norm(u1 @ u2.T) ** 2 / min(i, j)).item()
 
@@ -517,17 +681,22 @@ def synthetic_rank_run(
     seed: int = 0,
     n: int = 512,
 ) -> dict[str, Any]:
-    """LoRA of rank ``r`` fitting a linear map whose true update ``W - W0`` has rank ``true_rank``.
+    """LoRA of rank ``r`` fitting a linear map whose true update ``W - W0`` has rank
+    ``true_rank``.
 
-    The data are ``y = (W0 + ΔW) x`` with Gaussian ``x``, a random ``W0`` (d × d) and ``ΔW = U Vᵀ``
-    of rank ``true_rank`` with singular values 1 … 1/true_rank; LoRA on a frozen ``W0`` learns ΔW.
-    Returns the relative error ``‖scaling·BA - ΔW‖_F / ‖ΔW‖_F`` after training and the best any rank-r
-    matrix can do (Eckart–Young: the energy of the discarded singular values), so the chapter can
-    show the elbow at ``r = true_rank``.
+    The data are ``y = (W0 + ΔW) x`` with Gaussian ``x``, a random ``W0`` (d × d) and ``ΔW
+    = U Vᵀ`` of rank ``true_rank`` with singular values 1 … 1/true_rank; LoRA on a frozen
+    ``W0`` learns ΔW. Returns the relative error ``‖scaling·BA - ΔW‖_F / ‖ΔW‖_F`` after
+    training and the best any rank-r matrix can do (Eckart–Young: the energy of the
+    discarded singular values), so the chapter can show the elbow at ``r = true_rank``.
     """
     from peftlab.lora import LoRALinear
 
-    if isinstance(true_rank, bool) or not isinstance(true_rank, int) or not 1 <= true_rank <= d:
+    if (
+        isinstance(true_rank, bool)
+        or not isinstance(true_rank, int)
+        or not 1 <= true_rank <= d
+    ):
         raise ValueError(f"true_rank must be an int in [1, d={d}], got {true_rank!r}")
     gen = torch.Generator().manual_seed(seed)
     W0 = torch.randn(d, d, generator=gen) / math.sqrt(d)
@@ -550,9 +719,24 @@ def synthetic_rank_run(
         loss.backward()
         opt.step()
     with torch.no_grad():
-        err = (torch.linalg.matrix_norm(layer.delta_weight() - delta) / torch.linalg.matrix_norm(delta)).item()
-    best = math.sqrt(float((sigma[r:] ** 2).sum() / (sigma**2).sum())) if r < true_rank else 0.0
-    return {"r": r, "true_rank": true_rank, "relative_error": err, "best_possible": best, "seed": seed}
+        err = (
+            torch.linalg.matrix_norm(layer.delta_weight() - delta)
+            / torch.linalg.matrix_norm(delta)
+        ).item()
+    best = (
+        math.sqrt(float((sigma[r:] ** 2).sum() / (sigma**2).sum()))
+        if r < true_rank
+        else 0.0
+    )
+    return {
+        "r": r,
+        "true_rank": true_rank,
+        "relative_error": err,
+        "best_possible": best,
+        "seed": seed,
+    }
 
 
-__getattr__ = _deprecated.renamed(__name__, {"load_adapter": "peftlab.harness.experiments.load_run_adapter"})
+__getattr__ = _deprecated.renamed(
+    __name__, {"load_adapter": "peftlab.harness.experiments.load_run_adapter"}
+)

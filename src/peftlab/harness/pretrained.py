@@ -1,18 +1,22 @@
-"""A tiny LLaMA-architecture byte-level language model, pretrained offline, and the script that made it.
+"""A tiny LLaMA-architecture byte-level language model, pretrained offline, and the script
+that made it.
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
 The model is ``transformers.LlamaForCausalLM``, so its linear layers carry LLaMA's names
-(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``) and
-code written for it runs on a real LLaMA by changing how the model is loaded. The vocabulary is
-the 256 byte values (:mod:`peftlab.harness.textdata`), so no tokenizer is needed.
+(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
+``down_proj``) and code written for it runs on a real LLaMA by changing how the model is
+loaded. The vocabulary is the 256 byte values (:mod:`peftlab.harness.textdata`), so no
+tokenizer is needed.
 
 The shipped checkpoint ``peftlab/data/tiny_llama.safetensors`` was made by::
 
-    python -m peftlab.harness.pretrained --out src/peftlab/data/tiny_llama.safetensors --steps 2000 --threads 1
+    python -m peftlab.harness.pretrained --out src/peftlab/data/tiny_llama.safetensors
+    --steps 2000 --threads 1
 
-on the CPython help topics; ``tiny_llama.json`` beside it records the config, the exact command,
-the Python, torch and transformers versions, and the losses. Use :func:`load_pretrained`.
+on the CPython help topics; ``tiny_llama.json`` beside it records the config, the exact
+command, the Python, torch and transformers versions, and the losses. Use
+:func:`load_pretrained`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ TINY_LLAMA: dict[str, Any] = {
     "eos_token_id": None,
     "pad_token_id": None,
 }
-"""LLaMA-1 layout at toy size: d_model 128, 4 layers, 4 heads of 32, SwiGLU FFN 352 (about 8/3 · 128
+"""LLaMA-1 layout at toy size: d_model 128, 4 layers, 4 heads of 32, SwiGLU FFN 352 (about
+8/3 · 128
 rounded up to a multiple of 32, as LLaMA rounds 8/3 · 4096 to 11008), untied embeddings, byte vocab."""
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
@@ -75,12 +80,15 @@ def _progress(iterable: Iterable, enabled: bool, **tqdm_kw: Any) -> Iterable:
 
 
 def tiny_llama_config(**overrides: Any):
-    """``transformers.LlamaConfig`` for the tiny model; keyword arguments override :data:`TINY_LLAMA`."""
+    """``transformers.LlamaConfig`` for the tiny model; keyword arguments override
+    :data:`TINY_LLAMA`."""
     from transformers import LlamaConfig
 
     unknown = set(overrides) - set(TINY_LLAMA)
     if unknown:
-        raise ValueError(f"unknown config overrides {sorted(unknown)}; allowed: {sorted(TINY_LLAMA)}")
+        raise ValueError(
+            f"unknown config overrides {sorted(unknown)}; allowed: {sorted(TINY_LLAMA)}"
+        )
     return LlamaConfig(**{**TINY_LLAMA, **overrides})
 
 
@@ -100,10 +108,11 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """The pretrained tiny LLaMA from ``path`` (default: the shipped checkpoint), in eval mode.
+    """The pretrained tiny LLaMA from ``path`` (default: the shipped checkpoint), in eval
+    mode.
 
-    The config is read from the JSON file beside the checkpoint. Every tensor in the file must match
-    a parameter of the model and vice versa; a mismatch raises ``ValueError``.
+    The config is read from the JSON file beside the checkpoint. Every tensor in the file
+    must match a parameter of the model and vice versa; a mismatch raises ``ValueError``.
     """
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
@@ -121,7 +130,8 @@ def load_pretrained(
     expected = set(model.state_dict())
     if set(state) != expected:
         raise ValueError(
-            f"checkpoint {path} does not match the model: missing {sorted(expected - set(state))}, "
+            f"checkpoint {path} does not match the model: "
+            f"missing {sorted(expected - set(state))}, "
             f"unexpected {sorted(set(state) - expected)}"
         )
     model.load_state_dict(state, strict=True)
@@ -137,7 +147,8 @@ def checkpoint_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy in nats per byte (``y`` holds the targets, already shifted)."""
+    """Mean next-byte cross-entropy in nats per byte (``y`` holds the targets, already
+    shifted)."""
     logits = model(input_ids=x).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
@@ -152,7 +163,8 @@ def evaluate_loss(
 ) -> float:
     """Mean next-byte loss (nats/byte) over non-overlapping windows of ``data``.
 
-    An untrained model scores about ln 256 ≈ 5.55. The model's train/eval mode is restored afterwards.
+    An untrained model scores about ln 256 ≈ 5.55. The model's train/eval mode is restored
+    afterwards.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -167,7 +179,8 @@ def evaluate_loss(
 
 @torch.no_grad()
 def complete(model: torch.nn.Module, prompt: str, max_new_bytes: int = 80) -> str:
-    """Greedy continuation of ``prompt``, byte by byte (a quick look at what the model learned)."""
+    """Greedy continuation of ``prompt``, byte by byte (a quick look at what the model
+    learned)."""
     if not isinstance(max_new_bytes, int) or max_new_bytes < 1:
         raise ValueError(f"max_new_bytes must be a positive int, got {max_new_bytes!r}")
     device = next(model.parameters()).device
@@ -205,15 +218,20 @@ def pretrain(
     progress: bool = True,
     **overrides: Any,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Pretrain a tiny LLaMA on the help topics with AdamW; returns the model and a record of losses.
+    """Pretrain a tiny LLaMA on the help topics with AdamW; returns the model and a record
+    of losses.
 
-    Deterministic for a given seed, thread count and machine: the weights, the batch offsets and
-    nothing else depend on ``seed``.
+    Deterministic for a given seed, thread count and machine: the weights, the batch
+    offsets and nothing else depend on ``seed``.
 
-    Note: AdamW with betas (0.9, 0.95), gradient clipping at 1.0 and weight decay on matrices only,
-    as LLaMA was trained; warm-up then cosine decay (:func:`lr_at`).
+    Note: AdamW with betas (0.9, 0.95), gradient clipping at 1.0 and weight decay on
+    matrices only, as LLaMA was trained; warm-up then cosine decay (:func:`lr_at`).
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     train = textdata.pretraining_text("train")
@@ -222,12 +240,18 @@ def pretrain(
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(seed)
     record: dict[str, Any] = {
-        "untrained_held_out_loss": evaluate_loss(model, held, seq_len, batch_size, eval_windows),
+        "untrained_held_out_loss": evaluate_loss(
+            model, held, seq_len, batch_size, eval_windows
+        ),
         "train_loss": [],
         "held_out_loss": [],
     }
@@ -253,7 +277,9 @@ def pretrain(
     return model.eval(), record
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dict[str, Any]) -> None:
+def save_checkpoint(
+    model: torch.nn.Module, path: str | os.PathLike, record: dict[str, Any]
+) -> None:
     """Write ``path`` (safetensors, float32) and ``path.with_suffix('.json')`` atomically."""
     from safetensors.torch import save_file
 
@@ -261,49 +287,84 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, record: dic
     if path.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    atomic_write_all({
-        path: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
-        path.with_suffix(".json"): lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),
-    })
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    atomic_write_all(
+        {
+            path: lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+            path.with_suffix(".json"): lambda tmp: Path(tmp).write_text(
+                json.dumps(record, indent=1) + "\n"
+            ),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m peftlab.harness.pretrained --out PATH [--steps N ...]``."""
-    parser = argparse.ArgumentParser(description="Pretrain the tiny byte-level LLaMA on pydoc_data.topics.")
-    parser.add_argument("--out", required=True, help="output .safetensors path (a .json is written beside it)")
+    parser = argparse.ArgumentParser(
+        description="Pretrain the tiny byte-level LLaMA on pydoc_data.topics."
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output .safetensors path (a .json is written beside it)",
+    )
     for key, value in PRETRAIN_DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed for determinism)")
+    parser.add_argument(
+        "--eval-every", type=int, default=250, help="steps between held-out evaluations"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (fixed for determinism)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     import transformers
 
-    # Determinism: fixed thread count and deterministic kernels make reruns bit-identical on one machine.
+    # Determinism: fixed thread count and deterministic kernels make reruns bit-identical
+    # on one machine.
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     settings = {k: getattr(args, k) for k in PRETRAIN_DEFAULTS}
     start = time.perf_counter()
-    model, losses = pretrain(**settings, eval_every=args.eval_every, progress=not args.no_progress)
+    model, losses = pretrain(
+        **settings, eval_every=args.eval_every, progress=not args.no_progress
+    )
     info = textdata.corpus_info("pretraining")
     record = {
         "config": TINY_LLAMA,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "command": "python -m peftlab.harness.pretrained " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {**settings, "threads": args.threads, "optimizer": "AdamW(betas=(0.9, 0.95))",
-                     "schedule": "linear warm-up, cosine to 10 %", "grad_clip": 1.0},
-        "data": {"source": info.source, "train_bytes": info.train_bytes,
-                 "held_out_bytes": info.held_out_bytes, "held_out_topics": list(info.held_out_documents)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "command": "python -m peftlab.harness.pretrained "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {
+            **settings,
+            "threads": args.threads,
+            "optimizer": "AdamW(betas=(0.9, 0.95))",
+            "schedule": "linear warm-up, cosine to 10 %",
+            "grad_clip": 1.0,
+        },
+        "data": {
+            "source": info.source,
+            "train_bytes": info.train_bytes,
+            "held_out_bytes": info.held_out_bytes,
+            "held_out_topics": list(info.held_out_documents),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "machine": platform.machine(),
         "wall_seconds": round(time.perf_counter() - start, 1),
         **losses,
     }
     save_checkpoint(model, args.out, record)
-    print(f"wrote {args.out}: held-out loss {record['final_held_out_loss']:.3f} nats/byte "
-          f"(untrained {record['untrained_held_out_loss']:.3f}) in {record['wall_seconds']} s")
+    print(
+        f"wrote {args.out}: held-out loss {record['final_held_out_loss']:.3f} nats/byte "
+        f"(untrained {record['untrained_held_out_loss']:.3f}) in {record['wall_seconds']} s"
+    )
 
 
 if __name__ == "__main__":

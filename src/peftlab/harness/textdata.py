@@ -1,19 +1,22 @@
-"""Byte-level text corpora that every Python installation has offline, and batches drawn from them.
+"""Byte-level text corpora that every Python installation has offline, and batches drawn
+from them.
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
 Two real texts, both shipped with CPython, so nothing is downloaded:
 
-- **pretraining text**: the CPython language reference help topics in :mod:`pydoc_data.topics`
-  (English prose with code examples, about 0.45 MB);
-- **downstream text**: a fixed list of the standard library's own source files (Python code).
+- **pretraining text**: the CPython language reference help topics in
+  :mod:`pydoc_data.topics` (English prose with code examples, about 0.45 MB);
+- **downstream text**: a fixed list of the standard library's own source files (Python
+  code).
 
-Each corpus is split into train and held-out parts by *whole documents* (groups of topics that
-share text, or files), so no held-out paragraph is ever seen in training. Text is encoded as raw UTF-8 bytes: the vocabulary is
-the 256 byte values, so there is no tokenizer to download.
+Each corpus is split into train and held-out parts by *whole documents* (groups of topics
+that share text, or files), so no held-out paragraph is ever seen in training. Text is
+encoded as raw UTF-8 bytes: the vocabulary is the 256 byte values, so there is no
+tokenizer to download.
 
-Note: both texts change slightly between Python versions; :func:`corpus_info` records the version
-so captions can name it.
+Note: both texts change slightly between Python versions; :func:`corpus_info` records the
+version so captions can name it.
 """
 
 from __future__ import annotations
@@ -32,17 +35,36 @@ SEPARATOR = b"\n\n"
 """Bytes placed between documents when a corpus is concatenated."""
 
 HELD_OUT_EVERY = 10
-"""Pretraining: topic group number ``i`` (groups sorted by first topic name) is held out when
+"""Pretraining: topic group number ``i`` (groups sorted by first topic name) is held out
+when
 ``i % 10 == 0`` (about 10 % of the bytes); see :func:`topic_groups`."""
 
 SHARED_PARAGRAPH = 60
 """Two topics sharing a paragraph at least this many characters long belong to one group."""
 
 DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
-    "difflib.py", "fractions.py", "statistics.py", "calendar.py", "csv.py", "shlex.py",
-    "string.py", "pprint.py", "contextlib.py", "random.py", "json/decoder.py",
-    "json/encoder.py", "fnmatch.py", "glob.py", "copy.py", "colorsys.py", "sched.py",
-    "graphlib.py", "base64.py", "gettext.py", "operator.py", "bisect.py",
+    "difflib.py",
+    "fractions.py",
+    "statistics.py",
+    "calendar.py",
+    "csv.py",
+    "shlex.py",
+    "string.py",
+    "pprint.py",
+    "contextlib.py",
+    "random.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "fnmatch.py",
+    "glob.py",
+    "copy.py",
+    "colorsys.py",
+    "sched.py",
+    "graphlib.py",
+    "base64.py",
+    "gettext.py",
+    "operator.py",
+    "bisect.py",
 )
 """Standard-library source files (relative to ``Lib/``) used to train the downstream task."""
 
@@ -71,12 +93,14 @@ def _check_split(split: str) -> None:
 
 
 def topic_groups() -> list[list[str]]:
-    """The help topics grouped so that no paragraph is shared between groups, sorted by first name.
+    """The help topics grouped so that no paragraph is shared between groups, sorted by
+    first name.
 
-    Note: many topics repeat others verbatim (``customization`` is a section of ``specialnames``,
-    ``for`` of ``compound``: about a quarter of the text is repeated). Splitting by topic would leak
-    held-out text into training, so the split is by connected groups of topics that share a paragraph
-    of at least :data:`SHARED_PARAGRAPH` characters.
+    Note: many topics repeat others verbatim (``customization`` is a section of
+    ``specialnames``, ``for`` of ``compound``: about a quarter of the text is repeated).
+    Splitting by topic would leak held-out text into training, so the split is by
+    connected groups of topics that share a paragraph of at least :data:`SHARED_PARAGRAPH`
+    characters.
     """
     from pydoc_data.topics import topics
 
@@ -123,7 +147,9 @@ def _downstream_documents(split: str) -> list[tuple[str, bytes]]:
     for rel in files:
         path = root / rel
         if not path.is_file():
-            raise FileNotFoundError(f"standard-library source file {path} not found (downstream corpus)")
+            raise FileNotFoundError(
+                f"standard-library source file {path} not found (downstream corpus)"
+            )
         docs.append((rel, path.read_bytes()))
     return docs
 
@@ -134,16 +160,19 @@ def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
 
 
 def pretraining_text(split: str = "train") -> torch.Tensor:
-    """The CPython help topics (``pydoc_data.topics``) as a 1-D uint8 tensor of UTF-8 bytes.
+    """The CPython help topics (``pydoc_data.topics``) as a 1-D uint8 tensor of UTF-8
+    bytes.
 
-    ``split`` is ``"train"`` or ``"held_out"``; the held-out topics are never in ``"train"``.
+    ``split`` is ``"train"`` or ``"held_out"``; the held-out topics are never in
+    ``"train"``.
     """
     _check_split(split)
     return _join(_pretraining_documents(split))
 
 
 def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch.Tensor:
-    """Standard-library Python source as a 1-D uint8 tensor of bytes (the downstream task).
+    """Standard-library Python source as a 1-D uint8 tensor of bytes (the downstream
+    task).
 
     ``max_bytes`` keeps only the first bytes of the split: a small downstream set for the
     overfitting experiment.
@@ -158,7 +187,8 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
 
 
 def corpus_info(name: str) -> CorpusInfo:
-    """Provenance of ``"pretraining"`` or ``"downstream"``: source, Python version, sizes, documents."""
+    """Provenance of ``"pretraining"`` or ``"downstream"``: source, Python version, sizes,
+    documents."""
     if name == "pretraining":
         fetch, source = _pretraining_documents, "CPython help topics (pydoc_data.topics)"
     elif name == "downstream":
@@ -199,22 +229,28 @@ def _check_data(data: torch.Tensor, seq_len: int) -> None:
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if data.numel() < seq_len + 1:
-        raise ValueError(f"data has {data.numel()} bytes; seq_len={seq_len} needs at least {seq_len + 1}")
+        raise ValueError(
+            f"data has {data.numel()} bytes; seq_len={seq_len} needs at least {seq_len + 1}"
+        )
 
 
 def random_batch(
     data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` windows at random offsets: inputs ``x`` and next-byte targets ``y`` (int64).
+    """``batch_size`` windows at random offsets: inputs ``x`` and next-byte targets ``y``
+    (int64).
 
-    ``x[b] = data[i : i + seq_len]`` and ``y[b] = data[i + 1 : i + seq_len + 1]``. The offsets come
-    from ``generator`` only, so a seeded generator gives the same batches on every machine.
+    ``x[b] = data[i : i + seq_len]`` and ``y[b] = data[i + 1 : i + seq_len + 1]``. The
+    offsets come from ``generator`` only, so a seeded generator gives the same batches on
+    every machine.
     """
     _check_data(data, seq_len)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(generator, torch.Generator):
-        raise TypeError("generator must be a torch.Generator (seed it for reproducible batches)")
+        raise TypeError(
+            "generator must be a torch.Generator (seed it for reproducible batches)"
+        )
     starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
     idx = starts[:, None] + torch.arange(seq_len + 1)
     windows = data[idx].long()
@@ -224,13 +260,15 @@ def random_batch(
 def eval_batches(
     data: torch.Tensor, batch_size: int, seq_len: int, max_windows: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows from the start of ``data``, grouped into batches, for held-out loss.
+    """Non-overlapping windows from the start of ``data``, grouped into batches, for
+    held-out loss.
 
-    Deterministic (no randomness). ``max_windows`` caps the number of windows, to keep evaluation
-    cheap; ``None`` uses the whole text.
+    Deterministic (no randomness). ``max_windows`` caps the number of windows, to keep
+    evaluation cheap; ``None`` uses the whole text.
 
-    Note: every target byte is predicted from at most ``seq_len`` bytes of context, and the first
-    bytes of each window from very little, so the loss is a little higher than with a sliding window.
+    Note: every target byte is predicted from at most ``seq_len`` bytes of context, and
+    the first bytes of each window from very little, so the loss is a little higher than
+    with a sliding window.
     """
     _check_data(data, seq_len)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -238,20 +276,27 @@ def eval_batches(
     n = (data.numel() - 1) // seq_len
     if max_windows is not None:
         if not isinstance(max_windows, int) or max_windows < 1:
-            raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+            raise ValueError(
+                f"max_windows must be a positive int or None, got {max_windows!r}"
+            )
         n = min(n, max_windows)
     x = data[: n * seq_len].long().view(n, seq_len)
     y = data[1 : n * seq_len + 1].long().view(n, seq_len)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)
+    ]
 
 
-def spaced_windows(data: torch.Tensor, n_windows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_windows`` windows spread evenly over the whole of ``data``: inputs ``x``, targets ``y``.
+def spaced_windows(
+    data: torch.Tensor, n_windows: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_windows`` windows spread evenly over the whole of ``data``: inputs ``x``,
+    targets ``y``.
 
     A cheap, deterministic sample of a text for repeated evaluation during training.
 
-    Note: evenly spaced rather than the first windows, so a short evaluation still covers every
-    document of the split instead of only the first one.
+    Note: evenly spaced rather than the first windows, so a short evaluation still covers
+    every document of the split instead of only the first one.
     """
     _check_data(data, seq_len)
     if not isinstance(n_windows, int) or n_windows < 1:
