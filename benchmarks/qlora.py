@@ -12,7 +12,7 @@ Targets (issue 15), on a CPU: our forward (4 × 128 tokens and one token), forwa
 ``kernels="bnb"`` at most 1.05× bitsandbytes' own layer (the same kernel behind a thin wrapper). On CUDA
 bitsandbytes has fused kernels and ours is plain PyTorch: the ratios are printed as readings, not judged.
 Beside them: the floor, a plain float32 ``F.linear`` on the dense weight (what any 4-bit layer adds its
-dequantization to), and the dequantization's effective bandwidth (bytes read and written per second) beside
+dequantization to; timed alternating with ours in a run of its own), and the dequantization's effective bandwidth (bytes read and written per second) beside
 a plain copy's. Exits 0 either way (shared machines are noisy): read the ratios, and the load printed.
 """
 
@@ -89,16 +89,19 @@ def bench_layer(name: str, out_features: int, in_features: int, device: torch.de
             print(f"{case}: ours {t_ours * 1e3:.2f} ms, reference {t_ref * 1e3:.2f} ms, "
                   f"ours / reference = {t_ours / t_ref:.2f} (a reading: bitsandbytes' kernels are fused)")
 
-    # The floor: the same products on the dense weight, alternating among themselves.
+    # The floor: the same products on the dense weight, alternating with ours (so the same load hits both).
+    floors = {
+        "forward, 4 × 128 tokens": (lambda: ours(x), lambda: F.linear(x, dense), True),
+        "forward, 1 token": (lambda: ours(x1), lambda: F.linear(x1, dense), True),
+        "forward + backward, 4 × 128 tokens": (_train(ours, xg), _train(lambda t: F.linear(t, dense), xg), False),
+    }
+    for case, (a, b, no_grad) in floors.items():
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            t_ours, floor = alternate(a, b, repeats, device)
+        print(f"  floor, {case}: plain F.linear {floor * 1e3:.2f} ms, ours {t_ours * 1e3:.2f} ms in the same run: "
+              f"ours / plain = {t_ours / floor:.2f}")
     with torch.no_grad():
-        plain_many, plain_one = alternate(lambda: F.linear(x, dense), lambda: F.linear(x1, dense), repeats, device)
-        copy, _ = alternate(lambda: out.copy_(copy_src), lambda: None, repeats, device)
-    plain_train, _ = alternate(_train(lambda t: F.linear(t, dense), xg), lambda: None, repeats, device)
-    for case, floor in (("forward, 4 × 128 tokens", plain_many), ("forward, 1 token", plain_one),
-                        ("forward + backward, 4 × 128 tokens", plain_train)):
-        t_ours, t_ref = times[case]
-        print(f"  floor, {case}: plain F.linear {floor * 1e3:.2f} ms; over it: ours +{(t_ours - floor) * 1e3:.2f} ms, "
-              f"bitsandbytes +{(t_ref - floor) * 1e3:.2f} ms")
+        copy, _ = alternate(lambda: out.copy_(copy_src), lambda: dequantize_nf4(ours.weight, out=out), repeats, device)
     values = out.numel() * out.element_size()
     moved = values + ours.weight.nbytes  # written values + read codes and constants
     t_ours, t_ref = times["dequantize_nf4(out=) vs dequantize_4bit"]
