@@ -5,7 +5,7 @@
 Explained in the chapter *QLoRA end to end* (book/chapters/qlora.md). Both sides run in one process,
 alternating call by call, so drifts in machine load hit both; medians are reported. Layers: LLaMA-7B's
 ``q_proj`` (4096 × 4096) and ``gate_proj`` (11008 × 4096), NF4 + double quantization, float32 compute on a
-CPU (bfloat16 on a GPU); inputs of 4 × 128 tokens, and of a single token (a decoding step).
+CPU (on a GPU the 16-bit dtype it computes natively: bfloat16 from sm80, else float16); inputs of 4 × 128 tokens, and of a single token (a decoding step).
 
 Targets (issue 15), on a CPU: our forward (4 × 128 tokens and one token), forward + backward and
 ``dequantize_nf4(..., out=)`` each at most 1.0× bitsandbytes' (``Linear4bit`` / ``dequantize_4bit``), and
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.devices import compute_dtype
 from peftlab.nf4 import dequantize_nf4, to_bnb
 from peftlab.qlora import Linear4bit, bnb_linear4bit
 from _timing import alternate, report  # benchmarks/_timing.py
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute = compute_dtype(device)  # float32 on a CPU; bfloat16 only where a GPU computes it natively
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.repeats} "
           f"alternating repeats (medians), {os.cpu_count()} CPUs, {_load()}")
     for name in args.layers:
