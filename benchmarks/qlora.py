@@ -7,7 +7,7 @@ alternating call by call, so drifts in machine load hit both; medians are report
 ``q_proj`` (4096 × 4096) and ``gate_proj`` (11008 × 4096), NF4 + double quantization, float32 compute on a
 CPU (on a GPU the 16-bit dtype it computes natively: bfloat16 from sm80, else float16); inputs of 4 × 128 tokens, and of a single token (a decoding step).
 
-Targets (issue 15), on a CPU: our forward (4 × 128 tokens and one token), forward + backward and
+Targets, on a CPU: our forward (4 × 128 tokens and one token), forward + backward and
 ``dequantize_nf4(..., out=)`` each at most 1.0× bitsandbytes' (``Linear4bit`` / ``dequantize_4bit``), and
 ``kernels="bnb"`` at most 1.05× bitsandbytes' own layer (the same kernel behind a thin wrapper). On CUDA
 bitsandbytes has fused kernels and ours is plain PyTorch: the ratios are printed as readings, not judged.
