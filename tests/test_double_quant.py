@@ -27,7 +27,6 @@ from peftlab.double_quant import (  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_NF4 = importlib.util.find_spec("peftlab.nf4") is not None
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _heavy_tailed(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -378,7 +377,6 @@ def test_nf4_bnb_interop_carries_nested_state() -> None:
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("blocksize", [64, 256, 4096])
 def test_cuda_same_codes_as_cpu(blocksize: int) -> None:
     A = _heavy_tailed(3 * blocksize + 11, torch.float32, seed=blocksize)
@@ -388,7 +386,6 @@ def test_cuda_same_codes_as_cpu(blocksize: int) -> None:
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_state_to_device() -> None:
     state = quantize_absmax(torch.rand(1000) + 0.1)
     moved = state.to("cuda")

@@ -265,7 +265,6 @@ def test_run_times_its_training_between_synchronizations_of_its_device(monkeypat
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_on_cuda_matches_cpu():
     cpu = E.finetune(E.RunConfig(**TINY), progress=False)
     gpu = E.finetune(E.RunConfig(device="cuda", **TINY), progress=False)

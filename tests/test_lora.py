@@ -566,7 +566,6 @@ def test_count_parameters_counts_shared_once_and_prints():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_peft(dtype):
     ours, theirs = pair(256, 128, dtype, r=16, alpha=32)
@@ -586,7 +585,6 @@ def test_cuda_matches_peft(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16])
 def test_cuda_factors_follow_a_linear4bit_base_and_train(compute_dtype):
     cpu_base = _linear4bit(compute_dtype=compute_dtype)

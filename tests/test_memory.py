@@ -24,7 +24,6 @@ from peftlab.memory import (
 )
 
 transformers = pytest.importorskip("transformers")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAPER_LLAMA = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
                "llama-33b": 32_528_943_616, "llama-65b": 65_285_660_672}
@@ -265,7 +264,6 @@ def test_estimate_matches_a_measured_step(method, ckpt):
     assert measured.activations == pytest.approx(estimated.activations, rel=0.10)
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_estimate_matches_max_memory_allocated_on_cuda(method):
@@ -346,7 +344,6 @@ def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
     assert measured.lora_weights == estimated.lora_weights == 4 * LlamaShape.from_config(cfg).lora_params(4)
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_estimate(method):

@@ -14,7 +14,6 @@ from peftlab.nf4 import NF4Tensor, dequantize_nf4, from_bnb, quantize_nf4, to_bn
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (7,), (64,), (65,), (3, 5, 7), (33, 65), (7, 320), (2, 4096), (5000,)]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def bnb_reference_dequantize(packed, state):
@@ -299,7 +298,6 @@ def test_dequantize_rejects_bad_dtype():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 256])
 def test_cuda_equals_cpu_and_bitsandbytes_cuda(dtype, blocksize):
@@ -325,7 +323,6 @@ def test_cuda_equals_cpu_and_bitsandbytes_cuda(dtype, blocksize):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_double_quant_to_bnb():
     w = sample((256, 512), torch.bfloat16, seed=4).cuda()
     q = quantize_nf4(w, 64, double_quant=True)

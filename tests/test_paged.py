@@ -16,7 +16,6 @@ from peftlab.paged import (
     count_saved_bytes,
 )
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHAPES = [(37,), (64, 33), (5, 7, 3), (1000,), (0,)]
 
 
@@ -445,7 +444,6 @@ def test_cuda_copy_timer_uses_events_on_the_current_stream_and_waits_only_when_r
 
 # -- CUDA: real device and pinned host buffers ---------------------------------------------------------
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
 def test_cuda_matches_torch_adamw(dtype, perturb):
@@ -458,7 +456,6 @@ def test_cuda_matches_torch_adamw(dtype, perturb):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_eviction_frees_device_memory():
     pool = PagePool(64 * 2**20, device="cuda", page_bytes=2**20)
     t = pool.from_tensor(torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))  # 8 MiB, 8 pages
@@ -475,7 +472,6 @@ def test_cuda_eviction_frees_device_memory():
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_matches_bitsandbytes_paged_adamw():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
@@ -580,7 +576,6 @@ def test_a_page_larger_than_the_pool_is_refused():
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_paging_on_a_side_stream_keeps_the_values_and_times_the_copies():
     pool = PagePool(8 * 2**20, device="cuda", page_bytes=2**20)
     values = torch.randn(4 * 2**18, device="cuda")  # 4 MiB, 4 pages, allocated on the default stream
@@ -600,7 +595,6 @@ def test_cuda_paging_on_a_side_stream_keeps_the_values_and_times_the_copies():
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_bitsandbytes_and_ours_agree_when_both_page_every_state_every_step():
     # The paged chapter's like-with-like case: every state pushed to the host before each step, in both.
     bnb = pytest.importorskip("bitsandbytes")

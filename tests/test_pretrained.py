@@ -182,7 +182,6 @@ def test_load_pretrained_dtype(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_load_pretrained_on_cuda_matches_cpu(model):
     ids = textdata.encode("for i in range(10):\n    print(i)\n")[None]
     gpu = pretrained.load_pretrained(device="cuda")

@@ -13,7 +13,6 @@ from peftlab.paged import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = [(96, 128), (64, 100), (33, 7), (256, 64)]  # (out, in); 7 × 33 and 100 × 64 end in partial blocks
 
@@ -237,7 +236,6 @@ def test_bad_input():
 # -------------------------------------------------------------------------------------------------- GPU
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
@@ -322,7 +320,6 @@ def test_bnb_linear4bit_refuses_non_linear():
         bnb_linear4bit(nn.Conv1d(4, 4, 1))
 
 
-@cuda
 @pytest.mark.cuda
 def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
     from peftlab.qlora import finetune
