@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
-
-from peftlab.codebooks import (  # noqa: E402
+from _reference import bnbF, dequantize_4bit, dequantize_4bit_eager  # tests/_reference.py
+from peftlab.codebooks import (
     BLOCKSIZES,
     NF4_OFFSET,
     _bucket_codes,
@@ -25,21 +24,6 @@ from peftlab.codebooks import (  # noqa: E402
 )
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def bnb_reference_dequantize(packed, state):
-    """bitsandbytes' pure-PyTorch dequantize (``backends/default/ops.py``), run eagerly.
-
-    Note: its native CPU kernel (what ``dequantize_4bit`` runs on the CPU for even last dims) mis-
-    indexes ``absmax`` for some shapes whose blocks straddle rows (e.g. (7, 320) in blocks of 128), so
-    for arbitrary shapes the reference path is the one that agrees with its own quantizer.
-    """
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    from bitsandbytes.backends.utils import _get_4bit_code
-
-    code = _get_4bit_code(state.quant_type, packed.device)
-    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-    return eager(packed.reshape(-1), state.absmax, code, state.blocksize, state.shape, state.dtype)
 
 
 # --- the tables -------------------------------------------------------------------------------------
@@ -176,9 +160,9 @@ def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
     assert torch.equal(packed, bpacked.reshape(-1))
     assert torch.equal(absmax, state.absmax)
     ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
-    assert torch.equal(ours, bnb_reference_dequantize(bpacked, state).reshape(-1))
-    if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (see above)
-        assert torch.equal(ours, bnbF.dequantize_4bit(bpacked, state).reshape(-1))
+    assert torch.equal(ours, dequantize_4bit_eager(bpacked, state).reshape(-1))
+    if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (tests/_reference.py)
+        assert torch.equal(ours, dequantize_4bit(bpacked, state).reshape(-1))
 
 
 # --- error ordering, bad input -----------------------------------------------------------------------

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import logging
 
 import pytest
 import torch
 
-bnb_F = pytest.importorskip("bitsandbytes.functional")
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-from peftlab.double_quant import (  # noqa: E402
+from _reference import bnbF, dequantize_4bit, dequantize_4bit_flat, nested_absmax  # tests/_reference.py
+from peftlab.double_quant import (
     BLOCKSIZES,
     LUT_SIZE,
     DoubleQuantState,
@@ -24,9 +20,9 @@ from peftlab.double_quant import (  # noqa: E402
     quantize_blockwise,
     roundtrip_absmax,
 )
+from peftlab.nf4 import dequantize_nf4, from_bnb, quantize_nf4, to_bnb
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HAS_NF4 = importlib.util.find_spec("peftlab.nf4") is not None
 
 
 def _heavy_tailed(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -41,7 +37,7 @@ def _heavy_tailed(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_map_equals_bitsandbytes(signed: bool) -> None:
-    ours, ref = dynamic_map(signed), bnb_F.create_dynamic_map(signed=signed)
+    ours, ref = dynamic_map(signed), bnbF.create_dynamic_map(signed=signed)
     assert ours.dtype == torch.float32 and ours.shape == (256,)
     assert torch.equal(ours, ref)
 
@@ -60,12 +56,12 @@ def test_dynamic_map_rejects_non_bool() -> None:
 def test_quantize_blockwise_matches_bitsandbytes(dtype: torch.dtype, blocksize: int, n: int) -> None:
     A = _heavy_tailed(n, dtype, seed=n + blocksize)
     codes, absmax = quantize_blockwise(A, blocksize)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=blocksize)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=blocksize)
     assert codes.dtype == torch.uint8 and codes.shape == A.shape
     assert torch.equal(codes, ref_codes)
     assert torch.equal(absmax, ref_state.absmax)
     out = dequantize_blockwise(codes, absmax, blocksize, dtype=dtype)
-    ref = bnb_F.dequantize_blockwise(ref_codes, ref_state)
+    ref = bnbF.dequantize_blockwise(ref_codes, ref_state)
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
@@ -88,7 +84,7 @@ def test_quantize_blockwise_every_bin_edge(tail: bool) -> None:
     blocks = torch.cat([torch.ones(body // 255, 1), values[:body].view(-1, 255)], dim=1).reshape(-1)
     A = torch.cat([blocks, torch.ones(1), values[body:]] if tail else [blocks])
     codes, absmax = quantize_blockwise(A, 256)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
 
@@ -110,7 +106,7 @@ def test_quantize_blockwise_multiplies_by_the_reciprocal(scale: float) -> None:
     body = values.numel() - values.numel() % 255
     A = torch.cat([torch.full((body // 255, 1), -scale), values[:body].view(-1, 255)], dim=1).reshape(-1)
     codes, absmax = quantize_blockwise(A, 256)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
 
@@ -124,7 +120,7 @@ def test_quantize_blockwise_midpoint_on_a_bin_centre() -> None:
     assert torch.isin(mid, centres).any()
     A = torch.cat([torch.ones(1), centres])
     codes, _ = quantize_blockwise(A, 4096, code=code)
-    ref_codes, _ = bnb_F.quantize_blockwise(A, code=code, blocksize=4096)
+    ref_codes, _ = bnbF.quantize_blockwise(A, code=code, blocksize=4096)
     assert torch.equal(codes, ref_codes)
 
 
@@ -133,7 +129,7 @@ def test_quantize_blockwise_is_not_nearest_code() -> None:
     # the reason the package reproduces the table rather than searching for the nearest code.
     A = torch.tensor([1.0, 0.0, -1e-7, 1e-5])
     codes, _ = quantize_blockwise(A, 32)
-    ref_codes, _ = bnb_F.quantize_blockwise(A, blocksize=32)
+    ref_codes, _ = bnbF.quantize_blockwise(A, blocksize=32)
     assert torch.equal(codes, ref_codes)
     nearest = (A[:, None] - dynamic_map()[None, :]).abs().argmin(dim=1)
     assert codes[1].item() != nearest[1].item() == 127
@@ -142,7 +138,7 @@ def test_quantize_blockwise_is_not_nearest_code() -> None:
 def test_quantize_blockwise_zero_block() -> None:
     A = torch.cat([torch.zeros(256), torch.randn(100)])
     codes, absmax = quantize_blockwise(A, 256)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(A, blocksize=256)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
     out = dequantize_blockwise(codes, absmax, 256)
     assert torch.isfinite(out).all() and (out[:256] == 0).all()
@@ -152,10 +148,10 @@ def test_quantize_blockwise_custom_code() -> None:
     code = torch.linspace(-1, 1, 256)
     A = _heavy_tailed(5000, torch.float32, seed=3)
     codes, absmax = quantize_blockwise(A, 128, code=code)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(A, code=code, blocksize=128)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, code=code, blocksize=128)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
     ours = dequantize_blockwise(codes, absmax, 128, code=code)
-    assert torch.equal(ours, bnb_F.dequantize_blockwise(ref_codes, ref_state))
+    assert torch.equal(ours, bnbF.dequantize_blockwise(ref_codes, ref_state))
 
 
 # --- double quantization of the NF4 constants -----------------------------------------------------
@@ -166,23 +162,22 @@ def test_quantize_blockwise_custom_code() -> None:
 @pytest.mark.parametrize("shape", [(300, 77), (1024, 1024), (65, 3), (1, 9)])
 def test_quantize_absmax_matches_compress_statistics(dtype: torch.dtype, blocksize: int, shape: tuple) -> None:
     W = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape) + blocksize)).to(dtype)
-    _, plain = bnb_F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
-    _, nested = bnb_F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    _, plain = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    _, nested = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     state = quantize_absmax(plain.absmax)
     assert torch.equal(state.codes, nested.absmax)
     assert torch.equal(state.absmax2, nested.state2.absmax)
     assert torch.equal(state.offset, nested.offset)
     assert state.blocksize2 == nested.state2.blocksize == 256
     assert torch.equal(dynamic_map(), nested.state2.code)
-    ref = bnb_F.dequantize_blockwise(nested.absmax, nested.state2) + nested.offset
-    assert torch.equal(dequantize_absmax(state), ref)
+    assert torch.equal(dequantize_absmax(state), nested_absmax(nested))
 
 
 @pytest.mark.parametrize("blocks", [1, 255, 256, 257, 1000])
 def test_block_counts_not_divisible_by_256(blocks: int) -> None:
     absmax = 0.5 + torch.rand(blocks, generator=torch.Generator().manual_seed(blocks))
     state = quantize_absmax(absmax)
-    ref_codes, ref_state = bnb_F.quantize_blockwise(absmax - absmax.mean(), blocksize=256)
+    ref_codes, ref_state = bnbF.quantize_blockwise(absmax - absmax.mean(), blocksize=256)
     assert state.codes.numel() == blocks and state.absmax2.numel() == -(-blocks // 256)
     assert torch.equal(state.codes, ref_codes) and torch.equal(state.absmax2, ref_state.absmax)
 
@@ -194,7 +189,7 @@ def test_equal_constants_give_no_nan(value: float, blocks: int) -> None:
     state = quantize_absmax(absmax)
     out = dequantize_absmax(state)
     assert torch.isfinite(out).all()
-    ref_codes, ref_state = bnb_F.quantize_blockwise(absmax - absmax.mean(), blocksize=256)
+    ref_codes, ref_state = bnbF.quantize_blockwise(absmax - absmax.mean(), blocksize=256)
     assert torch.equal(state.codes, ref_codes) and torch.equal(state.absmax2, ref_state.absmax)
     assert torch.allclose(out, absmax, rtol=1e-6, atol=0)
     if value == 0.5:  # the mean is exact: centring gives exact zeros, absmax2 = 0
@@ -203,7 +198,7 @@ def test_equal_constants_give_no_nan(value: float, blocks: int) -> None:
 
 def test_all_zero_weights() -> None:
     W = torch.zeros(64, 64)
-    _, nested = bnb_F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    _, nested = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     state = quantize_absmax(torch.zeros(64))
     assert torch.equal(state.codes, nested.absmax) and torch.equal(dequantize_absmax(state), torch.zeros(64))
 
@@ -333,44 +328,32 @@ def test_state_validation() -> None:
 # --- end to end through the NF4 module ------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_NF4, reason="peftlab.nf4 (issue 4) not present yet")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("shape", [(300, 77), (512, 256), (7,)])
 def test_nf4_double_quant_bit_identical(dtype: torch.dtype, blocksize: int, shape: tuple) -> None:
-    from peftlab.nf4 import dequantize_nf4, quantize_nf4
-
     W = torch.randn(shape, generator=torch.Generator().manual_seed(blocksize + sum(shape))).to(dtype)
-    packed, state = bnb_F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    # bitsandbytes 0.50.2's AVX-512 CPU dequantize_4bit mixes up blocks when blocksize > shape[-1]
-    # (e.g. 512 x 256 in blocks of 512); its 1-D path is right, so the reference goes through it.
-    state.shape = torch.Size([W.numel()])
-    ref = bnb_F.dequantize_4bit(packed, state).reshape(shape)
+    packed, state = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    ref = dequantize_4bit_flat(packed, state)  # its CPU kernel is wrong for e.g. 512 x 256 in blocks of 512
     ours = dequantize_nf4(quantize_nf4(W, blocksize=blocksize, double_quant=True))
     assert ours.dtype == dtype and ours.shape == W.shape
     assert torch.equal(ours, ref)
 
 
-@pytest.mark.skipif(not HAS_NF4, reason="peftlab.nf4 (issue 4) not present yet")
 def test_nf4_bits_per_param_with_double_quant() -> None:
-    from peftlab.nf4 import quantize_nf4
-
     W = torch.randn(4096, 4096)
     assert quantize_nf4(W, blocksize=64, double_quant=False).bits_per_param == pytest.approx(4.5, abs=1e-3)
     assert quantize_nf4(W, blocksize=64, double_quant=True).bits_per_param == pytest.approx(4.127, abs=1e-3)
 
 
-@pytest.mark.skipif(not HAS_NF4, reason="peftlab.nf4 (issue 4) not present yet")
 def test_nf4_bnb_interop_carries_nested_state() -> None:
-    from peftlab.nf4 import dequantize_nf4, from_bnb, quantize_nf4, to_bnb
-
     W = torch.randn(300, 77, generator=torch.Generator().manual_seed(1))
     t = quantize_nf4(W, blocksize=64, double_quant=True)
     packed, state = to_bnb(t)
     assert state.nested and state.state2.blocksize == 256 and state.absmax.dtype == torch.uint8
-    assert torch.equal(bnb_F.dequantize_4bit(packed, state).reshape(W.shape), dequantize_nf4(t))
-    ref_packed, ref_state = bnb_F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(dequantize_nf4(from_bnb(ref_packed, ref_state)), bnb_F.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_4bit(packed, state), dequantize_nf4(t))  # 77 is odd: its public path is right
+    ref_packed, ref_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(dequantize_nf4(from_bnb(ref_packed, ref_state)), dequantize_4bit(ref_packed, ref_state))
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

@@ -473,7 +473,8 @@ def test_cuda_eviction_frees_device_memory():
 
 @pytest.mark.cuda
 def test_cuda_matches_bitsandbytes_paged_adamw():
-    bnb = pytest.importorskip("bitsandbytes")
+    from _reference import bnb  # tests/_reference.py
+
     torch.manual_seed(0)
     init = [torch.randn(512, 512, device="cuda"), torch.randn(300, device="cuda")]  # ≥ 1e5: bnb pages the first
     theirs = [p.clone().requires_grad_() for p in init]
@@ -597,7 +598,8 @@ def test_cuda_paging_on_a_side_stream_keeps_the_values_and_times_the_copies():
 @pytest.mark.cuda
 def test_cuda_bitsandbytes_and_ours_agree_when_both_page_every_state_every_step():
     # The paged chapter's like-with-like case: every state pushed to the host before each step, in both.
-    bnb = pytest.importorskip("bitsandbytes")
+    from _reference import bnb  # tests/_reference.py
+
     torch.manual_seed(0)
     init = [torch.randn(512, 512, device="cuda"), torch.randn(300, device="cuda")]
     ref = [p.clone().requires_grad_() for p in init]

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _reference import dequantize_4bit, dequantize_4bit_flat  # tests/_reference.py
 from peftlab.lora import LoRALinear, add_lora, count_parameters
-from peftlab.nf4 import quantize_nf4
+from peftlab.nf4 import quantize_nf4, to_bnb
 from peftlab.paged import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
-bnb = pytest.importorskip("bitsandbytes")
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = [(96, 128), (64, 100), (33, 7), (256, 64)]  # (out, in); 7 × 33 and 100 × 64 end in partial blocks
 
@@ -22,24 +22,6 @@ def _linear(out_f, in_f, bias=True, seed=0, device="cpu"):
     return nn.Linear(in_f, out_f, bias=bias).to(device)
 
 
-def _bnb_reference(lin, blocksize, double_quant, compute_dtype, device="cpu"):
-    return bnb_linear4bit(lin, compute_dtype, device, blocksize, double_quant)
-
-
-def _bnb_dequantized(ref):
-    """bitsandbytes' dequantization of ``ref``'s weight, done on the flattened tensor.
-
-    Note: bitsandbytes 0.50.2's CPU ``dequantize_4bit`` is wrong for some 2-D shapes whose rows are
-    shorter than a block (e.g. 256 × 64 in blocks of 128; see test_bnb_2d_cpu_dequantize_differs): its
-    Linear4bit then differs from its own quantization. On the flattened tensor it is right.
-    """
-    st = ref.weight.quant_state
-    flat = bnb.functional.QuantState(absmax=st.absmax, shape=torch.Size([st.shape.numel()]), code=st.code,
-                                     blocksize=st.blocksize, quant_type="nf4", dtype=st.dtype,
-                                     offset=st.offset, state2=st.state2)
-    return bnb.functional.dequantize_4bit(ref.weight.data, flat).view(st.shape)
-
-
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 128])
@@ -47,29 +29,15 @@ def _bnb_dequantized(ref):
 def test_forward_equals_bitsandbytes_linear4bit(shape, blocksize, double_quant, compute_dtype):
     lin = _linear(*shape)
     ours = Linear4bit.from_linear(lin, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
-    ref = _bnb_reference(lin, blocksize, double_quant, compute_dtype)
+    ref = bnb_linear4bit(lin, compute_dtype, "cpu", blocksize, double_quant)
     x = torch.randn(3, 5, shape[1])
     with torch.no_grad():
-        w = _bnb_dequantized(ref)
+        w = dequantize_4bit_flat(ref.weight.data, ref.weight.quant_state)  # flattened: see tests/_reference.py
         assert torch.equal(ours.dequantize(torch.float32), w.float())
         expected = F.linear(x.to(compute_dtype), w.to(compute_dtype), lin.bias.to(compute_dtype)).float()
         assert torch.equal(ours(x), expected)
         if shape[1] % blocksize == 0:  # the LLaMA case: blocks never cross rows
             assert torch.equal(ours(x), ref(x))
-
-
-def test_bnb_2d_cpu_dequantize_differs_from_its_definition():
-    """Documents the bitsandbytes 0.50.2 CPU discrepancy the note in _bnb_dequantized describes."""
-    w = torch.randn(256, 64)
-    packed, st = bnb.functional.quantize_4bit(w, blocksize=128, quant_type="nf4", compress_statistics=False)
-    flat = packed.flatten()
-    codes = torch.stack([flat >> 4, flat & 15], 1).flatten().long()
-    definition = (st.code[codes] * st.absmax.repeat_interleave(128)).view(256, 64)
-    ours = Linear4bit.from_linear(_linear(256, 64), blocksize=128, double_quant=False)
-    ours.weight = quantize_nf4(w, 128)
-    assert torch.equal(ours.dequantize(), definition)
-    if torch.equal(bnb.functional.dequantize_4bit(packed, st), definition):
-        pytest.skip("this bitsandbytes dequantizes 2-D shapes correctly: drop the note in _bnb_dequantized")
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
@@ -239,8 +207,6 @@ def test_bad_input():
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
-    from peftlab.nf4 import to_bnb
-
     lin = _linear(*shape)
     ours = Linear4bit.from_linear(lin).to("cuda")  # quantized on the CPU (bit-identical to bnb), then moved
     assert ours.compute_dtype == torch.float32 and ours.weight.device.type == "cuda"
@@ -248,7 +214,7 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
     fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").to(torch.bfloat16)
     assert torch.equal(ours.weight.packed, fast.weight.packed)
     packed, state = to_bnb(ours.weight)
-    w = bnb.functional.dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
+    w = dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
     assert torch.equal(ours.dequantize(torch.float32), w.float())
     x = torch.randn(8, shape[1], device="cuda", dtype=torch.bfloat16)
     expected = F.linear(x, w.to(torch.bfloat16), lin.bias.to("cuda", torch.bfloat16))
