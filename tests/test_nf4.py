@@ -25,7 +25,7 @@ def sample(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_identical_to_bitsandbytes(dtype, shape, blocksize):
+def test_quantize_nf4_bytes_and_dequantized_values_equal_bitsandbytes(dtype, shape, blocksize):
     w = sample(shape, dtype, seed=blocksize + len(shape))
     q = quantize_nf4(w, blocksize)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
@@ -40,7 +40,7 @@ def test_identical_to_bitsandbytes(dtype, shape, blocksize):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [1.0, 2.0**-10, 3.0])
-def test_values_exactly_on_midpoints(dtype, scale):
+def test_values_on_midpoints_quantize_like_bitsandbytes_and_ties_take_the_lower_code(dtype, scale):
     # A block of 64 holding +-absmax and values that land exactly on every midpoint after scaling.
     code = nf4_code()
     mids = (code[:-1] + code[1:]) / 2
@@ -77,11 +77,12 @@ def test_edge_values_identical_to_bitsandbytes(values, blocksize):
     assert torch.equal(dequantize_nf4(q), dequantize_4bit_eager(packed, state).reshape(-1))
 
 
-def test_non_contiguous_input():
+def test_non_contiguous_input_quantizes_like_bitsandbytes_and_like_its_contiguous_copy():
     w = sample((64, 96), torch.float32).t()
     q = quantize_nf4(w, 32)
     packed, state = bnbF.quantize_4bit(w, blocksize=32, quant_type="nf4")
     assert torch.equal(q.packed, packed.reshape(-1))
+    assert torch.equal(dequantize_nf4(q), dequantize_nf4(quantize_nf4(w.contiguous(), 32)))
     assert dequantize_nf4(q).shape == (96, 64)
 
 
@@ -108,7 +109,7 @@ def test_bnb_native_cpu_dequantize_4bit_is_wrong_for_2d_rows_straddling_a_block(
 
 
 @pytest.mark.parametrize("blocksize", [32, 256, 4096])
-def test_error_within_half_the_widest_gap(blocksize):
+def test_dequantize_error_is_at_most_half_the_widest_level_gap_times_absmax(blocksize):
     code = nf4_code()
     half_gap = (code[1:] - code[:-1]).max().item() / 2
     w = sample((3, 3000), torch.float32)
@@ -123,7 +124,7 @@ def test_error_within_half_the_widest_gap(blocksize):
 
 @pytest.mark.parametrize("shape", [(128,), (4096, 64), (1000, 33)])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
-def test_nbytes_and_bits_per_param(shape, blocksize):
+def test_nbytes_counts_codes_and_float32_absmax_and_bits_per_param_follows(shape, blocksize):
     q = quantize_nf4(sample(shape, torch.float32), blocksize)
     n = math.prod(shape)
     assert q.nbytes == (n + 1) // 2 + 4 * math.ceil(n / blocksize)
@@ -146,7 +147,7 @@ def test_to_same_device_copies_and_keeps_bytes():
     assert torch.equal(dequantize_nf4(moved), dequantize_nf4(q))
 
 
-def test_tensor_is_frozen_and_validated():
+def test_nf4tensor_is_frozen_and_refuses_wrong_sizes_and_dtype():
     q = quantize_nf4(sample((100,), torch.float32), 32)
     with pytest.raises(AttributeError):
         q.blocksize = 64  # type: ignore[misc]
@@ -156,7 +157,22 @@ def test_tensor_is_frozen_and_validated():
         NF4Tensor(q.packed, q.absmax[:-1], q.shape, q.dtype, 32)
     with pytest.raises(TypeError, match="dtype"):
         NF4Tensor(q.packed, q.absmax, q.shape, torch.int8, 32)
+    with pytest.raises(TypeError, match="packed must be a 1-D uint8"):
+        NF4Tensor(q.packed.view(2, -1), q.absmax, q.shape, q.dtype, 32)
+    with pytest.raises(TypeError, match="packed must be a 1-D uint8"):
+        NF4Tensor(q.packed.to(torch.int16), q.absmax, q.shape, q.dtype, 32)
+    with pytest.raises(TypeError, match="absmax must be a float32 tensor or a DoubleQuantState"):
+        NF4Tensor(q.packed, q.absmax.tolist(), q.shape, q.dtype, 32)
+    with pytest.raises(ValueError, match=r"packed \(meta\) and absmax \(cpu\) must be on the same device"):
+        NF4Tensor(q.packed.to("meta"), q.absmax, q.shape, q.dtype, 32)
     assert "NF4Tensor(shape=(100,)" in repr(q)
+
+
+def test_nf4tensor_refuses_double_quantized_constants_of_another_block_count():
+    q = quantize_nf4(sample((100,), torch.float32), 32, double_quant=True)
+    other = quantize_nf4(sample((200,), torch.float32), 32, double_quant=True)
+    with pytest.raises(ValueError, match="absmax must hold 4 codes, got 7"):
+        NF4Tensor(q.packed, other.absmax, q.shape, q.dtype, 32)
 
 
 # --- interchange with bitsandbytes --------------------------------------------------------------------
@@ -218,20 +234,33 @@ def test_from_bnb_refuses_fp4_and_non_states():
         from_bnb(packed, state)
     with pytest.raises(TypeError, match="QuantState"):
         from_bnb(packed, {"absmax": state.absmax})
+    with pytest.raises(TypeError, match="packed must be a torch.Tensor"):
+        from_bnb(packed.tolist(), state)
     with pytest.raises(TypeError, match="NF4Tensor"):
         to_bnb(packed)
+
+
+def test_from_bnb_refuses_states_whose_tables_are_not_nf4_and_the_dynamic_map():
+    packed, state = bnbF.quantize_4bit(torch.randn(512), blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.code = state.code.flip(0)
+    with pytest.raises(ValueError, match="state.code is not the NF4 table"):
+        from_bnb(packed, state)
+    packed, state = bnbF.quantize_4bit(torch.randn(512), blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.state2.code = torch.linspace(-1, 1, 256)
+    with pytest.raises(ValueError, match="state.state2.code is not bitsandbytes' signed dynamic map"):
+        from_bnb(packed, state)
 
 
 # --- bad input ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.float64])
-def test_non_float_dtypes_raise_type_error(dtype):
+def test_quantize_nf4_refuses_non_float_dtypes_naming_w(dtype):
     with pytest.raises(TypeError, match="w must be float32, float16 or bfloat16"):
         quantize_nf4(torch.zeros(64, dtype=dtype))
 
 
-def test_non_tensor_raises_type_error():
+def test_quantize_nf4_refuses_a_non_tensor_naming_w():
     with pytest.raises(TypeError, match="w must be a torch.Tensor"):
         quantize_nf4([0.1] * 64)
 
@@ -239,42 +268,42 @@ def test_non_tensor_raises_type_error():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", [0, 70])  # a full block, the trailing partial block
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_finite_raises_value_error(bad, where, dtype):
+def test_quantize_nf4_refuses_non_finite_values_in_full_and_partial_blocks(bad, where, dtype):
     w = torch.randn(100).to(dtype)
     w[where] = bad
     with pytest.raises(ValueError, match="w must be finite"):
         quantize_nf4(w, 64)
 
 
-def test_empty_raises_value_error():
+def test_quantize_nf4_refuses_an_empty_tensor():
     with pytest.raises(ValueError, match="w must not be empty"):
         quantize_nf4(torch.zeros(0, 64))
 
 
 @pytest.mark.parametrize("bad", [64.0, "64", True, None])
-def test_blocksize_type_error(bad):
+def test_quantize_nf4_refuses_a_non_int_blocksize(bad):
     with pytest.raises(TypeError, match="blocksize must be an int"):
         quantize_nf4(torch.randn(64), bad)
 
 
 @pytest.mark.parametrize("bad", [0, -64, 16, 48, 8192])
-def test_blocksize_value_error_names_allowed(bad):
+def test_quantize_nf4_refuses_other_blocksizes_naming_the_allowed_ones(bad):
     with pytest.raises(ValueError, match=r"blocksize must be one of \(32, 64, 128, 256, 512, 1024, 2048, 4096\)"):
         quantize_nf4(torch.randn(64), bad)
 
 
-def test_double_quant_must_be_bool():
+def test_quantize_nf4_refuses_a_non_bool_double_quant():
     with pytest.raises(TypeError, match="double_quant"):
         quantize_nf4(torch.randn(64), 64, double_quant="yes")
 
 
 @pytest.mark.parametrize("bad", [torch.randn(4), None, (torch.zeros(2, dtype=torch.uint8), torch.ones(1))])
-def test_dequantize_requires_nf4_tensor(bad):
+def test_dequantize_nf4_refuses_anything_but_an_nf4tensor(bad):
     with pytest.raises(TypeError, match="q must be an NF4Tensor"):
         dequantize_nf4(bad)
 
 
-def test_dequantize_rejects_bad_dtype():
+def test_dequantize_nf4_refuses_a_non_float_dtype():
     with pytest.raises(TypeError, match="dtype"):
         dequantize_nf4(quantize_nf4(torch.randn(64)), torch.int8)
 
@@ -308,14 +337,14 @@ def test_cuda_equals_cpu_and_bitsandbytes_cuda(dtype, blocksize):
 
 
 @pytest.mark.cuda
-def test_cuda_double_quant_to_bnb():
+def test_cuda_double_quant_to_bnb_dequantizes_in_bitsandbytes_like_ours():
     w = sample((256, 512), torch.bfloat16, seed=4).cuda()
     q = quantize_nf4(w, 64, double_quant=True)
     packed, state = to_bnb(q)
     assert torch.equal(dequantize_4bit(packed, state), dequantize_nf4(q))
 
 
-def test_division_vs_reciprocal_is_followed_per_block():
+def test_trailing_block_divides_and_full_blocks_multiply_by_the_reciprocal_like_bnb():
     # Values whose bucket differs between x / absmax and x * (1 / absmax) (found by search, checked
     # below): bitsandbytes divides in the trailing partial block and multiplies in full blocks.
     code = nf4_code()

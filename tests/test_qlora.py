@@ -55,7 +55,7 @@ def test_input_gradient_equals_autograd_through_the_dequantized_weight(shape, co
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bnb_kernels_equal_the_torch_path(shape):
+def test_bnb_kernels_give_the_torch_paths_output_and_input_gradient(shape):
     lin = _linear(*shape)
     a = Linear4bit.from_linear(lin, kernels="torch")
     b = Linear4bit.from_linear(lin, kernels="bnb")
@@ -77,7 +77,7 @@ def test_nothing_weight_sized_is_saved_for_backward():
     assert saved.nbytes == 0  # neither x (the weight is frozen) nor the dequantized 512 × 256 weight
 
 
-def test_moves_and_casts_never_requantize():
+def test_moves_and_casts_change_the_compute_dtype_but_never_requantize():
     ours = Linear4bit.from_linear(_linear(64, 128))
     packed, absmax = ours.weight.packed, ours.weight.absmax
     before = ours.dequantize(torch.float32)
@@ -91,7 +91,7 @@ def test_moves_and_casts_never_requantize():
     assert ours.compute_dtype == torch.float16 and ours.weight.packed is packed
 
 
-def test_parameter_counts_are_logical():
+def test_parameter_counts_include_the_4bit_weight_as_logical_parameters():
     lin = _linear(96, 128)
     ours = Linear4bit.from_linear(lin)
     assert list(ours.parameters()) == []
@@ -100,9 +100,9 @@ def test_parameter_counts_are_logical():
     assert count_parameters(wrapped) == (4 * (96 + 128), 96 * 128 + 96 + 4 * (96 + 128))
 
 
-def test_lora_merge_refuses_a_4bit_base():
+def test_lora_merge_refuses_a_4bit_base_saying_to_dequantize_first():
     wrapped = LoRALinear(Linear4bit.from_linear(_linear(16, 64)), r=2, alpha=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit base: dequantize it"):
         wrapped.merge()
 
 
@@ -160,7 +160,7 @@ def test_qlora_model_equals_peft_lora_on_the_dequantized_weights():
             torch.testing.assert_close(m.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_quantize_model_with_targets():
+def test_quantize_model_replaces_only_the_named_targets():
     model = quantize_model(_tiny_llama(), ["q_proj", "v_proj"], progress=False)
     q = [n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     assert sorted(q) == ["q_proj", "q_proj", "v_proj", "v_proj"]
@@ -169,7 +169,7 @@ def test_quantize_model_with_targets():
 # -------------------------------------------------------------------------------------------- bad input
 
 
-def test_bad_input():
+def test_quantize_model_refuses_non_linear_lm_head_unknown_and_already_quantized_targets():
     model = _tiny_llama()
     with pytest.raises(TypeError, match="nn.Linear"):
         quantize_model(model, ["mlp"], progress=False)  # a non-Linear target
@@ -182,7 +182,16 @@ def test_bad_input():
         quantize_model(model, ["q_proj"], progress=False)
     with pytest.raises(ValueError, match="already"):
         quantize_model(model, progress=False)
-    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        quantize_model(model, [], progress=False)
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        quantize_model(model, ["q_proj", ""], progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        quantize_model("model")
+
+
+def test_linear4bit_refuses_requantizing_bad_inputs_weights_bias_kernels_and_dtype_naming_them():
+    layer = Linear4bit.from_linear(_linear(16, 64))
     with pytest.raises(ValueError, match="already"):
         Linear4bit.from_linear(layer)
     with pytest.raises(ValueError, match="in_features=64"):
@@ -197,8 +206,10 @@ def test_bad_input():
         Linear4bit.from_linear(_linear(4, 64), compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="2-D"):
         Linear4bit(quantize_nf4(torch.randn(64)))
-    with pytest.raises(TypeError, match="nn.Module"):
-        quantize_model("model")
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(16,\)"):
+        Linear4bit(layer.weight, bias=torch.zeros(15))
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(16,\)"):
+        Linear4bit(layer.weight, bias=[0.0] * 16)
 
 
 # -------------------------------------------------------------------------------------------------- GPU
@@ -231,7 +242,7 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
 # ------------------------------------------------------------------------------------------ finetuning
 
 
-def test_finetune_rows_and_bad_input():
+def test_finetune_lora_and_qlora_train_the_same_adapters_and_qlora_stores_its_base_in_less():
     from peftlab.qlora import finetune
 
     rows = {m: finetune(m, steps=2, eval_every=1, eval_windows=2, progress=False) for m in ("lora", "qlora")}
@@ -242,6 +253,11 @@ def test_finetune_rows_and_bad_input():
     assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
     assert rows["qlora"]["memory"].weights < rows["lora"]["memory"].weights
     assert rows["qlora"]["memory"].quant_constants > 0 == rows["lora"]["memory"].quant_constants
+
+
+def test_finetune_refuses_an_unknown_method_and_non_positive_steps():
+    from peftlab.qlora import finetune
+
     with pytest.raises(ValueError, match="full, lora, qlora"):
         finetune("adapter")
     with pytest.raises(ValueError, match="steps"):
