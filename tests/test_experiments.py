@@ -33,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
         (dict(alpha=0), "alpha"),
         (dict(lr=-1e-3), "lr"),
         (dict(eval_every=-1), "eval_every"),
+        (dict(device="tpu"), "device must be 'cpu' or 'cuda"),
     ],
 )
 def test_run_config_rejects_bad_fields_naming_them(kw, match):
@@ -161,6 +162,8 @@ def test_cached_run_returns_the_same_row_and_its_adapter_and_bad_cache_dirs_are_
     assert not first["cached"] and second["cached"]
     assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in second.items() if k != "cached"}
     adapter = E.load_adapter(second, tmp_path)
+    with pytest.raises(ValueError, match="cache_dir is needed"):
+        E.load_adapter(second)  # the adapter of a cached row lives on disk
     assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
     assert not list(tmp_path.glob("*.tmp"))
     full = E.finetune(E.RunConfig(method="full", **TINY), tmp_path, progress=False)

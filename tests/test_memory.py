@@ -103,7 +103,7 @@ def test_nf4_with_double_quantization_is_4127_bits_per_parameter():
 # --------------------------------------------------------------------------------------- paper's claims
 
 
-def test_paper_headline_numbers():
+def test_65b_full_needs_over_780gb_lora_over_80gb_and_qlora_fits_one_48gb_gpu():
     assert estimate("llama-65b", "full").total > 780e9  # QLoRA §1
     assert estimate("llama-65b", "qlora").total < GPUS["48 GB"]  # QLoRA §1: one 48 GB GPU
     assert estimate("llama-65b", "lora").total > GPUS["80 GB"]
@@ -126,7 +126,7 @@ def test_sharding_splits_the_states_but_not_the_activations(method, n_gpus):
     assert many.weights == math.ceil(one.weights / n_gpus) + per_block
 
 
-def test_breakdown_total_and_dict():
+def test_breakdown_total_is_the_sum_and_as_dict_lists_components_then_total():
     b = Breakdown(1, 2, 3, 4, 5, 6)
     assert b.total == 21 and list(b.as_dict()) == [*COMPONENTS, "total"]
     assert "total" in str(b)
@@ -146,22 +146,34 @@ def test_unknown_method_lists_the_known_ones():
         estimate("llama-7b", "adapter")
 
 
-@pytest.mark.parametrize("kw", [dict(batch=0), dict(seq=-1), dict(r=0), dict(n_gpus=0), dict(seq=1.5),
-                                dict(optimizer_bits=8), dict(target_modules=["lm_head"]),
-                                dict(target_modules=[]), dict(lora_dropout=1.0), dict(device="tpu")])
-def test_bad_options_raise(kw):
-    with pytest.raises((ValueError, TypeError)):
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(batch=0), ValueError, "batch must be a positive int"), (dict(seq=-1), ValueError, "seq must"),
+    (dict(r=0), ValueError, "r must"), (dict(n_gpus=0), ValueError, "n_gpus must"),
+    (dict(seq=1.5), TypeError, "seq must"), (dict(optimizer_bits=8), ValueError, "optimizer_bits must"),
+    (dict(target_modules=["lm_head"]), ValueError, "target_modules must"),
+    (dict(target_modules=[]), ValueError, "target_modules must"), (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
+    (dict(device="tpu"), ValueError, "device must be 'cuda' or 'cpu'"),
+])
+def test_estimate_refuses_bad_options_naming_them(kw, exc, match):
+    with pytest.raises(exc, match=match):
         estimate("llama-7b", "qlora", **kw)
 
 
-@pytest.mark.parametrize("kw", [dict(d_model=0), dict(n_layers=-2), dict(d_model=100, n_heads=3)])
-def test_bad_shapes_raise(kw):
+@pytest.mark.parametrize("kw, match", [(dict(d_model=0), "d_model must be a positive int"),
+                                       (dict(n_layers=-2), "n_layers must be a positive int"),
+                                       (dict(d_model=100, n_heads=3), r"d_model \(100\) must be divisible by n_heads")])
+def test_llama_shape_refuses_non_positive_sizes_and_heads_not_dividing_d_model(kw, match):
     args = dict(name="x", d_model=64, n_layers=2, n_heads=4, ffn=128) | kw
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         LlamaShape(**args)
 
 
-def test_bad_config_and_dtype_raise():
+def test_activation_bytes_refuses_an_unknown_method_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown method 'adapter'; known: full, lora, qlora"):
+        activation_bytes(LLAMA["llama-7b"], "adapter", batch=1, seq=16)
+
+
+def test_estimate_refuses_a_non_config_and_a_non_float_dtype():
     with pytest.raises(TypeError, match="hidden_size"):
         estimate(object(), "full")
     with pytest.raises(TypeError, match="dtype"):
@@ -334,6 +346,13 @@ def test_cuda_peak_names_the_models_device_and_synchronizes_before_reading(monke
     assert _cuda_peak_above_start(step, dev) == 700
     assert calls == [("synchronize", dev), ("reset_peak_memory_stats", dev), ("memory_allocated", dev),
                      ("step", None), ("synchronize", dev), ("max_memory_allocated", dev)]
+
+
+def test_measure_step_refuses_a_non_module_and_a_non_callable_step():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        measure_step("model", lambda: None)
+    with pytest.raises(TypeError, match="step must be a callable"):
+        measure_step(torch.nn.Linear(2, 2), "step")
 
 
 def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):

@@ -85,9 +85,18 @@ def test_save_figure_refuses_unstable_names(book, name):
         plotting.save_figure(_draw(0), name, "c")
 
 
-def test_save_figure_refuses_non_figures(book):
-    with pytest.raises(TypeError, match="Figure"):
+def test_save_figure_refuses_non_figures_and_empty_captions(book):
+    with pytest.raises(TypeError, match="fig must be a matplotlib Figure"):
         plotting.save_figure("not a figure", "x", "c")
+    with pytest.raises(ValueError, match="caption must be a non-empty str"):
+        plotting.save_figure(_draw(0), "demo-x", " ")
+    assert plotting.load_figure_records() == []
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_start_chapter_refuses_a_name_that_is_not_a_non_empty_str(name):
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        runtime.start_chapter(name)
 
 
 def test_claim_passes_and_records(book):
@@ -115,21 +124,25 @@ def test_claim_tolerance_is_an_inclusive_bound(book):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
+    "kwargs, error, match",
     [
-        ({"measured": float("nan")}, ValueError),
-        ({"measured": "1"}, TypeError),
-        ({"rel": None}, ValueError),
-        ({"relation": "~"}, ValueError),
-        ({"key": "Bad key"}, ValueError),
-        ({"source": " "}, ValueError),
+        ({"measured": float("nan")}, ValueError, "measured must be finite"),
+        ({"measured": "1"}, TypeError, "measured must be a real number"),
+        ({"expected": float("inf")}, ValueError, "expected must be finite"),
+        ({"rel": None}, ValueError, "relation='approx' needs a tolerance"),
+        ({"relation": "<"}, ValueError, "rel/abs only apply to relation='approx'"),
+        ({"relation": "~"}, ValueError, "relation must be 'approx' or one of"),
+        ({"key": "Bad key"}, ValueError, "key must be lowercase words"),
+        ({"source": " "}, ValueError, "source must be a non-empty str"),
+        ({"what": ""}, ValueError, "what must be a non-empty str"),
     ],
 )
-def test_claim_bad_input(book, kwargs, error):
+def test_claim_refuses_bad_input_naming_the_parameter(book, kwargs, error, match):
     args = {"key": "demo-x", "measured": 1.0, "expected": 1.0, "rel": 0.1, "source": "s", "what": "w"}
     args.update(kwargs)
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         claims.claim(**args)
+    assert claims.load_claims() == []  # refused before anything is recorded
 
 
 def test_claim_accepts_tensors(book):
