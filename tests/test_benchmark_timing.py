@@ -19,31 +19,23 @@ def timing():
     return module
 
 
-@pytest.fixture
-def log(monkeypatch):
-    """What happened, in order: CUDA synchronizations (with their device) and calls of the timed functions."""
-    events = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
-    return events
-
-
-def test_sync_waits_for_cuda_devices_only(timing, log):
+def test_sync_waits_for_cuda_devices_only(timing, sync_log):
     timing.sync(None)
     timing.sync(torch.device("cpu"))
-    assert log == []
+    assert sync_log == []
     timing.sync(torch.device("cuda", 1))
-    assert log == [("sync", torch.device("cuda", 1))]
+    assert sync_log == [("sync", torch.device("cuda", 1))]
 
 
-def test_alternate_all_times_each_call_between_synchronizations_reversing_the_order_every_round(timing, log,
+def test_alternate_all_times_each_call_between_synchronizations_reversing_the_order_every_round(timing, sync_log,
                                                                                                 monkeypatch):
     ticks = iter(range(1000))
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
-    fns = {name: (lambda name=name: log.append(("call", name))) for name in ("a", "b", "c")}
+    fns = {name: (lambda name=name: sync_log.append(("call", name))) for name in ("a", "b", "c")}
     medians = timing.alternate_all(fns, repeats=2, device=torch.device("cuda", 0), warmup=1)
-    calls = [name for kind, name in log if kind == "call"]
+    calls = [name for kind, name in sync_log if kind == "call"]
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["c", "b", "a"]  # warm-up, then rounds alternating
-    timed = log[3:]
+    timed = sync_log[3:]
     assert timed == [x for name in ("a", "b", "c", "c", "b", "a")
                      for x in (("sync", torch.device("cuda", 0)), ("call", name), ("sync", torch.device("cuda", 0)))]
     assert medians == {"a": 1, "b": 1, "c": 1}  # each call read the clock twice, one tick apart
@@ -51,10 +43,10 @@ def test_alternate_all_times_each_call_between_synchronizations_reversing_the_or
         timing.alternate_all(fns, repeats=0)
 
 
-def test_alternate_is_alternate_all_of_ours_and_the_reference(timing, log):
-    ours, reference = timing.alternate(lambda: log.append("ours"), lambda: log.append("reference"), repeats=3,
-                                       warmup=0)
-    assert log == ["ours", "reference", "reference", "ours", "ours", "reference"]
+def test_alternate_is_alternate_all_of_ours_and_the_reference(timing, sync_log):
+    ours, reference = timing.alternate(lambda: sync_log.append("ours"), lambda: sync_log.append("reference"),
+                                       repeats=3, warmup=0)
+    assert sync_log == ["ours", "reference", "reference", "ours", "ours", "reference"]
     assert ours >= 0 and reference >= 0
 
 

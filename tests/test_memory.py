@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from peftlab.lora import LLAMA_LINEARS
 from peftlab.memory import (
     COMPONENTS,
     GPUS,
@@ -24,7 +25,7 @@ from peftlab.memory import (
 )
 
 transformers = pytest.importorskip("transformers")
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 PAPER_LLAMA = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
                "llama-33b": 32_528_943_616, "llama-65b": 65_285_660_672}
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from peftlab import pretrained, textdata
+from peftlab.lora import LLAMA_LINEARS
 
 transformers = pytest.importorskip("transformers")
-
-LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -34,7 +33,7 @@ def restore_torch_globals():
 def test_architecture_is_llama_with_its_layer_names(model):
     assert isinstance(model, transformers.LlamaForCausalLM)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert names == LINEAR_NAMES | {"lm_head"}
+    assert names == set(LLAMA_LINEARS) | {"lm_head"}  # the package's list is LLaMA's, as transformers builds it
     assert model.config.vocab_size == textdata.VOCAB_SIZE == 256
 
 

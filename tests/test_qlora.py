@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from _reference import dequantize_4bit, dequantize_4bit_flat  # tests/_reference.py
-from peftlab.lora import LoRALinear, add_lora, count_parameters
+from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4, to_bnb
 from peftlab.paged import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 SHAPES = [(96, 128), (64, 100), (33, 7), (256, 64)]  # (out, in); 7 × 33 and 100 × 64 end in partial blocks
 
 
@@ -276,12 +276,10 @@ def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
 @pytest.mark.parametrize("device,capability,expected", [("cpu", None, torch.bfloat16),
                                                         ("cuda", (7, 5), torch.float16),
                                                         ("cuda", (8, 0), torch.bfloat16)])
-def test_finetune_computes_in_bf16_only_where_it_is_native(monkeypatch, device, capability, expected):
+def test_finetune_computes_in_bf16_only_where_it_is_native(fake_gpu, device, capability, expected):
     from peftlab.qlora import finetune_compute_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
+    fake_gpu(capability)  # is_bf16_supported() says True even before compute capability 8.0, as a T4's does
     assert finetune_compute_dtype(device) == expected
 
 

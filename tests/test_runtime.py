@@ -15,16 +15,6 @@ import torch
 from peftlab import claims, plotting, runtime
 
 
-@pytest.fixture
-def book(tmp_path, monkeypatch):
-    """A throwaway book root, so records and figures land in tmp_path."""
-    (tmp_path / "_config.yml").write_text("title: t\n")
-    (tmp_path / "_toc.yml").write_text("root: intro\n")
-    monkeypatch.chdir(tmp_path)
-    runtime.start_chapter("demo", seed=3)
-    return tmp_path
-
-
 def test_book_root_found_from_a_subfolder(book):
     sub = book / "book" / "chapters"
     sub.mkdir(parents=True)
@@ -176,19 +166,11 @@ def test_claim_numbers_print_readably(x, text):
 # -- device, dtype and determinism (CUDA mocked: these run on a CPU) --------------------------------------
 
 
-def _fake_gpu(monkeypatch, capability, name="Fake GPU"):
-    """Pretend a CUDA GPU of ``capability`` is present, one whose is_bf16_supported() says True (as a T4's does)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-
-
 @pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
                                                  ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
                                                  ((9, 0), torch.bfloat16)])
-def test_compute_dtype_is_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
-    _fake_gpu(monkeypatch, capability)
+def test_compute_dtype_is_bf16_only_from_compute_capability_8(fake_gpu, capability, expected):
+    fake_gpu(capability)
     assert runtime.compute_dtype("cuda") == expected
     assert runtime.compute_dtype(torch.device("cuda", 0)) == expected
     assert runtime.native_bf16("cuda") is (expected == torch.bfloat16)
@@ -201,8 +183,8 @@ def test_no_native_bf16_without_a_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("capability,bf16", [((7, 5), "False"), ((8, 0), "True")])
-def test_describe_environment_reports_native_bf16_not_emulated(monkeypatch, capsys, capability, bf16):
-    _fake_gpu(monkeypatch, capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
+def test_describe_environment_reports_native_bf16_not_emulated(fake_gpu, capability, bf16):
+    fake_gpu(capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
     assert runtime.describe_environment()["bf16"] == bf16
 
 
@@ -226,14 +208,6 @@ def test_start_chapter_keeps_a_readers_cublas_workspace_setting(tmp_path, monkey
     import os
 
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-
-
-@pytest.fixture
-def sync_log(monkeypatch):
-    """Replace torch.cuda.synchronize by a recorder: the devices it was called with, in order."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
-    return calls
 
 
 def test_synchronize_waits_for_cuda_devices_only(sync_log):
