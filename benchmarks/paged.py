@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{name}] ours: PagedAdamW, reference: torch.optim.AdamW")
         report("step, nothing paged", *bench_step(shapes, device, args.repeats), TARGETS)
         paging, copy, mib = bench_paging(shapes, device, args.repeats)
-        print(f"[{name}] ours: paging {mib:.1f} MiB of states out and back in; reference: a plain copy of as many bytes")
+        print(f"[{name}] ours: paging {mib:.1f} MiB of states out and back in; reference: a plain copy of as "
+              "many bytes")
         report("paging the states out and back vs a plain copy", paging, copy, TARGETS)
     return 0
 

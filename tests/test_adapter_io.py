@@ -217,7 +217,8 @@ def test_integer_adapter_tensors_are_refused_naming_the_key(saved):
     key = "base_model.model.layers.0.q_proj.lora_A.weight"
     _rewrite(saved, lambda t: t | {key: torch.zeros(4, 16, dtype=torch.int32)})
     model = Net()
-    with pytest.raises(ValueError, match=re.escape(f"adapter tensor '{key}' has dtype torch.int32, expected a float dtype")):
+    message = f"adapter tensor '{key}' has dtype torch.int32, expected a float dtype"
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_adapter(model, saved)
     assert _untouched(model)
 

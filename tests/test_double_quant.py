@@ -363,7 +363,8 @@ def test_dequantize_absmax_refuses_a_non_state_and_roundtrip_absmax_bad_absmax_o
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("shape", [(300, 77), (512, 256), (7,)])
-def test_nf4_with_double_quant_dequantizes_exactly_like_bitsandbytes(dtype: torch.dtype, blocksize: int, shape: tuple) -> None:
+def test_nf4_with_double_quant_dequantizes_exactly_like_bitsandbytes(dtype: torch.dtype, blocksize: int,
+                                                                     shape: tuple) -> None:
     W = torch.randn(shape, generator=torch.Generator().manual_seed(blocksize + sum(shape))).to(dtype)
     packed, state = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     ref = dequantize_4bit_flat(packed, state)  # its CPU kernel is wrong for e.g. 512 x 256 in blocks of 512
