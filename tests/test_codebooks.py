@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _reference import bnbF, dequantize_4bit, dequantize_4bit_eager  # tests/_reference.py
+from _reference import bnbF, bnb_dequantize_4bit, bnb_dequantize_4bit_eager  # tests/_reference.py
 from peftlab.codebooks import (
     BLOCKSIZES,
     NF4_OFFSET,
@@ -163,9 +163,9 @@ def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
     assert torch.equal(packed, bpacked.reshape(-1))
     assert torch.equal(absmax, state.absmax)
     ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
-    assert torch.equal(ours, dequantize_4bit_eager(bpacked, state).reshape(-1))
+    assert torch.equal(ours, bnb_dequantize_4bit_eager(bpacked, state).reshape(-1))
     if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (tests/_reference.py)
-        assert torch.equal(ours, dequantize_4bit(bpacked, state).reshape(-1))
+        assert torch.equal(ours, bnb_dequantize_4bit(bpacked, state).reshape(-1))
 
 
 # --- error ordering, bad input -----------------------------------------------------------------------

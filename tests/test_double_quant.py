@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from _reference import bnbF, dequantize_4bit, dequantize_4bit_flat, nested_absmax  # tests/_reference.py
+from _reference import bnbF, bnb_dequantize_4bit, bnb_dequantize_4bit_flat, nested_absmax  # tests/_reference.py
 from peftlab.double_quant import (
     BLOCKSIZES,
     LUT_SIZE,
@@ -367,7 +367,7 @@ def test_nf4_with_double_quant_dequantizes_exactly_like_bitsandbytes(dtype: torc
                                                                      shape: tuple) -> None:
     W = torch.randn(shape, generator=torch.Generator().manual_seed(blocksize + sum(shape))).to(dtype)
     packed, state = bnbF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    ref = dequantize_4bit_flat(packed, state)  # its CPU kernel is wrong for e.g. 512 x 256 in blocks of 512
+    ref = bnb_dequantize_4bit_flat(packed, state)  # its CPU kernel is wrong for e.g. 512 x 256 in blocks of 512
     ours = dequantize_nf4(quantize_nf4(W, blocksize=blocksize, double_quant=True))
     assert ours.dtype == dtype and ours.shape == W.shape
     assert torch.equal(ours, ref)
@@ -384,9 +384,9 @@ def test_nf4_bnb_interop_carries_nested_state() -> None:
     t = quantize_nf4(W, blocksize=64, double_quant=True)
     packed, state = to_bnb(t)
     assert state.nested and state.state2.blocksize == 256 and state.absmax.dtype == torch.uint8
-    assert torch.equal(dequantize_4bit(packed, state), dequantize_nf4(t))  # 77 is odd: its public path is right
+    assert torch.equal(bnb_dequantize_4bit(packed, state), dequantize_nf4(t))  # 77 is odd: its public path is right
     ref_packed, ref_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(dequantize_nf4(from_bnb(ref_packed, ref_state)), dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(dequantize_nf4(from_bnb(ref_packed, ref_state)), bnb_dequantize_4bit(ref_packed, ref_state))
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from _reference import bnbF, dequantize_4bit, dequantize_4bit_eager, dequantize_4bit_flat  # tests/_reference.py
+from _reference import bnbF, bnb_dequantize_4bit, bnb_dequantize_4bit_eager, bnb_dequantize_4bit_flat  # tests/_reference.py
 from peftlab.codebooks import BLOCKSIZES, nf4_code, unpack_nibbles
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, from_bnb, quantize_nf4, to_bnb
 
@@ -33,9 +33,9 @@ def test_quantize_nf4_bytes_and_dequantized_values_equal_bitsandbytes(dtype, sha
     assert torch.equal(q.absmax, state.absmax)
     out = dequantize_nf4(q)
     assert out.shape == w.shape and out.dtype == dtype
-    assert torch.equal(out.reshape(-1), dequantize_4bit_eager(packed, state).reshape(-1))
+    assert torch.equal(out.reshape(-1), bnb_dequantize_4bit_eager(packed, state).reshape(-1))
     if shape[-1] % blocksize == 0 or shape[-1] % 2:  # where the public CPU path is right (tests/_reference.py)
-        assert torch.equal(out.reshape(-1), dequantize_4bit(packed, state).reshape(-1))
+        assert torch.equal(out.reshape(-1), bnb_dequantize_4bit(packed, state).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -74,7 +74,7 @@ def test_edge_values_identical_to_bitsandbytes(values, blocksize):
     packed, state = bnbF.quantize_4bit(values, blocksize=blocksize, quant_type="nf4")
     assert torch.equal(q.packed, packed.reshape(-1))
     assert torch.equal(q.absmax, state.absmax)
-    assert torch.equal(dequantize_nf4(q), dequantize_4bit_eager(packed, state).reshape(-1))
+    assert torch.equal(dequantize_nf4(q), bnb_dequantize_4bit_eager(packed, state).reshape(-1))
 
 
 def test_non_contiguous_input_quantizes_like_bitsandbytes_and_like_its_contiguous_copy():
@@ -96,8 +96,8 @@ def test_bnb_native_cpu_dequantize_4bit_is_wrong_for_2d_rows_straddling_a_block(
     definition = (nf4_code()[codes] * state.absmax.repeat_interleave(128)[: w.numel()]).view(shape)
     ours = dequantize_nf4(quantize_nf4(w, 128))
     assert torch.equal(ours, definition)
-    assert torch.equal(dequantize_4bit_eager(packed, state), definition)
-    assert torch.equal(dequantize_4bit_flat(packed, state), definition)
+    assert torch.equal(bnb_dequantize_4bit_eager(packed, state), definition)
+    assert torch.equal(bnb_dequantize_4bit_flat(packed, state), definition)
     native = bnbF.dequantize_4bit(packed, state)
     if torch.equal(native, definition):
         pytest.skip("bitsandbytes' native CPU kernel is right here (fixed upstream?): drop the workaround in "
@@ -200,7 +200,7 @@ def test_to_bnb_is_what_bitsandbytes_builds(dtype, shape, double_quant):
         assert torch.equal(state.state2.absmax, bstate.state2.absmax)
         assert torch.equal(state.state2.code, bstate.state2.code)
         assert state.state2.blocksize == bstate.state2.blocksize
-    assert torch.equal(dequantize_4bit(packed, state), dequantize_4bit(bpacked, bstate))
+    assert torch.equal(bnb_dequantize_4bit(packed, state), bnb_dequantize_4bit(bpacked, bstate))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -211,7 +211,7 @@ def test_from_bnb_reads_bitsandbytes(dtype, shape, double_quant):
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     q = from_bnb(packed, state)
     assert q.shape == w.shape and q.dtype == dtype and q.blocksize == 64 and q.double_quant == double_quant
-    assert torch.equal(dequantize_nf4(q).reshape(-1), dequantize_4bit_eager(packed, state).reshape(-1))
+    assert torch.equal(dequantize_nf4(q).reshape(-1), bnb_dequantize_4bit_eager(packed, state).reshape(-1))
     ours = quantize_nf4(w, 64, double_quant=double_quant)
     assert torch.equal(dequantize_nf4(q), dequantize_nf4(ours))
     back_packed, back_state = to_bnb(q)
@@ -333,7 +333,7 @@ def test_cuda_equals_cpu_and_bitsandbytes_cuda(dtype, blocksize):
     assert bool(((theirs - ours)[differ].abs() == 1).all())
     # bitsandbytes' CUDA dequantize of our bytes equals ours exactly.
     gpu_packed, gpu_state = to_bnb(q_gpu)
-    assert torch.equal(dequantize_4bit(gpu_packed, gpu_state).cpu(), dequantize_nf4(q_cpu))
+    assert torch.equal(bnb_dequantize_4bit(gpu_packed, gpu_state).cpu(), dequantize_nf4(q_cpu))
 
 
 @pytest.mark.cuda
@@ -341,7 +341,7 @@ def test_cuda_double_quant_to_bnb_dequantizes_in_bitsandbytes_like_ours():
     w = sample((256, 512), torch.bfloat16, seed=4).cuda()
     q = quantize_nf4(w, 64, double_quant=True)
     packed, state = to_bnb(q)
-    assert torch.equal(dequantize_4bit(packed, state), dequantize_nf4(q))
+    assert torch.equal(bnb_dequantize_4bit(packed, state), dequantize_nf4(q))
 
 
 def test_trailing_block_divides_and_full_blocks_multiply_by_the_reciprocal_like_bnb():

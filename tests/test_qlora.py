@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _reference import dequantize_4bit, dequantize_4bit_flat  # tests/_reference.py
+from _reference import bnb_dequantize_4bit, bnb_dequantize_4bit_flat  # tests/_reference.py
 from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4, to_bnb
 from peftlab.paged import count_saved_bytes
@@ -32,7 +32,7 @@ def test_forward_equals_bitsandbytes_linear4bit(shape, blocksize, double_quant, 
     ref = bnb_linear4bit(lin, compute_dtype, "cpu", blocksize, double_quant)
     x = torch.randn(3, 5, shape[1])
     with torch.no_grad():
-        w = dequantize_4bit_flat(ref.weight.data, ref.weight.quant_state)  # flattened: see tests/_reference.py
+        w = bnb_dequantize_4bit_flat(ref.weight.data, ref.weight.quant_state)  # flattened: see tests/_reference.py
         assert torch.equal(ours.dequantize(torch.float32), w.float())
         expected = F.linear(x.to(compute_dtype), w.to(compute_dtype), lin.bias.to(compute_dtype)).float()
         assert torch.equal(ours(x), expected)
@@ -225,7 +225,7 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
     fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").to(torch.bfloat16)
     assert torch.equal(ours.weight.packed, fast.weight.packed)
     packed, state = to_bnb(ours.weight)
-    w = dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
+    w = bnb_dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
     assert torch.equal(ours.dequantize(torch.float32), w.float())
     x = torch.randn(8, shape[1], device="cuda", dtype=torch.bfloat16)
     expected = F.linear(x, w.to(torch.bfloat16), lin.bias.to("cuda", torch.bfloat16))
