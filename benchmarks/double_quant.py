@@ -33,10 +33,6 @@ TARGETS = {"quantize constants": 1.5, "dequantize constants": 1.5, "8-bit quanti
 CONSTANTS = 8192 * 22016 // 64  # LLaMA-65B's FFN matrix in blocks of 64
 
 
-
-
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)

@@ -24,9 +24,6 @@ from _timing import alternate, report  # benchmarks/_timing.py
 TARGETS = {"training step vs PEFT": 1.05, "merged forward vs nn.Linear": 1.05}
 
 
-
-
-
 def peft_lora_layer(base: nn.Linear, r: int, alpha: float) -> nn.Module:
     """PEFT's LoRA layer around ``base`` (imported lazily: PEFT is the reference, not a dependency)."""
     with warnings.catch_warnings():
@@ -87,7 +84,6 @@ def merged_forward(repeats: int, device: torch.device, d: int = 1024, r: int = 1
         return call
 
     return alternate(run(layer), run(plain), repeats, device)
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,9 @@
     python benchmarks/nf4.py [--reps 15] [--size 4096]
 
 Explained in the chapter *4-bit NormalFloat* (book/chapters/nf4.md), closing note. Every contender runs
-in one process, in turn within each repetition, so machine noise hits all alike; we report medians.
-Targets (issue 4): our quantize / bitsandbytes' <= 1.0, our dequantize / bitsandbytes' <= 1.25. The
-script prints PASS or MISS for each and always exits 0 (shared machines are noisy).
+in one process, in turn within each repetition (the order reversed every other one), so machine noise hits
+all alike; we report medians. Targets (issue 4): our quantize / bitsandbytes' <= 1.0, our dequantize /
+bitsandbytes' <= 1.25. The script prints PASS or MISS for each and always exits 0 (shared machines are noisy).
 
 Note: what bitsandbytes runs on the CPU: ``quantize_4bit`` is its pure-PyTorch reference
 (``backends/default/ops.py``: ``bucketize`` on the midpoints); ``dequantize_4bit`` is a native
@@ -17,20 +17,20 @@ written (float32 output); a plain ``clone`` (read + write) is the physical limit
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
+from _timing import alternate_all, report  # benchmarks/_timing.py
 
-def _median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1e3
+TARGETS = {"quantize": 1.0, "dequantize": 1.25, "quantize vs torchao to_nf4": None,
+           "dequantize vs torchao": None}
 
 
 def measure(size: int = 4096, reps: int = 15, torchao: bool = True) -> dict[str, float]:
-    """Median milliseconds of each contender on a ``size`` x ``size`` float32 N(0, 1) tensor."""
+    """Median seconds of each contender on a ``size`` x ``size`` float32 N(0, 1) tensor, and the bytes that
+    a dequantization and a copy move."""
     import bitsandbytes.functional as bnbF
 
     from peftlab.nf4 import dequantize_nf4, quantize_nf4
@@ -56,35 +56,10 @@ def measure(size: int = 4096, reps: int = 15, torchao: bool = True) -> dict[str,
             fns["torchao dequantize"] = lambda: nf4.get_original_weight()
         except Exception as exc:  # torchao is optional: say why it is missing
             print(f"torchao skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
-    for fn in fns.values():  # warm-up: caches, lazy tables, allocator
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    out = {name: _median_ms(t) for name, t in times.items()}
+    out = alternate_all(fns, reps, warmup=1)  # one warm-up call each: caches, lazy tables, allocator
     out["dequantize bytes"] = float(w.numel() * 4 + packed.numel() + q.absmax.numel() * 4)
     out["copy bytes"] = float(2 * w.numel() * 4)
     return out
-
-
-def report(res: dict[str, float]) -> list[str]:
-    lines = [f"{name:20s} {ms:9.2f} ms" for name, ms in res.items() if not name.endswith("bytes")]
-    for what, target in (("quantize", 1.0), ("dequantize", 1.25)):
-        ratio = res[f"ours {what}"] / res[f"bnb {what}"]
-        verdict = "PASS" if ratio <= target else "MISS"
-        lines.append(f"{what:10s}: ours / reference = {ratio:.2f}  (target <= {target:.2f}: {verdict})")
-    if "torchao to_nf4" in res:
-        lines.append(f"quantize  : ours / torchao to_nf4 = {res['ours quantize'] / res['torchao to_nf4']:.2f}  (for contrast)")
-    dq_gbps = res["dequantize bytes"] / (res["ours dequantize"] / 1e3) / 1e9
-    bnb_gbps = res["dequantize bytes"] / (res["bnb dequantize"] / 1e3) / 1e9
-    copy_gbps = res["copy bytes"] / (res["copy"] / 1e3) / 1e9
-    lines.append(
-        f"dequantize bandwidth: ours {dq_gbps:.1f} GB/s, bitsandbytes {bnb_gbps:.1f} GB/s, plain copy {copy_gbps:.1f} GB/s"
-    )
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reps must be >= 1 and --size >= 64")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size} x {args.size} float32, "
           f"{args.reps} alternating repetitions (medians)")
-    for line in report(measure(args.size, args.reps, torchao=not args.no_torchao)):
-        print(line)
+    res = measure(args.size, args.reps, torchao=not args.no_torchao)
+    report("quantize", res["ours quantize"], res["bnb quantize"], TARGETS)
+    report("dequantize", res["ours dequantize"], res["bnb dequantize"], TARGETS)
+    if "torchao to_nf4" in res:
+        report("quantize vs torchao to_nf4", res["ours quantize"], res["torchao to_nf4"], TARGETS)
+        report("dequantize vs torchao", res["ours dequantize"], res["torchao dequantize"], TARGETS)
+    gbps = {name: res["dequantize bytes"] / res[f"{name} dequantize"] / 1e9 for name in ("ours", "bnb")}
+    print(f"dequantize bandwidth: ours {gbps['ours']:.1f} GB/s, bitsandbytes {gbps['bnb']:.1f} GB/s, "
+          f"plain copy {res['copy bytes'] / res['copy'] / 1e9:.1f} GB/s")
     return 0
 
 

@@ -29,18 +29,9 @@ import torch
 from peftlab.harness import pretrained, textdata
 from peftlab.harness.experiments import TARGETS as MODULES
 from peftlab.lora import add_lora
-from _timing import alternate  # benchmarks/_timing.py
+from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "load checkpoint vs from_pretrained": 1.5}
-
-
-
-
-def report(name: str, ours: float, reference: float) -> None:
-    ratio = ours / reference
-    verdict = "PASS" if ratio <= TARGETS[name] else "MISS"
-    print(f"{name}: ours {ours * 1e3:.2f} ms, reference {reference * 1e3:.2f} ms")
-    print(f"  ours / reference = {ratio:.2f}  (target <= {TARGETS[name]:.2f}: {verdict})")
 
 
 def step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
@@ -77,7 +68,7 @@ def bench_training_step(repeats: int) -> None:
     first = ours_step(), theirs_step()
     if abs(first[0] - first[1]) > 1e-5:
         raise SystemExit(f"losses differ before timing: ours {first[0]}, PEFT {first[1]}")
-    report("training step vs PEFT", *alternate(ours_step, theirs_step, repeats))
+    report("training step vs PEFT", *alternate(ours_step, theirs_step, repeats), TARGETS)
 
 
 def bench_load(repeats: int) -> None:
@@ -94,7 +85,7 @@ def bench_load(repeats: int) -> None:
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             if not torch.equal(p, q):
                 raise SystemExit(f"weights differ before timing: {name}")
-        report("load checkpoint vs from_pretrained", *alternate(pretrained.load_pretrained, theirs, repeats))
+        report("load checkpoint vs from_pretrained", *alternate(pretrained.load_pretrained, theirs, repeats), TARGETS)
 
 
 def main(argv: list[str] | None = None) -> int:

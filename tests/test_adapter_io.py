@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def _untouched(model: nn.Module) -> bool:
     return not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def test_missing_folder_and_files(tmp_path, saved):
+def test_missing_folder_and_weights_are_refused_naming_them(tmp_path, saved):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_adapter(Net(), tmp_path / "nowhere")
     (saved / WEIGHTS_NAME).unlink()
@@ -172,7 +173,7 @@ def test_missing_folder_and_files(tmp_path, saved):
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "all"}', "bias"),
     ],
 )
-def test_broken_config(saved, text, word):
+def test_broken_config_is_refused_naming_the_problem_and_leaves_the_model_untouched(saved, text, word):
     (saved / CONFIG_NAME).write_text(text)
     model = Net()
     with pytest.raises(ValueError, match=word):
@@ -212,6 +213,16 @@ def test_missing_and_extra_keys_are_refused(saved):
         load_adapter(Net(), saved)
 
 
+def test_integer_adapter_tensors_are_refused_naming_the_key(saved):
+    key = "base_model.model.layers.0.q_proj.lora_A.weight"
+    _rewrite(saved, lambda t: t | {key: torch.zeros(4, 16, dtype=torch.int32)})
+    model = Net()
+    message = f"adapter tensor '{key}' has dtype torch.int32, expected a float dtype"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_adapter(model, saved)
+    assert _untouched(model)
+
+
 def test_shapes_that_do_not_fit_are_refused(saved):
     with pytest.raises(ValueError, match="shape"):
         load_adapter(Net(d=24), saved)
@@ -222,7 +233,7 @@ def test_shapes_that_do_not_fit_are_refused(saved):
     assert _untouched(model)
 
 
-def test_wrapped_model_must_agree(saved):
+def test_wrapped_model_must_agree_in_r_targets_and_merging(saved):
     other_r = add_lora(Net(), ["q_proj", "v_proj"], r=8, alpha=16)
     with pytest.raises(ValueError, match="r=8"):
         load_adapter(other_r, saved)
@@ -246,7 +257,7 @@ def test_targets_that_match_nothing(saved):
         load_adapter(Net(), saved)
 
 
-def test_save_refusals(tmp_path):
+def test_save_refuses_no_lora_mixed_r_merged_layers_a_file_path_and_non_models(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layer"):
         save_adapter(Net(), tmp_path / "a")
     assert not (tmp_path / "a").exists()

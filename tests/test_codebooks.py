@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
-
-from peftlab.codebooks import (  # noqa: E402
+from _reference import bnbF, bnb_dequantize_4bit, bnb_dequantize_4bit_eager  # tests/_reference.py
+from peftlab.codebooks import (
     BLOCKSIZES,
     NF4_OFFSET,
     _bucket_codes,
@@ -27,29 +26,19 @@ from peftlab.codebooks import (  # noqa: E402
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def bnb_reference_dequantize(packed, state):
-    """bitsandbytes' pure-PyTorch dequantize (``backends/default/ops.py``), run eagerly.
-
-    Note: its native CPU kernel (what ``dequantize_4bit`` runs on the CPU for even last dims) mis-
-    indexes ``absmax`` for some shapes whose blocks straddle rows (e.g. (7, 320) in blocks of 128), so
-    for arbitrary shapes the reference path is the one that agrees with its own quantizer.
-    """
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    from bitsandbytes.backends.utils import _get_4bit_code
-
-    code = _get_4bit_code(state.quant_type, packed.device)
-    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-    return eager(packed.reshape(-1), state.absmax, code, state.blocksize, state.shape, state.dtype)
-
-
 # --- the tables -------------------------------------------------------------------------------------
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns: torch.equal on these tells +0.0 from -0.0."""
+    return t.contiguous().view(torch.int32)
+
+
 def test_nf4_code_is_bitsandbytes_table_bit_for_bit():
-    assert torch.equal(nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(_bits(nf4_code()), _bits(bnbF.get_4bit_type("nf4", device="cpu")))
 
 
-def test_nf4_code_structure():
+def test_nf4_code_is_16_ascending_float32_levels_from_minus_1_to_1_with_one_zero():
     code = nf4_code()
     assert code.dtype == torch.float32 and code.shape == (16,)
     assert bool((code[1:] > code[:-1]).all())
@@ -71,7 +60,7 @@ def test_nf4_offset_matches_the_known_expression():
     assert abs(NF4_OFFSET - (1 - 0.5 * (1 / 30 + 1 / 32))) < 1e-7
 
 
-def test_nf4_code_other_offsets_change_the_table():
+def test_nf4_code_other_offsets_change_the_table_and_bad_offsets_are_refused():
     assert not torch.equal(nf4_code(0.99), nf4_code())
     for bad in (0.5, 1.0, 1.5, "0.96", True):
         with pytest.raises(ValueError, match="offset"):
@@ -80,8 +69,7 @@ def test_nf4_code_other_offsets_change_the_table():
 
 def test_fp4_code_is_bitsandbytes_table_bit_for_bit():
     ours, theirs = fp4_code(), bnbF.get_4bit_type("fp4", device="cpu")
-    assert torch.equal(ours, theirs)
-    assert torch.equal(torch.signbit(ours), torch.signbit(theirs))  # index 8 is +0.0 there too
+    assert torch.equal(_bits(ours), _bits(theirs))  # index 8 is +0.0 there too
 
 
 def test_int4_code_is_bitsandbytes_int4_list():
@@ -89,14 +77,13 @@ def test_int4_code_is_bitsandbytes_int4_list():
     # so compare with its list divided by its absmax.
     data = [7, 6, 5, 4, 3, 2, 1, 0, -0, -1, -2, -3, -4, -5, -6, -7]
     expected = torch.tensor(data, dtype=torch.float32) / 7
-    assert torch.equal(int4_code(), expected)
-    assert torch.equal(torch.signbit(int4_code()), torch.signbit(expected))
+    assert torch.equal(_bits(int4_code()), _bits(expected))  # the sign of each zero included
     assert torch.unique(int4_code()).numel() == 15
 
 
-def test_get_code():
+def test_get_code_returns_the_named_table_and_refuses_unknown_names():
     assert torch.equal(get_code("nf4"), nf4_code())
-    with pytest.raises(ValueError, match="nf4"):
+    with pytest.raises(ValueError, match=r"name must be one of \(.nf4."):
         get_code("af4")
 
 
@@ -136,7 +123,7 @@ def test_bucket_codes_tie_takes_lower_level():
     assert torch.equal(_bucket_codes(mids, code), torch.arange(15, dtype=torch.uint8))
 
 
-def test_every_16bit_prefix_against_bucketize():
+def test_bucket_codes_equal_bucketize_at_both_ends_of_every_16bit_prefix():
     # Exhaustive over cells: the smallest and largest float32 of each of the 65,536 prefix cells.
     prefix = torch.arange(65536, dtype=torch.int32) << 16
     x = torch.cat([prefix.view(torch.float32), (prefix | 0xFFFF).view(torch.float32)])
@@ -151,13 +138,13 @@ def test_every_16bit_prefix_against_bucketize():
 # --- packing -----------------------------------------------------------------------------------------
 
 
-def test_pack_first_value_in_high_nibble():
+def test_pack_nibbles_puts_the_first_value_in_the_high_nibble():
     assert pack_nibbles(torch.tensor([1, 2, 15, 0], dtype=torch.uint8)).tolist() == [0x12, 0xF0]
     assert pack_nibbles(torch.tensor([3], dtype=torch.uint8)).tolist() == [0x30]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 1001])
-def test_pack_unpack_roundtrip(n):
+def test_unpack_nibbles_inverts_pack_nibbles(n):
     q = torch.randint(0, 16, (n,), dtype=torch.uint8)
     assert torch.equal(unpack_nibbles(pack_nibbles(q), n), q)
 
@@ -175,10 +162,10 @@ def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
     bpacked, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="fp4")
     assert torch.equal(packed, bpacked.reshape(-1))
     assert torch.equal(absmax, state.absmax)
-    ours = dequantize_4bit(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
-    assert torch.equal(ours, bnb_reference_dequantize(bpacked, state).reshape(-1))
-    if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (see above)
-        assert torch.equal(ours, bnbF.dequantize_4bit(bpacked, state).reshape(-1))
+    ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
+    assert torch.equal(ours, bnb_dequantize_4bit_eager(bpacked, state).reshape(-1))
+    if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (tests/_reference.py)
+        assert torch.equal(ours, bnb_dequantize_4bit(bpacked, state).reshape(-1))
 
 
 # --- error ordering, bad input -----------------------------------------------------------------------
@@ -198,29 +185,39 @@ def test_roundtrip_keeps_shape_and_dtype():
 
 
 @pytest.mark.parametrize("bad", [64.0, "64", True, None])
-def test_blocksize_type(bad):
+def test_check_blocksize_refuses_non_ints_naming_blocksize(bad):
     with pytest.raises(TypeError, match="blocksize"):
         check_blocksize(bad)
 
 
 @pytest.mark.parametrize("bad", [0, -64, 16, 63, 100, 8192])
-def test_blocksize_value_names_allowed(bad):
+def test_check_blocksize_refuses_other_values_naming_the_allowed_ones(bad):
     with pytest.raises(ValueError, match=r"blocksize must be one of \(32, 64"):
         check_blocksize(bad)
 
 
-def test_bad_code():
+def test_quantize_blockwise_refuses_a_code_not_a_tensor_not_16_levels_or_beyond_1():
     w = torch.randn(64)
     with pytest.raises(TypeError, match="code"):
         quantize_4bit(w, [0.0] * 16)
     with pytest.raises(ValueError, match="code"):
         quantize_4bit(w, torch.zeros(15))
     with pytest.raises(ValueError, match="code"):
-        quantize_4bit(w, torch.full((16,), 2.0))
+        quantize_blockwise(w, torch.full((16,), 2.0))
+    with pytest.raises(ValueError, match="code"):
+        quantize_blockwise(w, torch.full((16,), float("nan")))
 
 
-def test_dequantize_blockwise_checks_sizes():
-    packed, absmax = quantize_4bit(torch.randn(100), nf4_code(), 32)
+def test_quantize_blockwise_refuses_a_code_with_two_midpoints_in_one_16bit_prefix_cell():
+    # Levels 2**-9 apart near 0.5: their midpoints share a cell of width 2**-8 (7 mantissa bits).
+    code = torch.linspace(-1, 1, 16)
+    code[12:15] = torch.tensor([0.5, 0.5 + 2**-9, 0.5 + 2**-8])
+    with pytest.raises(ValueError, match="code levels are too close"):
+        quantize_blockwise(torch.randn(64), code)
+
+
+def test_dequantize_blockwise_refuses_wrong_sizes_dtypes_and_numel_naming_them():
+    packed, absmax = quantize_blockwise(torch.randn(100), nf4_code(), 32)
     with pytest.raises(ValueError, match="packed must hold 50 bytes"):
         dequantize_4bit(packed[:-1], absmax, nf4_code(), 32, 100)
     with pytest.raises(ValueError, match="absmax"):

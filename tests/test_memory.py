@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from peftlab.lora import LLAMA_LINEARS
 from peftlab.memory import (
     COMPONENTS,
     GPUS,
@@ -24,8 +25,7 @@ from peftlab.memory import (
 )
 
 transformers = pytest.importorskip("transformers")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 PAPER_LLAMA = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
                "llama-33b": 32_528_943_616, "llama-65b": 65_285_660_672}
 
@@ -82,9 +82,10 @@ def test_from_config_handles_grouped_query_attention():
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("numel", [64, 4096 * 64, 64 * 256 * 3 + 64 * 5, 1001])
 def test_quantized_bytes_match_bitsandbytes(numel, blocksize, double_quant):
-    F = pytest.importorskip("bitsandbytes.functional")
+    from _reference import bnbF  # tests/_reference.py
+
     w = torch.randn(numel)
-    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
     ours_packed, ours_constants = quantized_bytes(numel, blocksize, double_quant)
     assert ours_packed == packed.nbytes
     constants = state.absmax.nbytes
@@ -103,7 +104,7 @@ def test_nf4_with_double_quantization_is_4127_bits_per_parameter():
 # --------------------------------------------------------------------------------------- paper's claims
 
 
-def test_paper_headline_numbers():
+def test_65b_full_needs_over_780gb_lora_over_80gb_and_qlora_fits_one_48gb_gpu():
     assert estimate("llama-65b", "full").total > 780e9  # QLoRA §1
     assert estimate("llama-65b", "qlora").total < GPUS["48 GB"]  # QLoRA §1: one 48 GB GPU
     assert estimate("llama-65b", "lora").total > GPUS["80 GB"]
@@ -126,7 +127,7 @@ def test_sharding_splits_the_states_but_not_the_activations(method, n_gpus):
     assert many.weights == math.ceil(one.weights / n_gpus) + per_block
 
 
-def test_breakdown_total_and_dict():
+def test_breakdown_total_is_the_sum_and_as_dict_lists_components_then_total():
     b = Breakdown(1, 2, 3, 4, 5, 6)
     assert b.total == 21 and list(b.as_dict()) == [*COMPONENTS, "total"]
     assert "total" in str(b)
@@ -146,22 +147,34 @@ def test_unknown_method_lists_the_known_ones():
         estimate("llama-7b", "adapter")
 
 
-@pytest.mark.parametrize("kw", [dict(batch=0), dict(seq=-1), dict(r=0), dict(n_gpus=0), dict(seq=1.5),
-                                dict(optimizer_bits=8), dict(target_modules=["lm_head"]),
-                                dict(target_modules=[]), dict(lora_dropout=1.0), dict(device="tpu")])
-def test_bad_options_raise(kw):
-    with pytest.raises((ValueError, TypeError)):
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(batch=0), ValueError, "batch must be a positive int"), (dict(seq=-1), ValueError, "seq must"),
+    (dict(r=0), ValueError, "r must"), (dict(n_gpus=0), ValueError, "n_gpus must"),
+    (dict(seq=1.5), TypeError, "seq must"), (dict(optimizer_bits=8), ValueError, "optimizer_bits must"),
+    (dict(target_modules=["lm_head"]), ValueError, "target_modules must"),
+    (dict(target_modules=[]), ValueError, "target_modules must"), (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
+    (dict(device="tpu"), ValueError, "device must be 'cuda' or 'cpu'"),
+])
+def test_estimate_refuses_bad_options_naming_them(kw, exc, match):
+    with pytest.raises(exc, match=match):
         estimate("llama-7b", "qlora", **kw)
 
 
-@pytest.mark.parametrize("kw", [dict(d_model=0), dict(n_layers=-2), dict(d_model=100, n_heads=3)])
-def test_bad_shapes_raise(kw):
+@pytest.mark.parametrize("kw, match", [(dict(d_model=0), "d_model must be a positive int"),
+                                       (dict(n_layers=-2), "n_layers must be a positive int"),
+                                       (dict(d_model=100, n_heads=3), r"d_model \(100\) must be divisible by n_heads")])
+def test_llama_shape_refuses_non_positive_sizes_and_heads_not_dividing_d_model(kw, match):
     args = dict(name="x", d_model=64, n_layers=2, n_heads=4, ffn=128) | kw
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         LlamaShape(**args)
 
 
-def test_bad_config_and_dtype_raise():
+def test_activation_bytes_refuses_an_unknown_method_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown method 'adapter'; known: full, lora, qlora"):
+        activation_bytes(LLAMA["llama-7b"], "adapter", batch=1, seq=16)
+
+
+def test_estimate_refuses_a_non_config_and_a_non_float_dtype():
     with pytest.raises(TypeError, match="hidden_size"):
         estimate(object(), "full")
     with pytest.raises(TypeError, match="dtype"):
@@ -265,7 +278,6 @@ def test_estimate_matches_a_measured_step(method, ckpt):
     assert measured.activations == pytest.approx(estimated.activations, rel=0.10)
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_estimate_matches_max_memory_allocated_on_cuda(method):
@@ -337,6 +349,13 @@ def test_cuda_peak_names_the_models_device_and_synchronizes_before_reading(monke
                      ("step", None), ("synchronize", dev), ("max_memory_allocated", dev)]
 
 
+def test_measure_step_refuses_a_non_module_and_a_non_callable_step():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        measure_step("model", lambda: None)
+    with pytest.raises(TypeError, match="step must be a callable"):
+        measure_step(torch.nn.Linear(2, 2), "step")
+
+
 def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
@@ -346,7 +365,6 @@ def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
     assert measured.lora_weights == estimated.lora_weights == 4 * LlamaShape.from_config(cfg).lora_params(4)
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_estimate(method):

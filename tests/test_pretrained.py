@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 
-from peftlab.harness import pretrained, textdata
+from peftlab import pretrained, textdata
+from peftlab.lora import LLAMA_LINEARS
 
 transformers = pytest.importorskip("transformers")
-
-LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -34,7 +33,7 @@ def restore_torch_globals():
 def test_architecture_is_llama_with_its_layer_names(model):
     assert isinstance(model, transformers.LlamaForCausalLM)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert names == LINEAR_NAMES | {"lm_head"}
+    assert names == set(LLAMA_LINEARS) | {"lm_head"}  # the package's list is LLaMA's, as transformers builds it
     assert model.config.vocab_size == textdata.VOCAB_SIZE == 256
 
 
@@ -62,7 +61,7 @@ def test_llama_7b_shape_gives_the_papers_parameter_count():
     assert sum(p.numel() for p in big.parameters()) == 6_738_415_616
 
 
-def test_config_overrides_checked():
+def test_tiny_llama_config_refuses_unknown_overrides():
     with pytest.raises(ValueError, match="unknown config overrides"):
         pretrained.tiny_llama_config(hidden_sise=64)
 
@@ -137,7 +136,7 @@ def test_complete_is_greedy_decoding(model):
         pretrained.complete(model, "x", 0)
 
 
-def test_lr_schedule():
+def test_lr_schedule_warms_up_linearly_then_decays_to_a_tenth():
     lrs = [pretrained.lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
@@ -155,7 +154,7 @@ def test_cli_writes_a_loadable_checkpoint_atomically(tmp_path, restore_torch_glo
     assert loaded.config.hidden_size == pretrained.TINY_LLAMA["hidden_size"]
 
 
-def test_load_pretrained_refuses_bad_files(tmp_path, model):
+def test_load_pretrained_refuses_missing_files_non_float_dtypes_and_missing_tensors(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="not found"):
         pretrained.load_pretrained(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match="dtype"):
@@ -168,22 +167,24 @@ def test_load_pretrained_refuses_bad_files(tmp_path, model):
     (tmp_path / "cut.json").write_text(json.dumps(pretrained.checkpoint_info()))
     with pytest.raises(ValueError, match="lm_head.weight"):
         pretrained.load_pretrained(tmp_path / "cut.safetensors")
+    (tmp_path / "cut.json").unlink()  # a checkpoint without its record beside it
+    with pytest.raises(FileNotFoundError, match="checkpoint record .*cut.json not found"):
+        pretrained.checkpoint_info(tmp_path / "cut.safetensors")
 
 
-def test_save_checkpoint_checks_suffix(tmp_path, model):
+def test_save_checkpoint_refuses_a_path_not_ending_in_safetensors(tmp_path, model):
     with pytest.raises(ValueError, match=".safetensors"):
         pretrained.save_checkpoint(model, tmp_path / "m.pt", {})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_load_pretrained_dtype(dtype):
+def test_load_pretrained_casts_every_parameter_to_dtype_in_eval_mode(dtype):
     m = pretrained.load_pretrained(dtype=dtype)
     assert all(p.dtype == dtype for p in m.parameters())
     assert not m.training
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_load_pretrained_on_cuda_matches_cpu(model):
     ids = textdata.encode("for i in range(10):\n    print(i)\n")[None]
     gpu = pretrained.load_pretrained(device="cuda")

@@ -9,38 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.lora import LoRALinear, add_lora, count_parameters
-from peftlab.nf4 import quantize_nf4
-from peftlab.memory import count_saved_bytes
-from peftlab.qlora import Linear4bit, bnb_linear4bit, free_workspaces, quantize_model, workspace_nbytes
+from _reference import bnb_dequantize_4bit, bnb_dequantize_4bit_flat  # tests/_reference.py
+from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, count_parameters
+from peftlab.nf4 import quantize_nf4, to_bnb
+from peftlab.paged import count_saved_bytes
+from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
-bnb = pytest.importorskip("bitsandbytes")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 SHAPES = [(96, 128), (64, 100), (33, 7), (256, 64)]  # (out, in); 7 × 33 and 100 × 64 end in partial blocks
 
 
 def _linear(out_f, in_f, bias=True, seed=0, device="cpu"):
     torch.manual_seed(seed)
     return nn.Linear(in_f, out_f, bias=bias).to(device)
-
-
-def _bnb_reference(lin, blocksize, double_quant, compute_dtype, device="cpu"):
-    return bnb_linear4bit(lin, compute_dtype, device, blocksize, double_quant)
-
-
-def _bnb_dequantized(ref):
-    """bitsandbytes' dequantization of ``ref``'s weight, done on the flattened tensor.
-
-    Note: bitsandbytes 0.50.2's CPU ``dequantize_4bit`` is wrong for some 2-D shapes whose rows are
-    shorter than a block (e.g. 256 × 64 in blocks of 128; see test_bnb_2d_cpu_dequantize_differs): its
-    Linear4bit then differs from its own quantization. On the flattened tensor it is right.
-    """
-    st = ref.weight.quant_state
-    flat = bnb.functional.QuantState(absmax=st.absmax, shape=torch.Size([st.shape.numel()]), code=st.code,
-                                     blocksize=st.blocksize, quant_type="nf4", dtype=st.dtype,
-                                     offset=st.offset, state2=st.state2)
-    return bnb.functional.dequantize_4bit(ref.weight.data, flat).view(st.shape)
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -50,29 +31,15 @@ def _bnb_dequantized(ref):
 def test_forward_equals_bitsandbytes_linear4bit(shape, blocksize, double_quant, compute_dtype):
     lin = _linear(*shape)
     ours = Linear4bit.from_linear(lin, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
-    ref = _bnb_reference(lin, blocksize, double_quant, compute_dtype)
+    ref = bnb_linear4bit(lin, compute_dtype, "cpu", blocksize, double_quant)
     x = torch.randn(3, 5, shape[1])
     with torch.no_grad():
-        w = _bnb_dequantized(ref)
+        w = bnb_dequantize_4bit_flat(ref.weight.data, ref.weight.quant_state)  # flattened: see tests/_reference.py
         assert torch.equal(ours.dequantize(torch.float32), w.float())
         expected = F.linear(x.to(compute_dtype), w.to(compute_dtype), lin.bias.to(compute_dtype)).float()
         assert torch.equal(ours(x), expected)
         if shape[1] % blocksize == 0:  # the LLaMA case: blocks never cross rows
             assert torch.equal(ours(x), ref(x))
-
-
-def test_bnb_2d_cpu_dequantize_differs_from_its_definition():
-    """Documents the bitsandbytes 0.50.2 CPU discrepancy the note in _bnb_dequantized describes."""
-    w = torch.randn(256, 64)
-    packed, st = bnb.functional.quantize_4bit(w, blocksize=128, quant_type="nf4", compress_statistics=False)
-    flat = packed.flatten()
-    codes = torch.stack([flat >> 4, flat & 15], 1).flatten().long()
-    definition = (st.code[codes] * st.absmax.repeat_interleave(128)).view(256, 64)
-    ours = Linear4bit.from_linear(_linear(256, 64), blocksize=128, double_quant=False)
-    ours.weight = quantize_nf4(w, 128)
-    assert torch.equal(ours.dequantize(), definition)
-    if torch.equal(bnb.functional.dequantize_4bit(packed, st), definition):
-        pytest.skip("this bitsandbytes dequantizes 2-D shapes correctly: drop the note in _bnb_dequantized")
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
@@ -90,7 +57,7 @@ def test_input_gradient_equals_autograd_through_the_dequantized_weight(shape, co
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bnb_kernels_equal_the_torch_path(shape):
+def test_bnb_kernels_give_the_torch_paths_output_and_input_gradient(shape):
     lin = _linear(*shape)
     a = Linear4bit.from_linear(lin, kernels="torch")
     b = Linear4bit.from_linear(lin, kernels="bnb")
@@ -112,142 +79,7 @@ def test_nothing_weight_sized_is_saved_for_backward():
     assert saved.nbytes == 0  # neither x (the weight is frozen) nor the dequantized 512 × 256 weight
 
 
-# ------------------------------------------------------------------------------- the reused workspace
-
-
-def _forward_backward(layer, x, g):
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad
-
-
-@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_outputs_and_gradients_are_identical_with_and_without_workspace_and_small_steps(monkeypatch, shape,
-                                                                                         compute_dtype):
-    import peftlab.codebooks as codebooks
-
-    lin = _linear(*shape)
-    fresh = Linear4bit.from_linear(lin, compute_dtype=compute_dtype, workspace=False)
-    reused = Linear4bit.from_linear(lin, compute_dtype=compute_dtype)
-    x, g = torch.randn(3, 5, shape[1]), torch.randn(3, 5, shape[0])
-    expected = _forward_backward(fresh, x, g)
-    monkeypatch.setattr(codebooks, "_CPU_STEP_BYTES", 1)  # one block per dequantization step
-    for _ in range(2):  # the second call reuses the workspace the first one made
-        got = _forward_backward(reused, x, g)
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-
-
-def test_layers_share_one_workspace_the_size_of_the_largest_weight_and_outputs_never_alias_it():
-    free_workspaces()
-    a, b = Linear4bit.from_linear(_linear(96, 128, seed=1)), Linear4bit.from_linear(_linear(96, 128, seed=2))
-    x = torch.randn(4, 128)
-    with torch.no_grad():
-        ya = a(x)
-        ya_before = ya.clone()
-        yb = b(x)  # overwrites the shared workspace with b's weight
-        assert workspace_nbytes() == 96 * 128 * 4  # one float32 buffer for both layers
-        assert torch.equal(ya, ya_before) and not torch.equal(ya, yb)
-        Linear4bit.from_linear(_linear(128, 96))(torch.randn(4, 96))  # transposed shape, same size
-        Linear4bit.from_linear(_linear(32, 128))(x)  # smaller
-        assert workspace_nbytes() == 96 * 128 * 4
-        Linear4bit.from_linear(_linear(256, 128))(x)  # larger: the buffer grows (and the smaller is freed)
-        assert workspace_nbytes() == 256 * 128 * 4
-        assert torch.equal(a(x), ya_before)  # a smaller weight in the beginning of the larger buffer
-        a.to(torch.bfloat16)(x)
-        assert workspace_nbytes() == 256 * 128 * 4 + 96 * 128 * 2  # and one buffer per compute dtype
-    free_workspaces()
-    assert workspace_nbytes() == 0
-
-
-def test_backward_dequantizes_again_so_a_later_layer_of_the_same_shape_cannot_change_the_gradient():
-    a, b = Linear4bit.from_linear(_linear(96, 128, seed=1)), Linear4bit.from_linear(_linear(96, 128, seed=2))
-    x, g = torch.randn(4, 128), torch.randn(4, 96)
-    expected = g @ a.dequantize()
-    xa = x.clone().requires_grad_()
-    ya = a(xa)
-    b(x)  # runs between a's forward and a's backward, through the same workspace
-    ya.backward(g)
-    assert torch.equal(xa.grad, expected)
-
-
-def test_nothing_weight_sized_nor_the_workspace_is_saved_for_backward_under_lora():
-    from peftlab.qlora import _workspace
-
-    base = Linear4bit.from_linear(_linear(512, 256))
-    layer = LoRALinear(base, r=4, alpha=8)
-    x = torch.randn(4, 256, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x).sum().backward()
-    workspace = _workspace(torch.Size([512, 256]), torch.float32, torch.device("cpu")).untyped_storage().data_ptr()
-    assert workspace_nbytes() >= 512 * 256 * 4
-    assert saved  # the adapter's own inputs are saved: the hook sees them
-    assert all(t.numel() < 512 * 256 for t in saved)
-    assert all(t.untyped_storage().data_ptr() != workspace for t in saved)
-
-
-def test_two_threads_running_layers_of_one_shape_at_once_each_get_their_own_results(monkeypatch):
-    import peftlab.qlora as qlora
-
-    layers = [Linear4bit.from_linear(_linear(96, 128, seed=s)) for s in (1, 2)]
-    x, g = torch.randn(4, 128), torch.randn(4, 96)
-    expected = [_forward_backward(Linear4bit(m.weight, m.bias, workspace=False), x, g) for m in layers]
-    # Both threads dequantize, then wait for each other before multiplying: with one buffer shared by the
-    # threads, one of them would multiply by the other's weight.
-    both_dequantized = threading.Barrier(2, timeout=30)
-    dequantize = qlora.dequantize_nf4
-
-    def dequantize_then_wait(*args, **kwargs):
-        result = dequantize(*args, **kwargs)
-        both_dequantized.wait()
-        return result
-
-    monkeypatch.setattr(qlora, "dequantize_nf4", dequantize_then_wait)
-    results: dict[int, list] = {0: [], 1: []}
-
-    def run(i: int) -> None:
-        for _ in range(3):
-            results[i].append(_forward_backward(layers[i], x, g))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    for i in (0, 1):
-        assert len(results[i]) == 3, "a thread failed (see the exception printed above)"
-        for y, grad in results[i]:
-            assert torch.equal(y, expected[i][0]) and torch.equal(grad, expected[i][1])
-
-
-def test_double_backward_through_the_4bit_layer_raises_instead_of_reading_a_reused_workspace():
-    layer = Linear4bit.from_linear(_linear(96, 128))
-    x = torch.randn(4, 128, requires_grad=True)
-    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
-
-
-def test_a_workspace_first_made_in_inference_mode_serves_training_later():
-    free_workspaces()
-    layer = Linear4bit.from_linear(_linear(96, 128))
-    x = torch.randn(4, 128)
-    with torch.inference_mode():
-        y_inference = layer(x)
-    x.requires_grad_()
-    y = layer(x)
-    y.sum().backward()
-    assert torch.equal(y.detach(), y_inference) and x.grad is not None
-
-
-def test_workspace_must_be_a_bool():
-    with pytest.raises(TypeError, match="workspace must be a bool"):
-        Linear4bit.from_linear(_linear(4, 64), workspace="yes")
-
-
-def test_moves_and_casts_never_requantize():
+def test_moves_and_casts_change_the_compute_dtype_but_never_requantize():
     ours = Linear4bit.from_linear(_linear(64, 128))
     packed, absmax = ours.weight.packed, ours.weight.absmax
     before = ours.dequantize(torch.float32)
@@ -261,7 +93,7 @@ def test_moves_and_casts_never_requantize():
     assert ours.compute_dtype == torch.float16 and ours.weight.packed is packed
 
 
-def test_parameter_counts_are_logical():
+def test_parameter_counts_include_the_4bit_weight_as_logical_parameters():
     lin = _linear(96, 128)
     ours = Linear4bit.from_linear(lin)
     assert list(ours.parameters()) == []
@@ -270,9 +102,9 @@ def test_parameter_counts_are_logical():
     assert count_parameters(wrapped) == (4 * (96 + 128), 96 * 128 + 96 + 4 * (96 + 128))
 
 
-def test_lora_merge_refuses_a_4bit_base():
+def test_lora_merge_refuses_a_4bit_base_saying_to_dequantize_first():
     wrapped = LoRALinear(Linear4bit.from_linear(_linear(16, 64)), r=2, alpha=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot merge into a Linear4bit base: dequantize it"):
         wrapped.merge()
 
 
@@ -330,7 +162,7 @@ def test_qlora_model_equals_peft_lora_on_the_dequantized_weights():
             torch.testing.assert_close(m.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_quantize_model_with_targets():
+def test_quantize_model_replaces_only_the_named_targets():
     model = quantize_model(_tiny_llama(), ["q_proj", "v_proj"], progress=False)
     q = [n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     assert sorted(q) == ["q_proj", "q_proj", "v_proj", "v_proj"]
@@ -339,7 +171,7 @@ def test_quantize_model_with_targets():
 # -------------------------------------------------------------------------------------------- bad input
 
 
-def test_bad_input():
+def test_quantize_model_refuses_non_linear_lm_head_unknown_and_already_quantized_targets():
     model = _tiny_llama()
     with pytest.raises(TypeError, match="nn.Linear"):
         quantize_model(model, ["mlp"], progress=False)  # a non-Linear target
@@ -352,7 +184,16 @@ def test_bad_input():
         quantize_model(model, ["q_proj"], progress=False)
     with pytest.raises(ValueError, match="already"):
         quantize_model(model, progress=False)
-    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        quantize_model(model, [], progress=False)
+    with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
+        quantize_model(model, ["q_proj", ""], progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        quantize_model("model")
+
+
+def test_linear4bit_refuses_requantizing_bad_inputs_weights_bias_kernels_and_dtype_naming_them():
+    layer = Linear4bit.from_linear(_linear(16, 64))
     with pytest.raises(ValueError, match="already"):
         Linear4bit.from_linear(layer)
     with pytest.raises(ValueError, match="in_features=64"):
@@ -367,19 +208,18 @@ def test_bad_input():
         Linear4bit.from_linear(_linear(4, 64), compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="2-D"):
         Linear4bit(quantize_nf4(torch.randn(64)))
-    with pytest.raises(TypeError, match="nn.Module"):
-        quantize_model("model")
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(16,\)"):
+        Linear4bit(layer.weight, bias=torch.zeros(15))
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(16,\)"):
+        Linear4bit(layer.weight, bias=[0.0] * 16)
 
 
 # -------------------------------------------------------------------------------------------------- GPU
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
-    from peftlab.nf4 import to_bnb
-
     lin = _linear(*shape)
     ours = Linear4bit.from_linear(lin).to("cuda")  # quantized on the CPU (bit-identical to bnb), then moved
     assert ours.compute_dtype == torch.float32 and ours.weight.device.type == "cuda"
@@ -387,7 +227,7 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
     fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").to(torch.bfloat16)
     assert torch.equal(ours.weight.packed, fast.weight.packed)
     packed, state = to_bnb(ours.weight)
-    w = bnb.functional.dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
+    w = bnb_dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
     assert torch.equal(ours.dequantize(torch.float32), w.float())
     x = torch.randn(8, shape[1], device="cuda", dtype=torch.bfloat16)
     expected = F.linear(x, w.to(torch.bfloat16), lin.bias.to("cuda", torch.bfloat16))
@@ -404,6 +244,28 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
 # ------------------------------------------------------------------------------------------ finetuning
 
 
+def test_finetune_lora_and_qlora_train_the_same_adapters_and_qlora_stores_its_base_in_less():
+    from peftlab.qlora import finetune
+
+    rows = {m: finetune(m, steps=2, eval_every=1, eval_windows=2, progress=False) for m in ("lora", "qlora")}
+    for row in rows.values():
+        assert [c[0] for c in row["curve"]] == [0, 1, 2]
+        assert row["memory"].lora_weights == 4 * row["trainable"]  # float32 factors
+    # same batches, same adapters: the only difference is the base's storage
+    assert rows["lora"]["trainable"] == rows["qlora"]["trainable"]
+    assert rows["qlora"]["memory"].weights < rows["lora"]["memory"].weights
+    assert rows["qlora"]["memory"].quant_constants > 0 == rows["lora"]["memory"].quant_constants
+
+
+def test_finetune_refuses_an_unknown_method_and_non_positive_steps():
+    from peftlab.qlora import finetune
+
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        finetune("adapter")
+    with pytest.raises(ValueError, match="steps"):
+        finetune("qlora", steps=0)
+
+
 def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
     from peftlab import devices
     from peftlab import qlora
@@ -414,6 +276,38 @@ def test_linear4bit_default_compute_dtype_is_the_runtime_rule():
     assert layer.compute_dtype == torch.float32 and layer.to("meta").compute_dtype == torch.float32
 
 
+@pytest.mark.parametrize("device,capability,expected", [("cpu", None, torch.bfloat16),
+                                                        ("cuda", (7, 5), torch.float16),
+                                                        ("cuda", (8, 0), torch.bfloat16)])
+def test_finetune_computes_in_bf16_only_where_it_is_native(fake_gpu, device, capability, expected):
+    from peftlab.qlora import finetune_compute_dtype
+
+    fake_gpu(capability)  # is_bf16_supported() says True even before compute capability 8.0, as a T4's does
+    assert finetune_compute_dtype(device) == expected
+
+
+def test_finetune_runs_on_the_cpu_unless_told_and_times_between_synchronizations(monkeypatch):
+    from peftlab import runtime
+    from peftlab.qlora import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
+    synced = []
+    monkeypatch.setattr(runtime, "synchronize", lambda device: synced.append(torch.device(device)))
+    row = finetune("qlora", steps=2, eval_every=1, eval_windows=2, progress=False)
+    assert row["device"] == "cpu" and row["compute_dtype"] == "bfloat16"
+    assert synced == [torch.device("cpu")] * 4  # before and after each of the 2 timed steps
+
+
 def test_bnb_linear4bit_refuses_non_linear():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         bnb_linear4bit(nn.Conv1d(4, 4, 1))
+
+
+@pytest.mark.cuda
+def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
+    from peftlab.qlora import finetune
+    from peftlab.runtime import compute_dtype
+
+    row = finetune("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4, progress=False)
+    assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")
+    assert row["held_out_loss"] < row["initial_held_out_loss"] and row["seconds_per_step"] > 0

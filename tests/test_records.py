@@ -26,28 +26,14 @@ PROVENANCE = {"device": "NVIDIA Test GPU", "capability": "7.5", "cuda": "12.4", 
               "bitsandbytes": "0.50.2", "peftlab": "0.1.0", "python": "3.12.1", "date": "2026-11-30"}
 
 
-@pytest.fixture
-def book(tmp_path, monkeypatch):
-    """A throwaway book root, so records and figures land in tmp_path."""
-    (tmp_path / "_config.yml").write_text("title: t\n")
-    (tmp_path / "_toc.yml").write_text("root: intro\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(records.RECORD_DIR_ENV, raising=False)
-    monkeypatch.delenv(runtime.BOOK_BUILD_ENV, raising=False)
-    runtime.start_chapter("demo", seed=0)
-    return tmp_path
-
-
 def test_save_record_without_cuda_refuses_to_invent_a_gpu(book, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA"):
         records.save_record("demo-x", {"a": 1})
 
 
-def test_gpu_provenance_names_device_capability_cuda_and_date(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA A100")
+def test_gpu_provenance_names_device_capability_cuda_and_date(fake_gpu):
+    fake_gpu((8, 0), "NVIDIA A100")
     p = records.gpu_provenance()
     assert p["device"] == "NVIDIA A100" and p["capability"] == "8.0"
     assert set(p) == set(records._PROVENANCE_KEYS)

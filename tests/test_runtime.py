@@ -16,16 +16,6 @@ from peftlab import devices
 from peftlab.book import claims, plotting, runtime
 
 
-@pytest.fixture
-def book(tmp_path, monkeypatch):
-    """A throwaway book root, so records and figures land in tmp_path."""
-    (tmp_path / "_config.yml").write_text("title: t\n")
-    (tmp_path / "_toc.yml").write_text("root: intro\n")
-    monkeypatch.chdir(tmp_path)
-    runtime.start_chapter("demo", seed=3)
-    return tmp_path
-
-
 def test_book_root_found_from_a_subfolder(book):
     sub = book / "book" / "chapters"
     sub.mkdir(parents=True)
@@ -86,9 +76,18 @@ def test_save_figure_refuses_unstable_names(book, name):
         plotting.save_figure(_draw(0), name, "c")
 
 
-def test_save_figure_refuses_non_figures(book):
-    with pytest.raises(TypeError, match="Figure"):
+def test_save_figure_refuses_non_figures_and_empty_captions(book):
+    with pytest.raises(TypeError, match="fig must be a matplotlib Figure"):
         plotting.save_figure("not a figure", "x", "c")
+    with pytest.raises(ValueError, match="caption must be a non-empty str"):
+        plotting.save_figure(_draw(0), "demo-x", " ")
+    assert plotting.load_figure_records() == []
+
+
+@pytest.mark.parametrize("name", ["", None, 3])
+def test_start_chapter_refuses_a_name_that_is_not_a_non_empty_str(name):
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        runtime.start_chapter(name)
 
 
 def test_claim_passes_and_records(book):
@@ -116,21 +115,25 @@ def test_claim_tolerance_is_an_inclusive_bound(book):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
+    "kwargs, error, match",
     [
-        ({"measured": float("nan")}, ValueError),
-        ({"measured": "1"}, TypeError),
-        ({"rel": None}, ValueError),
-        ({"relation": "~"}, ValueError),
-        ({"key": "Bad key"}, ValueError),
-        ({"source": " "}, ValueError),
+        ({"measured": float("nan")}, ValueError, "measured must be finite"),
+        ({"measured": "1"}, TypeError, "measured must be a real number"),
+        ({"expected": float("inf")}, ValueError, "expected must be finite"),
+        ({"rel": None}, ValueError, "relation='approx' needs a tolerance"),
+        ({"relation": "<"}, ValueError, "rel/abs only apply to relation='approx'"),
+        ({"relation": "~"}, ValueError, "relation must be 'approx' or one of"),
+        ({"key": "Bad key"}, ValueError, "key must be lowercase words"),
+        ({"source": " "}, ValueError, "source must be a non-empty str"),
+        ({"what": ""}, ValueError, "what must be a non-empty str"),
     ],
 )
-def test_claim_bad_input(book, kwargs, error):
+def test_claim_refuses_bad_input_naming_the_parameter(book, kwargs, error, match):
     args = {"key": "demo-x", "measured": 1.0, "expected": 1.0, "rel": 0.1, "source": "s", "what": "w"}
     args.update(kwargs)
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         claims.claim(**args)
+    assert claims.load_claims() == []  # refused before anything is recorded
 
 
 def test_claim_accepts_tensors(book):
@@ -164,23 +167,15 @@ def test_claim_numbers_print_readably(x, text):
 # -- device, dtype and determinism (CUDA mocked: these run on a CPU) --------------------------------------
 
 
-def _fake_gpu(monkeypatch, capability, name="Fake GPU"):
-    """Pretend a CUDA GPU of ``capability`` is present, one whose is_bf16_supported() says True (as a T4's does)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-
-
 @pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
                                                  ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
                                                  ((9, 0), torch.bfloat16)])
-def test_compute_dtype_is_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
-    _fake_gpu(monkeypatch, capability)
-    assert devices.compute_dtype("cuda") == expected
-    assert devices.compute_dtype(torch.device("cuda", 0)) == expected
-    assert devices.native_bf16("cuda") is (expected == torch.bfloat16)
-    assert devices.compute_dtype("cpu") == torch.float32 and devices.compute_dtype("meta") == torch.float32
+def test_compute_dtype_is_bf16_only_from_compute_capability_8(fake_gpu, capability, expected):
+    fake_gpu(capability)
+    assert runtime.compute_dtype("cuda") == expected
+    assert runtime.compute_dtype(torch.device("cuda", 0)) == expected
+    assert runtime.native_bf16("cuda") is (expected == torch.bfloat16)
+    assert runtime.compute_dtype("cpu") == torch.float32 and runtime.compute_dtype("meta") == torch.float32
 
 
 def test_no_native_bf16_without_a_gpu(monkeypatch):
@@ -189,8 +184,8 @@ def test_no_native_bf16_without_a_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("capability,bf16", [((7, 5), "False"), ((8, 0), "True")])
-def test_describe_environment_reports_native_bf16_not_emulated(monkeypatch, capsys, capability, bf16):
-    _fake_gpu(monkeypatch, capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
+def test_describe_environment_reports_native_bf16_not_emulated(fake_gpu, capability, bf16):
+    fake_gpu(capability, name="Tesla T4" if capability < (8, 0) else "NVIDIA A100")
     assert runtime.describe_environment()["bf16"] == bf16
 
 
@@ -214,14 +209,6 @@ def test_start_chapter_keeps_a_readers_cublas_workspace_setting(tmp_path, monkey
     import os
 
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-
-
-@pytest.fixture
-def sync_log(monkeypatch):
-    """Replace torch.cuda.synchronize by a recorder: the devices it was called with, in order."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", device)))
-    return calls
 
 
 def test_synchronize_waits_for_cuda_devices_only(sync_log):

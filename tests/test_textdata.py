@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -70,6 +71,13 @@ def test_downstream_is_stdlib_source(down):
     assert info.python_version.count(".") == 2
 
 
+def test_downstream_text_names_a_standard_library_file_it_cannot_find(tmp_path, monkeypatch):
+    monkeypatch.setattr(textdata, "_stdlib_dir", lambda: tmp_path)  # a Python without its library sources
+    missing = tmp_path / textdata.DOWNSTREAM_HELD_OUT_FILES[0]
+    with pytest.raises(FileNotFoundError, match=re.escape(f"standard-library source file {missing} not found")):
+        textdata.downstream_text("held_out")
+
+
 @pytest.mark.parametrize("max_bytes", [2, 100, 4096])
 def test_downstream_max_bytes_keeps_a_prefix(down, max_bytes):
     small = textdata.downstream_text("train", max_bytes=max_bytes)
@@ -83,12 +91,12 @@ def test_downstream_max_bytes_rejects(bad):
 
 
 @pytest.mark.parametrize("fn", [textdata.pretraining_text, textdata.downstream_text])
-def test_split_name_checked(fn):
+def test_texts_refuse_an_unknown_split(fn):
     with pytest.raises(ValueError, match="split"):
         fn("test")
 
 
-def test_corpus_info_name_checked():
+def test_corpus_info_refuses_an_unknown_name():
     with pytest.raises(ValueError, match="name"):
         textdata.corpus_info("wikipedia")
 
@@ -101,7 +109,7 @@ def test_encode_decode_roundtrip(text):
     assert textdata.decode(ids.tolist()) == text
 
 
-def test_encode_decode_reject():
+def test_encode_refuses_bytes_decode_refuses_ids_over_255_and_replaces_bad_utf8():
     with pytest.raises(TypeError, match="text"):
         textdata.encode(b"bytes")
     with pytest.raises(ValueError, match="ids"):
@@ -136,7 +144,7 @@ def test_random_batch_reaches_both_ends():
     assert x[:, 0].min() == 0 and y[:, -1].max() == 9
 
 
-def test_batch_argument_errors(pre):
+def test_random_batch_refuses_bad_arguments_naming_them(pre):
     gen = torch.Generator()
     with pytest.raises(TypeError, match="data"):
         textdata.random_batch(pre["train"].view(2, -1), 2, 8, gen)
@@ -160,6 +168,16 @@ def test_eval_batches_cover_the_text_in_order(batch_size, seq_len, max_windows):
     assert x.shape == (n, seq_len) and all(b[0].shape[0] <= batch_size for b in batches)
     assert torch.equal(x.flatten(), data[: n * seq_len].long())
     assert torch.equal(y.flatten(), data[1 : n * seq_len + 1].long())
+
+
+@pytest.mark.parametrize("kw, match", [(dict(batch_size=0), "batch_size must be a positive int"),
+                                       (dict(batch_size=2.0), "batch_size must be a positive int"),
+                                       (dict(max_windows=0), "max_windows must be a positive int or None"),
+                                       (dict(max_windows=1.5), "max_windows must be a positive int or None")])
+def test_eval_batches_refuse_bad_batch_size_and_max_windows_naming_them(kw, match):
+    args = dict(batch_size=2, seq_len=8, max_windows=None) | kw
+    with pytest.raises(ValueError, match=match):
+        textdata.eval_batches(torch.zeros(100, dtype=torch.uint8), **args)
 
 
 @pytest.mark.parametrize("n_windows,seq_len", [(1, 10), (5, 10), (32, 64)])

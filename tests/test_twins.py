@@ -90,7 +90,6 @@ def test_twin_regenerates_byte_identical():
     assert first == second == md.with_suffix(".ipynb").read_text()
 
 
-@pytest.mark.slow
 def test_paged_twin_runs_alone_and_shows_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The fastest chapter's twin, run top to bottom from an empty folder outside the repository in a plain
     python3 kernel of this venv: no cell fails, and every cell that saves a figure displays it."""
