@@ -33,7 +33,7 @@ def nested_absmax(state) -> torch.Tensor:
 
 
 def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' public ``bnb_dequantize_4bit``; its ``torch.compile``'d fallback (odd last dims) run eagerly.
+    """bitsandbytes' public ``dequantize_4bit``; its ``torch.compile``'d fallback (odd last dims) run eagerly.
 
     Note: on the CPU this is right only where the last dim is odd or a multiple of the blocksize (see the
     module's note); use :func:`bnb_dequantize_4bit_flat` or :func:`bnb_dequantize_4bit_eager` for other shapes.
@@ -43,7 +43,7 @@ def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def bnb_dequantize_4bit_flat(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' public ``bnb_dequantize_4bit`` run on the flattened tensor (where its CPU kernel is right),
+    """bitsandbytes' public ``dequantize_4bit`` run on the flattened tensor (where its CPU kernel is right),
     viewed back to ``state.shape``; ``state`` itself is left unchanged."""
     flat = bnbF.QuantState(absmax=state.absmax, shape=torch.Size([state.shape.numel()]), code=state.code,
                            blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
@@ -53,7 +53,7 @@ def bnb_dequantize_4bit_flat(packed: torch.Tensor, state) -> torch.Tensor:
 
 def bnb_dequantize_4bit_eager(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' pure-PyTorch dequantize (``backends/default/ops.py``) run eagerly, in ``state.shape``:
-    its definition of the 4-bit format (nested constants dequantized first, as ``bnb_dequantize_4bit`` does)."""
+    its definition of the 4-bit format (nested constants dequantized first, as ``dequantize_4bit`` does)."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
 

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def book(tmp_path, monkeypatch):
     """A throwaway book root (the current folder), so records, claims and figures land in tmp_path; the
     chapter "demo" started with seed 3; neither a record folder nor a book build set in the environment."""
-    from peftlab import records, runtime
+    from peftlab.book import records, runtime
 
     (tmp_path / "_config.yml").write_text("title: t\n")
     (tmp_path / "_toc.yml").write_text("root: intro\n")

@@ -162,7 +162,7 @@ def test_fp4_blockwise_identical_to_bitsandbytes(dtype, shape, blocksize):
     bpacked, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="fp4")
     assert torch.equal(packed, bpacked.reshape(-1))
     assert torch.equal(absmax, state.absmax)
-    ours = dequantize_blockwise(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
+    ours = dequantize_4bit(packed, absmax, fp4_code(), blocksize, w.numel()).to(dtype)
     assert torch.equal(ours, bnb_dequantize_4bit_eager(bpacked, state).reshape(-1))
     if shape[-1] % blocksize == 0:  # where bitsandbytes' native CPU kernel is right (tests/_reference.py)
         assert torch.equal(ours, bnb_dequantize_4bit(bpacked, state).reshape(-1))
@@ -203,9 +203,9 @@ def test_quantize_blockwise_refuses_a_code_not_a_tensor_not_16_levels_or_beyond_
     with pytest.raises(ValueError, match="code"):
         quantize_4bit(w, torch.zeros(15))
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(w, torch.full((16,), 2.0))
+        quantize_4bit(w, torch.full((16,), 2.0))
     with pytest.raises(ValueError, match="code"):
-        quantize_blockwise(w, torch.full((16,), float("nan")))
+        quantize_4bit(w, torch.full((16,), float("nan")))
 
 
 def test_quantize_blockwise_refuses_a_code_with_two_midpoints_in_one_16bit_prefix_cell():
@@ -213,11 +213,11 @@ def test_quantize_blockwise_refuses_a_code_with_two_midpoints_in_one_16bit_prefi
     code = torch.linspace(-1, 1, 16)
     code[12:15] = torch.tensor([0.5, 0.5 + 2**-9, 0.5 + 2**-8])
     with pytest.raises(ValueError, match="code levels are too close"):
-        quantize_blockwise(torch.randn(64), code)
+        quantize_4bit(torch.randn(64), code)
 
 
 def test_dequantize_blockwise_refuses_wrong_sizes_dtypes_and_numel_naming_them():
-    packed, absmax = quantize_blockwise(torch.randn(100), nf4_code(), 32)
+    packed, absmax = quantize_4bit(torch.randn(100), nf4_code(), 32)
     with pytest.raises(ValueError, match="packed must hold 50 bytes"):
         dequantize_4bit(packed[:-1], absmax, nf4_code(), 32, 100)
     with pytest.raises(ValueError, match="absmax"):

@@ -55,12 +55,12 @@ def test_dynamic_map_refuses_a_non_bool_signed() -> None:
 @pytest.mark.parametrize("n", [1, 7, 1000, 3 * 4096 + 5, 8192])
 def test_quantize_blockwise_matches_bitsandbytes(dtype: torch.dtype, blocksize: int, n: int) -> None:
     A = _heavy_tailed(n, dtype, seed=n + blocksize)
-    codes, absmax = quantize_blockwise(A, blocksize)
+    codes, absmax = quantize_8bit(A, blocksize=blocksize)
     ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=blocksize)
     assert codes.dtype == torch.uint8 and codes.shape == A.shape
     assert torch.equal(codes, ref_codes)
     assert torch.equal(absmax, ref_state.absmax)
-    out = dequantize_blockwise(codes, absmax, blocksize, dtype=dtype)
+    out = dequantize_8bit(codes, absmax, blocksize=blocksize, dtype=dtype)
     ref = bnbF.dequantize_blockwise(ref_codes, ref_state)
     assert out.dtype == dtype and torch.equal(out, ref)
 
@@ -83,7 +83,7 @@ def test_quantize_blockwise_matches_bitsandbytes_at_every_bin_edge_and_centre(ta
     body = values.numel() - values.numel() % 255
     blocks = torch.cat([torch.ones(body // 255, 1), values[:body].view(-1, 255)], dim=1).reshape(-1)
     A = torch.cat([blocks, torch.ones(1), values[body:]] if tail else [blocks])
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
@@ -105,7 +105,7 @@ def test_quantize_blockwise_multiplies_by_the_reciprocal_like_bitsandbytes(scale
     values = values[values.abs() < scale]
     body = values.numel() - values.numel() % 255
     A = torch.cat([torch.full((body // 255, 1), -scale), values[:body].view(-1, 255)], dim=1).reshape(-1)
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(absmax, ref_state.absmax)
     assert torch.equal(codes, ref_codes)
@@ -119,7 +119,7 @@ def test_quantize_blockwise_takes_the_lower_code_for_a_midpoint_on_a_bin_centre(
     mid = 0.5 * (code[:-1] + code[1:])
     assert torch.isin(mid, centres).any()
     A = torch.cat([torch.ones(1), centres])
-    codes, _ = quantize_blockwise(A, 4096, code=code)
+    codes, _ = quantize_8bit(A, blocksize=4096, code=code)
     ref_codes, _ = bnbF.quantize_blockwise(A, code=code, blocksize=4096)
     assert torch.equal(codes, ref_codes)
 
@@ -128,7 +128,7 @@ def test_quantize_blockwise_follows_bitsandbytes_table_not_the_nearest_code() ->
     # bitsandbytes' CPU table puts an exact 0 into code 131 (2.1e-5), not into code 127 (0.0):
     # the reason the package reproduces the table rather than searching for the nearest code.
     A = torch.tensor([1.0, 0.0, -1e-7, 1e-5])
-    codes, _ = quantize_blockwise(A, 32)
+    codes, _ = quantize_8bit(A, blocksize=32)
     ref_codes, _ = bnbF.quantize_blockwise(A, blocksize=32)
     assert torch.equal(codes, ref_codes)
     nearest = (A[:, None] - dynamic_map()[None, :]).abs().argmin(dim=1)
@@ -137,7 +137,7 @@ def test_quantize_blockwise_follows_bitsandbytes_table_not_the_nearest_code() ->
 
 def test_quantize_blockwise_zero_block_matches_bitsandbytes_and_dequantizes_to_zeros() -> None:
     A = torch.cat([torch.zeros(256), torch.randn(100)])
-    codes, absmax = quantize_blockwise(A, 256)
+    codes, absmax = quantize_8bit(A, blocksize=256)
     ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=256)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
     out = dequantize_8bit(codes, absmax, blocksize=256)
@@ -147,10 +147,10 @@ def test_quantize_blockwise_zero_block_matches_bitsandbytes_and_dequantizes_to_z
 def test_quantize_blockwise_with_a_custom_code_matches_bitsandbytes() -> None:
     code = torch.linspace(-1, 1, 256)
     A = _heavy_tailed(5000, torch.float32, seed=3)
-    codes, absmax = quantize_blockwise(A, 128, code=code)
+    codes, absmax = quantize_8bit(A, blocksize=128, code=code)
     ref_codes, ref_state = bnbF.quantize_blockwise(A, code=code, blocksize=128)
     assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_state.absmax)
-    ours = dequantize_blockwise(codes, absmax, 128, code=code)
+    ours = dequantize_8bit(codes, absmax, blocksize=128, code=code)
     assert torch.equal(ours, bnbF.dequantize_blockwise(ref_codes, ref_state))
 
 
@@ -291,39 +291,39 @@ def test_quantize_absmax_refuses_bad_blocksize2_naming_it(blocksize2, error) -> 
 
 def test_quantize_blockwise_rejects_ints_empty_nan_bad_blocksize_and_bad_code() -> None:
     with pytest.raises(TypeError, match="A must be float32, float16 or bfloat16"):
-        quantize_blockwise(torch.arange(10))
+        quantize_8bit(torch.arange(10))
     with pytest.raises(TypeError, match="A must be a torch.Tensor"):
-        quantize_blockwise([0.5, 1.0])  # type: ignore[arg-type]
+        quantize_8bit([0.5, 1.0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="A must not be empty"):
-        quantize_blockwise(torch.empty(0))
+        quantize_8bit(torch.empty(0))
     with pytest.raises(ValueError, match="A must contain only finite values"):
-        quantize_blockwise(torch.tensor([1.0, float("nan")]))
+        quantize_8bit(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="blocksize must be one of"):
-        quantize_blockwise(torch.rand(10), 100)
+        quantize_8bit(torch.rand(10), blocksize=100)
     with pytest.raises(ValueError, match=r"code must be a float32 tensor of shape \(256,\)"):
-        quantize_blockwise(torch.rand(10), 64, code=torch.rand(10))
+        quantize_8bit(torch.rand(10), blocksize=64, code=torch.rand(10))
     with pytest.raises(ValueError, match="code must be sorted"):
-        quantize_blockwise(torch.rand(10), 64, code=torch.linspace(1, -1, 256))
+        quantize_8bit(torch.rand(10), blocksize=64, code=torch.linspace(1, -1, 256))
     with pytest.raises(TypeError, match="code must be a torch.Tensor or None"):
-        quantize_blockwise(torch.rand(10), 64, code=[0.0] * 256)  # type: ignore[arg-type]
+        quantize_8bit(torch.rand(10), blocksize=64, code=[0.0] * 256)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="shift must be a 0-dim float32"):
-        quantize_blockwise(torch.rand(10), 64, shift=torch.zeros(1))
+        quantize_8bit(torch.rand(10), blocksize=64, shift=torch.zeros(1))
     with pytest.raises(TypeError, match="shift must be a 0-dim float32"):
-        quantize_blockwise(torch.rand(10), 64, shift=0.5)  # type: ignore[arg-type]
+        quantize_8bit(torch.rand(10), blocksize=64, shift=0.5)  # type: ignore[arg-type]
 
 
 def test_dequantize_blockwise_refuses_bad_codes_absmax_dtype_and_block_count_naming_them() -> None:
-    codes, absmax = quantize_blockwise(torch.rand(300), 64)
+    codes, absmax = quantize_8bit(torch.rand(300), blocksize=64)
     with pytest.raises(TypeError, match="codes must be a uint8"):
-        dequantize_blockwise(codes.int(), absmax, 64)
+        dequantize_8bit(codes.int(), absmax, 64)
     with pytest.raises(TypeError, match="absmax must be a 1-D float32"):
-        dequantize_blockwise(codes, absmax.double(), 64)
+        dequantize_8bit(codes, absmax.double(), 64)
     with pytest.raises(TypeError, match="absmax must be a 1-D float32"):
-        dequantize_blockwise(codes, absmax[None], 64)
+        dequantize_8bit(codes, absmax[None], blocksize=64)
     with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
-        dequantize_blockwise(codes, absmax, 64, dtype=torch.int8)
+        dequantize_8bit(codes, absmax, blocksize=64, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"absmax must have 5 values \(one per block of 64\), got 4"):
-        dequantize_blockwise(codes, absmax[:-1], 64)
+        dequantize_8bit(codes, absmax[:-1], blocksize=64)
 
 
 def test_double_quant_state_refuses_wrong_dtypes_sizes_and_blocksize2_naming_them() -> None:

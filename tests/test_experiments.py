@@ -166,9 +166,9 @@ def test_cached_run_returns_the_same_row_and_its_adapter_and_bad_cache_dirs_are_
     second = E.finetune(cfg, tmp_path, progress=False)
     assert not first["cached"] and second["cached"]
     assert {k: v for k, v in first.items() if k != "cached"} == {k: v for k, v in second.items() if k != "cached"}
-    adapter = E.load_adapter(second, tmp_path)
+    adapter = E.load_run_adapter(second, tmp_path)
     with pytest.raises(ValueError, match="cache_dir is needed"):
-        E.load_adapter(second)  # the adapter of a cached row lives on disk
+        E.load_run_adapter(second)  # the adapter of a cached row lives on disk
     assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
     assert not list(tmp_path.glob("*.tmp"))
     full = E.finetune(E.RunConfig(method="full", **TINY), tmp_path, progress=False)

@@ -338,7 +338,7 @@ def test_dequantize_in_many_small_cpu_steps_equals_one_step_and_bitsandbytes(mon
     monkeypatch.setattr(codebooks, "_CPU_STEP_BYTES", 1)  # rounded up to one block per step
     many_steps = dequantize_nf4(q, out=torch.empty(shape))
     assert torch.equal(many_steps, one_step)
-    assert torch.equal(many_steps.reshape(-1), bnb_reference_dequantize(packed, state).reshape(-1))
+    assert torch.equal(many_steps.reshape(-1), bnb_dequantize_4bit_eager(packed, state).reshape(-1))
 
 
 def test_dequantize_out_of_the_wrong_shape_raises_value_error_naming_out_and_the_shape():

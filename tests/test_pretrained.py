@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peftlab import pretrained, textdata
+from peftlab.harness import pretrained, textdata
 from peftlab.lora import LLAMA_LINEARS
 
 transformers = pytest.importorskip("transformers")
@@ -78,8 +78,8 @@ def test_lm_loss_equals_transformers_own_loss(model):
 def test_shipped_checkpoint_is_small_and_documented():
     assert pretrained.CHECKPOINT.stat().st_size <= 8 * 1024 * 1024
     info = pretrained.checkpoint_info()
-    # The record keeps the command as it was run (the module then lived at peftlab.pretrained).
-    assert info["command"].startswith(("python -m peftlab.harness.pretrained --out ", "python -m peftlab.pretrained --out "))
+    # The record keeps the command as it was run (the module then lived at peftlab.harness.pretrained).
+    assert info["command"].startswith(("python -m peftlab.harness.pretrained --out ", "python -m peftlab.harness.pretrained --out "))
     assert {"python", "torch", "transformers"} <= set(info["versions"])
     assert info["config"] == json.loads(json.dumps(pretrained.TINY_LLAMA))
     assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining").held_out_documents)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from _reference import bnb_dequantize_4bit, bnb_dequantize_4bit_flat  # tests/_reference.py
 from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4, to_bnb
-from peftlab.paged import count_saved_bytes
+from peftlab.memory import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
 
 ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
@@ -287,7 +286,7 @@ def test_finetune_computes_in_bf16_only_where_it_is_native(fake_gpu, device, cap
 
 
 def test_finetune_runs_on_the_cpu_unless_told_and_times_between_synchronizations(monkeypatch):
-    from peftlab import runtime
+    from peftlab.book import runtime
     from peftlab.qlora import finetune
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
@@ -306,7 +305,7 @@ def test_bnb_linear4bit_refuses_non_linear():
 @pytest.mark.cuda
 def test_cuda_finetune_qlora_with_bnb_kernels_in_the_native_dtype():
     from peftlab.qlora import finetune
-    from peftlab.runtime import compute_dtype
+    from peftlab.devices import compute_dtype
 
     row = finetune("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4, progress=False)
     assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")

@@ -172,10 +172,10 @@ def test_claim_numbers_print_readably(x, text):
                                                  ((9, 0), torch.bfloat16)])
 def test_compute_dtype_is_bf16_only_from_compute_capability_8(fake_gpu, capability, expected):
     fake_gpu(capability)
-    assert runtime.compute_dtype("cuda") == expected
-    assert runtime.compute_dtype(torch.device("cuda", 0)) == expected
-    assert runtime.native_bf16("cuda") is (expected == torch.bfloat16)
-    assert runtime.compute_dtype("cpu") == torch.float32 and runtime.compute_dtype("meta") == torch.float32
+    assert devices.compute_dtype("cuda") == expected
+    assert devices.compute_dtype(torch.device("cuda", 0)) == expected
+    assert devices.native_bf16("cuda") is (expected == torch.bfloat16)
+    assert devices.compute_dtype("cpu") == torch.float32 and devices.compute_dtype("meta") == torch.float32
 
 
 def test_no_native_bf16_without_a_gpu(monkeypatch):
