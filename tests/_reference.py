@@ -8,7 +8,7 @@ Note: bitsandbytes 0.50.2's native CPU ``bnb_dequantize_4bit`` mis-indexes ``abs
 rows straddle a block or are shorter than one (e.g. 7 × 320 or 256 × 64 in blocks of 128; documented by
 tests/test_nf4.py::test_bnb_native_cpu_dequantize_4bit_is_wrong_for_2d_rows_straddling_a_block). So the
 references for arbitrary shapes are its pure-PyTorch definition (:func:`bnb_dequantize_4bit_eager`) and its
-public ``bnb_dequantize_4bit`` on the flattened tensor (:func:`bnb_dequantize_4bit_flat`), which are right.
+public ``dequantize_4bit`` on the flattened tensor (:func:`bnb_dequantize_4bit_flat`), which are right.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ import torch
 
 
 @pytest.mark.parametrize("old, new", [
-    ("peftlab.book.runtime", "peftlab.book.runtime"),
-    ("peftlab.book.plotting", "peftlab.book.plotting"),
-    ("peftlab.book.claims", "peftlab.book.claims"),
-    ("peftlab.harness.pretrained", "peftlab.harness.pretrained"),
-    ("peftlab.harness.textdata", "peftlab.harness.textdata"),
-    ("peftlab.harness.experiments", "peftlab.harness.experiments"),
+    ("peftlab.runtime", "peftlab.book.runtime"),
+    ("peftlab.plotting", "peftlab.book.plotting"),
+    ("peftlab.claims", "peftlab.book.claims"),
+    ("peftlab.pretrained", "peftlab.harness.pretrained"),
+    ("peftlab.textdata", "peftlab.harness.textdata"),
+    ("peftlab.experiments", "peftlab.harness.experiments"),
 ])
 def test_a_moved_module_imports_as_the_new_module_with_a_warning(old, new):
     sys.modules.pop(old, None)
