@@ -78,8 +78,10 @@ def test_lm_loss_equals_transformers_own_loss(model):
 def test_shipped_checkpoint_is_small_and_documented():
     assert pretrained.CHECKPOINT.stat().st_size <= 8 * 1024 * 1024
     info = pretrained.checkpoint_info()
-    # The record keeps the command as it was run (the module then lived at peftlab.harness.pretrained).
-    assert info["command"].startswith(("python -m peftlab.harness.pretrained --out ", "python -m peftlab.harness.pretrained --out "))
+    # The record keeps the command as it was run (the module then lived at peftlab.pretrained).
+    assert info["command"].startswith(
+        ("python -m peftlab.harness.pretrained --out ", "python -m peftlab.pretrained --out ")
+    )
     assert {"python", "torch", "transformers"} <= set(info["versions"])
     assert info["config"] == json.loads(json.dumps(pretrained.TINY_LLAMA))
     assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining").held_out_documents)
