@@ -8,13 +8,11 @@ target, or the ratio alone for a comparison that has none).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from peftlab.devices import synchronize
+from peftlab.devices import alternating_medians, synchronize
 
 
 def sync(device: torch.device | None) -> None:
@@ -26,22 +24,9 @@ def sync(device: torch.device | None) -> None:
 def alternate_all(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | None = None,
                   warmup: int = 3) -> dict[str, float]:
     """Median seconds of each of ``fns``, called in turn every round (the order reversed every other round),
-    each call between two synchronizations of ``device``."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns.items())
-    for i in range(repeats):
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    each call between two synchronizations of ``device``: :func:`peftlab.devices.alternating_medians`, the
+    one timer the package, the chapters and the benchmarks share."""
+    return alternating_medians(fns, repeats=repeats, device=device, warmup=warmup)
 
 
 def alternate(ours: Callable[[], object], reference: Callable[[], object], repeats: int,

@@ -3,7 +3,7 @@
     python benchmarks/lora.py [--repeats 30] [--device cpu|cuda] [--threads N]
 
 Explained in the chapter *LoRA* (book/chapters/lora.md). Both sides run in one process, alternating
-call by call, so drifts in machine load hit both; medians are reported. Targets (issue 3): a training
+call by call, so drifts in machine load hit both; medians are reported. Targets: a training
 step (forward + backward; r=16; 1024×1024; 32×128 tokens) at most 1.05× PEFT's, and a merged layer's
 forward at most 1.05× nn.Linear's. Exits 0 either way (shared machines are noisy): read the ratios.
 """

@@ -3,7 +3,7 @@
     python benchmarks/paged.py [--device cpu|cuda] [--repeats 30] [--threads 1]
 
 Explained in the chapter *Paged optimizers* (book/chapters/paged.md). Ours and the reference run alternately
-in one process (order flipped every round) and the medians are compared. Targets (issue 6): PagedAdamW's step at
+in one process (order flipped every round) and the medians are compared. Targets: PagedAdamW's step at
 most 1.3x torch.optim.AdamW's when nothing is paged. The cost of paging every state out and back in is reported
 beside a plain copy of the same bytes (no target: it is the price of the copies). Machines are noisy: the script
 prints PASS/MISS and always exits 0.

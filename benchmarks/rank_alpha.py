@@ -5,7 +5,7 @@ loading the shipped checkpoint against ``transformers``' ``from_pretrained``.
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md), whose sweeps are made
 of such steps. Both sides run in one process, alternating call by call (order flipped every round),
-so drifts in machine load hit both; medians are reported. Targets (issue 7):
+so drifts in machine load hit both; medians are reported. Targets:
 
 - training step (forward, backward, AdamW; LoRA r=8 on all seven linear layers; 8 × 64 bytes):
   at most 1.05× PEFT's on the same model;

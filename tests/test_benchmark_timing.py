@@ -29,8 +29,10 @@ def test_sync_waits_for_cuda_devices_only(timing, sync_log):
 
 def test_alternate_all_times_each_call_between_synchronizations_reversing_the_order_every_round(timing, sync_log,
                                                                                                 monkeypatch):
+    from peftlab import devices  # the benchmarks' timer is the package's one timer
+
     ticks = iter(range(1000))
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(devices.time, "perf_counter", lambda: next(ticks))
     fns = {name: (lambda name=name: sync_log.append(("call", name))) for name in ("a", "b", "c")}
     medians = timing.alternate_all(fns, repeats=2, device=torch.device("cuda", 0), warmup=1)
     calls = [name for kind, name in sync_log if kind == "call"]
