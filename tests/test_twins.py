@@ -256,17 +256,17 @@ def test_code_blocks_and_inline_code_are_left_alone():
 
 
 def test_literalinclude_inlines_the_object_under_a_line_naming_it():
-    import peftlab.paged
+    import peftlab.memory
 
     text = ("```{literalinclude} ../../src/peftlab/memory.py\n:pyobject: count_saved_bytes\n"
-            ":caption: src/peftlab/paged.py — a step's activation memory\n```")
+            ":caption: src/peftlab/memory.py — a step's activation memory\n```")
     source = inspect.getsource(peftlab.memory.count_saved_bytes).rstrip()
     assert convert(text) == (f"`src/peftlab/memory.py`, `count_saved_bytes` — a step's activation memory\n\n"
                              f"```python\n{source}\n```")
 
 
 def test_literalinclude_lines_select_within_the_object():
-    import peftlab.paged
+    import peftlab.memory
 
     text = "```{literalinclude} ../../src/peftlab/memory.py\n:pyobject: count_saved_bytes\n:lines: 1-3\n```"
     first3 = "\n".join(inspect.getsource(peftlab.memory.count_saved_bytes).splitlines()[:3])
