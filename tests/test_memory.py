@@ -116,6 +116,54 @@ def test_full_finetuning_is_twelve_bytes_per_parameter_before_activations():
         assert b.weights + b.gradients + b.optimizer_states == 12 * shape.n_params
 
 
+# LLaMA-7B counted by hand: 6,738,415,616 parameters (untied embeddings); LoRA r=64 on the seven linear
+# layers of 32 blocks: 64 × (4·(4096 + 4096) + 3·(4096 + 11008)) = 4,997,120 per block.
+N_7B = 6_738_415_616
+LORA_7B_R64 = 32 * 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+
+
+def test_hand_counts_of_llama_7b():
+    assert LLAMA["llama-7b"].n_params == N_7B and LLAMA["llama-7b"].lora_params(64) == LORA_7B_R64
+
+
+def test_master_weights_add_four_bytes_per_trained_16_bit_parameter():
+    plain, master = estimate("llama-7b", "full"), estimate("llama-7b", "full", master_weights=True)
+    assert master.optimizer_states - plain.optimizer_states == 4 * N_7B
+    assert master.weights + master.gradients + master.optimizer_states == 16 * N_7B
+    for c in ("weights", "gradients", "activations", "lora_weights", "quant_constants"):
+        assert getattr(master, c) == getattr(plain, c)
+    for method in ("lora", "qlora"):
+        plain, master = estimate("llama-7b", method), estimate("llama-7b", method, master_weights=True)
+        assert master.total - plain.total == 4 * LORA_7B_R64
+        # float32 adapters are their own master copy
+        fp32 = dict(lora_dtype=torch.float32)
+        assert estimate("llama-7b", method, master_weights=True, **fp32) == estimate("llama-7b", method, **fp32)
+
+
+def test_master_weights_must_be_a_bool():
+    with pytest.raises(TypeError, match="master_weights"):
+        estimate("llama-7b", "full", master_weights=1)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_dtype_scales_lora_weights_and_gradients_not_the_states(method):
+    bf16, fp32 = estimate("llama-7b", method), estimate("llama-7b", method, lora_dtype=torch.float32)
+    assert (bf16.lora_weights, bf16.gradients) == (2 * LORA_7B_R64, 2 * LORA_7B_R64)
+    assert (fp32.lora_weights, fp32.gradients) == (4 * LORA_7B_R64, 4 * LORA_7B_R64)
+    assert bf16.optimizer_states == fp32.optimizer_states == 8 * LORA_7B_R64  # two float32 moments
+    assert (bf16.weights, bf16.quant_constants) == (fp32.weights, fp32.quant_constants)
+    assert fp32.activations >= bf16.activations  # with checkpointing the loss's peak may hide the change
+    # Without checkpointing, float32 adapters keep float32 copies of their inputs: (6·4096 + 11008)
+    # elements per token and block, 4 bytes each; bf16 adapters read what the block keeps anyway, the two
+    # normalized inputs (2 · 4096) and down_proj's input (11008), 2 bytes each; and the seven r-wide
+    # products x Aᵀ are kept in 4 bytes instead of 2.
+    no_ckpt = dict(gradient_checkpointing=False)
+    bf16 = estimate("llama-7b", method, **no_ckpt)
+    fp32 = estimate("llama-7b", method, lora_dtype=torch.float32, **no_ckpt)
+    per_token_block = 4 * (6 * 4096 + 11008) - 2 * (2 * 4096 + 11008) + 7 * 64 * (4 - 2)
+    assert fp32.activations - bf16.activations == 512 * 32 * per_token_block
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n_gpus", [2, 4, 8])
 def test_sharding_splits_the_states_but_not_the_activations(method, n_gpus):

@@ -243,3 +243,164 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
 def test_bnb_linear4bit_refuses_non_linear():
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         bnb_linear4bit(nn.Conv1d(4, 4, 1))
+
+
+# --- state_dict: save and load the 4-bit weight -------------------------------------------------------
+
+
+def _quantized(shape, blocksize=64, double_quant=True, seed=0, bias=True):
+    return Linear4bit.from_linear(_linear(*shape, bias=bias, seed=seed), blocksize=blocksize,
+                                  double_quant=double_quant, compute_dtype=torch.float32)
+
+
+def _same_weight(a, b):
+    qa, qb = a.weight, b.weight
+    assert (qa.shape, qa.dtype, qa.blocksize, qa.double_quant) == (qb.shape, qb.dtype, qb.blocksize, qb.double_quant)
+    assert torch.equal(qa.packed, qb.packed)
+    if qa.double_quant:
+        for name in ("codes", "absmax2", "offset"):
+            assert torch.equal(getattr(qa.absmax, name), getattr(qb.absmax, name))
+        assert qa.absmax.blocksize2 == qb.absmax.blocksize2
+    else:
+        assert torch.equal(qa.absmax, qb.absmax)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_state_dict_round_trips_bit_for_bit(shape, double_quant):
+    one = _quantized(shape, double_quant=double_quant, seed=0)
+    two = _quantized(shape, double_quant=double_quant, seed=1)
+    assert not torch.equal(one.weight.packed, two.weight.packed)
+    two.load_state_dict(one.state_dict())
+    _same_weight(one, two)
+    x = torch.randn(4, shape[1])
+    with torch.no_grad():
+        assert torch.equal(one(x), two(x))
+    assert torch.equal(one.bias, two.bias)
+
+
+def test_state_dict_keys_follow_bitsandbytes():
+    packed_n = (96 * 128 + 1) // 2
+    sd = _quantized((96, 128)).state_dict()
+    assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (packed_n, 1)
+    assert sd["weight.absmax"].dtype == torch.uint8 and sd["weight.absmax"].shape == (96 * 128 // 64,)
+    assert sd["weight.nested_absmax"].shape == (1,)  # 192 codes: one block of 256
+    sd = _quantized((96, 128), double_quant=False, bias=False).state_dict()
+    assert set(sd) == {"weight", "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    assert sd["weight.absmax"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_state_dict_keys_and_values_equal_bitsandbytes_linear4bit(double_quant):
+    lin = _linear(96, 128)
+    ref = _bnb_reference(lin, 64, double_quant, torch.float32)
+    ours = Linear4bit.from_linear(lin, double_quant=double_quant, compute_dtype=torch.float32)
+    theirs, mine = ref.state_dict(), ours.state_dict()
+    assert set(theirs) == set(mine)
+    for k in theirs:
+        if k.endswith("bitsandbytes__nf4"):
+            import json
+            assert json.loads(bytes(theirs[k].tolist())) == json.loads(bytes(mine[k].tolist()))
+        else:
+            assert torch.equal(theirs[k].reshape(mine[k].shape).to(mine[k].dtype), mine[k]), k
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_bitsandbytes_state_dict_loads_into_ours_and_ours_into_bitsandbytes(double_quant):
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    from peftlab.nf4 import from_bnb
+
+    lin = _linear(96, 128)
+    ref = _bnb_reference(lin, 64, double_quant, torch.float32)
+    ours = _quantized((96, 128), double_quant=double_quant, seed=3)
+    ours.load_state_dict(ref.state_dict())
+    expected = from_bnb(ref.weight.data, ref.weight.quant_state)
+    assert torch.equal(ours.weight.packed, expected.packed)
+    assert torch.equal(ours.dequantize(torch.float32), _bnb_dequantized(ref).float())
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    # and back: bitsandbytes rebuilds its QuantState from our keys (what transformers does on loading)
+    sd = ours.state_dict()
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    state = QuantState.from_dict(stats, device=torch.device("cpu"))
+    assert torch.equal(dequantize_4bit(sd["weight"], state).float(), ours.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("other, what", [
+    (dict(shape=(64, 128)), "shape"),
+    (dict(blocksize=128), "blocksize"),
+    (dict(double_quant=False), "double_quant"),
+])
+def test_loading_another_format_is_a_value_error_naming_it(other, what):
+    base = dict(shape=(96, 128), blocksize=64, double_quant=True)
+    src = _quantized(**{**base, **other})
+    dst = _quantized(**base)
+    before = dst.weight
+    with pytest.raises(ValueError, match=what):
+        dst.load_state_dict(src.state_dict())
+    assert dst.weight is before
+
+
+def test_loading_another_blocksize2_is_a_value_error():
+    from dataclasses import replace
+
+    from peftlab.double_quant import quantize_absmax
+
+    src = _quantized((96, 128))
+    q = quantize_nf4(_linear(96, 128).weight.detach(), blocksize=64, double_quant=False)
+    src.weight = replace(q, absmax=quantize_absmax(q.absmax, blocksize2=128))
+    with pytest.raises(ValueError, match="blocksize2"):
+        _quantized((96, 128)).load_state_dict(src.state_dict())
+
+
+def test_missing_and_unexpected_keys_are_reported():
+    sd = _quantized((96, 128)).state_dict()
+    del sd["weight.absmax"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        _quantized((96, 128)).load_state_dict(sd)
+    sd = _quantized((96, 128)).state_dict()
+    sd["weight.extra"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        _quantized((96, 128)).load_state_dict(sd)
+
+
+def test_a_quantized_model_saves_to_safetensors_and_loads_back_identically(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from peftlab.harness.pretrained import build_model
+
+    one = quantize_model(build_model(0), progress=False, compute_dtype=torch.float32).eval()
+    two = quantize_model(build_model(1), progress=False, compute_dtype=torch.float32).eval()
+    save_file(one.state_dict(), tmp_path / "model.safetensors")
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(isinstance(v, torch.Tensor) for v in loaded.values())
+    assert any(k.endswith("q_proj.weight.nested_absmax") for k in loaded)
+    two.load_state_dict(loaded)
+    for (name, a), (_, b) in zip(one.named_modules(), two.named_modules()):
+        if isinstance(a, Linear4bit):
+            _same_weight(a, b)
+    ids = torch.randint(0, one.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(one(ids).logits, two(ids).logits)
+
+
+def test_adapter_files_hold_only_the_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from peftlab.adapter_io import save_adapter
+    from peftlab.harness.pretrained import build_model
+
+    model = prepare_qlora_small(build_model(0))
+    save_adapter(model, tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert keys and all("lora_" in k for k in keys)
+
+
+def prepare_qlora_small(model):
+    from peftlab.qlora import prepare_qlora
+
+    return prepare_qlora(model, r=4, compute_dtype=torch.float32)

@@ -349,6 +349,7 @@ def estimate(
     compute_dtype: torch.dtype | None = None,
     lora_dtype: torch.dtype | None = None,
     optimizer_bits: int = 32,
+    master_weights: bool = False,
     batch: int = 1,
     seq: int = 512,
     gradient_checkpointing: bool = True,
@@ -375,7 +376,12 @@ def estimate(
         optimizer_bits: 32 (default) or 16 — Adam's two states per trained parameter,
             updated page by page as a paged AdamW does (``torch.optim.AdamW`` with
             ``foreach=True`` briefly needs a temporary as large as all its states, which
-            is not counted). batch, seq, gradient_checkpointing: the activations (see
+            is not counted).
+        master_weights: keep a float32 copy of every trained parameter stored in fewer
+            than 32 bits (mixed precision's "master weights"; ``torch.amp`` with float32
+            parameters needs none). Counted with the optimizer states, as ZeRO does: 4
+            bytes per such parameter, so full finetuning costs 16 bytes per parameter
+            instead of 12. batch, seq, gradient_checkpointing: the activations (see
             :func:`activation_bytes`). blocksize, double_quant, blocksize2: the 4-bit
             format (QLoRA: 64, True, 256).
         device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's
@@ -385,9 +391,11 @@ def estimate(
             Activations are per GPU.
 
     Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch
-    1, sequence 512, checkpointing). Full finetuning keeps 16-bit weights and gradients
-    and no float32 master copy: 12 bytes per parameter before activations, the count
-    behind the paper's "more than 780 GB" for 65B.
+    1, sequence 512, checkpointing; adapters in bf16 as the paper's code casts them: PEFT
+    keeps them in float32 by default, ``lora_dtype=torch.float32``). Full finetuning
+    defaults to 16-bit weights and gradients and no float32 master copy: 12 bytes per
+    parameter before activations, the count behind the paper's "more than 780 GB" for
+    65B; ``master_weights=True`` gives the 16 of mixed-precision training.
     """
     blocksize2 = _deprecated.keyword(
         "dq_blocksize", dq_blocksize, "blocksize2", blocksize2
@@ -399,6 +407,8 @@ def estimate(
         _positive_int(value, name)
     if optimizer_bits not in (32, 16):
         raise ValueError(f"optimizer_bits must be 32 or 16, got {optimizer_bits!r}")
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
     if (
         isinstance(lora_dropout, bool)
         or not isinstance(lora_dropout, (int, float))
@@ -438,6 +448,8 @@ def estimate(
         )
     parts["gradients"] = trained_bytes * trained
     parts["optimizer_states"] = state * trained
+    if master_weights and trained_bytes < 4:
+        parts["optimizer_states"] += 4 * trained
     if n_gpus > 1:
         block_bytes = (
             parts["weights"]

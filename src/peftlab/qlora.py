@@ -10,6 +10,7 @@ matmul; only LoRA adapters on top (:func:`peftlab.lora.add_lora`) get gradients.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import replace
@@ -135,10 +136,13 @@ class Linear4bit(nn.Module):
     Note: ``.to(device)`` moves the packed bytes; ``.to(dtype)`` (and ``.half()``,
     ``.bfloat16()``...) only changes ``compute_dtype``. Neither re-quantizes, so the 4-bit
     values never drift.
-    Note: the NF4 weight is a plain attribute, not a buffer, so ``state_dict()`` leaves it
-    out (it would otherwise hold uint8 codes that ``load_state_dict`` into an
-    ``nn.Linear`` cannot read); save the adapters, and quantize the base again from its
-    checkpoint — quantization is deterministic.
+    Note: ``state_dict()`` holds the 4-bit weight as bitsandbytes' ``Linear4bit`` does
+    (see :meth:`_save_to_state_dict`): ``weight`` (the packed codes), ``weight.absmax``,
+    ``weight.quant_map``, with double quantization ``weight.nested_absmax`` and
+    ``weight.nested_quant_map``, and the metadata as a JSON byte tensor; all tensors, so
+    ``safetensors`` saves it without pickle. ``load_state_dict`` restores the very same
+    bytes into a layer of the same shape and format and raises ``ValueError`` naming what
+    differs otherwise.
     Note: ``peftlab_linear = True`` lets :class:`peftlab.lora.LoRALinear` wrap it;
     ``merge()`` refuses it (merging into 4 bits would round the update away), so keep
     adapters separate or dequantize first.
@@ -306,6 +310,102 @@ class Linear4bit(nn.Module):
         weights = [self.weight.packed] + ([] if self.bias is None else [self.bias])
         return {"weights": weights, "quant_constants": constants}
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        # bitsandbytes 0.50.2's layout (Linear4bit._save_to_state_dict and
+        # QuantState.as_dict(packed=True)): the packed bytes as ``weight`` of shape
+        # [(numel + 1) // 2, 1], the constants and lookup tables beside it, and the
+        # non-tensor fields as JSON bytes under ``weight.quant_state.bitsandbytes__nf4``.
+        # The tables are copied per layer: tensors sharing memory cannot go in one
+        # safetensors file.
+        from peftlab.codebooks import get_code
+
+        q = self.weight
+        tensors = {
+            "weight": q.packed.view(-1, 1),
+            "bias": self.bias,
+            "weight.absmax": q.absmax if not q.double_quant else q.absmax.codes,
+            "weight.quant_map": get_code("nf4", q.device).clone(),
+        }
+        meta: dict[str, Any] = {
+            "quant_type": "nf4",
+            "blocksize": q.blocksize,
+            "dtype": str(q.dtype).removeprefix("torch."),
+            "shape": list(q.shape),
+        }
+        if q.double_quant:
+            from peftlab.double_quant import dynamic_map
+
+            tensors["weight.nested_absmax"] = q.absmax.absmax2
+            tensors["weight.nested_quant_map"] = dynamic_map(True).to(q.device)
+            meta.update(
+                nested_blocksize=q.absmax.blocksize2,
+                nested_dtype="float32",
+                nested_offset=q.absmax.offset.item(),  # a float32, exact as a Python float
+            )
+        tensors[_QUANT_STATE_KEY] = _pack_json(meta, q.device)
+        for key, value in tensors.items():
+            if value is not None:
+                destination[prefix + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(  # noqa: ANN001, PLR0913 - nn.Module's signature
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
+        error_msgs,
+    ):
+        ours = {
+            k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        known = {"weight", "bias", "weight.absmax", "weight.quant_map", _QUANT_STATE_KEY}
+        known |= {"weight.nested_absmax", "weight.nested_quant_map"}
+        needed = ["weight", "weight.absmax", _QUANT_STATE_KEY]
+        if self.bias is not None:
+            needed.append("bias")
+        missing = [k for k in needed if k not in ours]
+        if strict:
+            unexpected_keys.extend(prefix + k for k in ours if k not in known)
+        if missing:
+            missing_keys.extend(prefix + k for k in missing)
+            return
+        weight = _nf4_from_state(ours, self.weight.device)
+        if self.bias is None and "bias" in ours and strict:
+            unexpected_keys.append(prefix + "bias")
+        expected = {
+            "shape": tuple(self.weight.shape),
+            "blocksize": self.weight.blocksize,
+            "double_quant": self.weight.double_quant,
+            "blocksize2": getattr(self.weight.absmax, "blocksize2", None),
+        }
+        got = {
+            "shape": tuple(weight.shape),
+            "blocksize": weight.blocksize,
+            "double_quant": weight.double_quant,
+            "blocksize2": getattr(weight.absmax, "blocksize2", None),
+        }
+        differ = [
+            f"{k} {got[k]} (this layer: {expected[k]})"
+            for k in expected
+            if got[k] != expected[k]
+        ]
+        if differ:
+            raise ValueError(
+                f"cannot load {prefix or 'the state dict'}weight into this Linear4bit: "
+                + "; ".join(differ)
+            )
+        self.weight = weight
+        if self.bias is not None:
+            bias = ours["bias"]
+            if bias.shape != self.bias.shape:
+                raise ValueError(
+                    f"cannot load {prefix}bias: shape {tuple(bias.shape)} "
+                    f"(this layer: {tuple(self.bias.shape)})"
+                )
+            self.bias = bias.detach().to(self.bias.device, self.bias.dtype).clone()
+
     def extra_parameter_count(self) -> int:
         """Logical frozen parameters held outside nn.Parameters: in × out (+ bias), for
         count_parameters."""
@@ -319,6 +419,60 @@ class Linear4bit(nn.Module):
             f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
             f"compute_dtype={self.compute_dtype}, kernels={self.kernels!r}, workspace={self.workspace}"
         )
+
+
+_QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+
+
+def _pack_json(meta: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """``meta`` as UTF-8 JSON bytes in a uint8 tensor (bitsandbytes'
+    ``pack_dict_to_tensor``)."""
+    data = json.dumps(meta).encode("utf-8")
+    return torch.tensor(list(data), dtype=torch.uint8, device=device)
+
+
+def _nf4_from_state(tensors: dict[str, torch.Tensor], device: torch.device) -> NF4Tensor:
+    """The :class:`NF4Tensor` stored under ``weight*`` keys (ours or bitsandbytes'), on
+    ``device``; ValueError if it is not NF4 in a format we read."""
+    from peftlab.codebooks import get_code
+
+    try:
+        meta = json.loads(bytes(tensors[_QUANT_STATE_KEY].cpu().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{_QUANT_STATE_KEY} is not JSON metadata: {err}") from None
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+    code = tensors.get("weight.quant_map")
+    if code is not None and not torch.equal(code.float().cpu(), get_code("nf4")):
+        raise ValueError("weight.quant_map is not the NF4 table")
+    dtype = getattr(torch, str(meta["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {meta['dtype']!r} in {_QUANT_STATE_KEY}")
+    packed = tensors["weight"].detach().reshape(-1)
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage over the same bytes
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.to(device).clone()
+    absmax = tensors["weight.absmax"].detach().to(device).reshape(-1).clone()
+    if "nested_blocksize" in meta:
+        from peftlab.double_quant import DoubleQuantState, dynamic_map
+
+        if "weight.nested_absmax" not in tensors:
+            raise ValueError("double-quantized weight without weight.nested_absmax")
+        nested_code = tensors.get("weight.nested_quant_map")
+        if nested_code is not None and not torch.equal(
+            nested_code.float().cpu(), dynamic_map(True)
+        ):
+            raise ValueError("weight.nested_quant_map is not the signed dynamic map")
+        absmax2 = tensors["weight.nested_absmax"].detach().float().to(device).reshape(-1)
+        offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        absmax = DoubleQuantState(
+            absmax, absmax2.clone(), offset.to(device), int(meta["nested_blocksize"])
+        )
+    else:
+        absmax = absmax.float()
+    return NF4Tensor(
+        packed, absmax, torch.Size(meta["shape"]), dtype, int(meta["blocksize"])
+    )
 
 
 def bnb_linear4bit(
