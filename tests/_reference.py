@@ -1,14 +1,15 @@
 """bitsandbytes as the tests' reference: imported once here, with the workarounds its 0.50.2 CPU path needs.
 
-Test modules import what they need (``from _reference import bnbF, bnb_dequantize_4bit_eager``); importing this
-module skips the importing test module (or test) where bitsandbytes is not installed. bitsandbytes' own
+Test modules import what they need (``from _reference import bnbF, bnb_dequantize_4bit_eager``); importing
+this module skips the importing test module (or test) where bitsandbytes is not installed. bitsandbytes' own
 ``Linear4bit`` is built by the package's :func:`peftlab.qlora.bnb_linear4bit`, not here.
 
-Note: bitsandbytes 0.50.2's native CPU ``bnb_dequantize_4bit`` mis-indexes ``absmax`` for some 2-D shapes whose
+Note: bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` mis-indexes ``absmax`` for some 2-D shapes whose
 rows straddle a block or are shorter than one (e.g. 7 × 320 or 256 × 64 in blocks of 128; documented by
 tests/test_nf4.py::test_bnb_native_cpu_dequantize_4bit_is_wrong_for_2d_rows_straddling_a_block). So the
 references for arbitrary shapes are its pure-PyTorch definition (:func:`bnb_dequantize_4bit_eager`) and its
-public ``bnb_dequantize_4bit`` on the flattened tensor (:func:`bnb_dequantize_4bit_flat`), which are right.
+public ``dequantize_4bit`` on the flattened tensor (:func:`bnb_dequantize_4bit_flat`), which are right.
+The helpers are named ``bnb_*``: the package has a ``dequantize_4bit`` of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ bnb = pytest.importorskip("bitsandbytes")
 bnbF = bnb.functional
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-__all__ = ["bnb", "bnbF", "bnb_dequantize_4bit", "bnb_dequantize_4bit_eager", "bnb_dequantize_4bit_flat", "nested_absmax"]
+__all__ = ["bnb", "bnbF", "bnb_dequantize_4bit", "bnb_dequantize_4bit_eager", "bnb_dequantize_4bit_flat",
+           "nested_absmax"]
 
 
 def nested_absmax(state) -> torch.Tensor:
@@ -33,7 +35,7 @@ def nested_absmax(state) -> torch.Tensor:
 
 
 def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' public ``bnb_dequantize_4bit``; its ``torch.compile``'d fallback (odd last dims) run eagerly.
+    """bitsandbytes' public ``dequantize_4bit``; its ``torch.compile``'d fallback (odd last dims) run eagerly.
 
     Note: on the CPU this is right only where the last dim is odd or a multiple of the blocksize (see the
     module's note); use :func:`bnb_dequantize_4bit_flat` or :func:`bnb_dequantize_4bit_eager` for other shapes.
@@ -43,7 +45,7 @@ def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
 
 
 def bnb_dequantize_4bit_flat(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' public ``bnb_dequantize_4bit`` run on the flattened tensor (where its CPU kernel is right),
+    """bitsandbytes' public ``dequantize_4bit`` run on the flattened tensor (where its CPU kernel is right),
     viewed back to ``state.shape``; ``state`` itself is left unchanged."""
     flat = bnbF.QuantState(absmax=state.absmax, shape=torch.Size([state.shape.numel()]), code=state.code,
                            blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
@@ -53,7 +55,7 @@ def bnb_dequantize_4bit_flat(packed: torch.Tensor, state) -> torch.Tensor:
 
 def bnb_dequantize_4bit_eager(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' pure-PyTorch dequantize (``backends/default/ops.py``) run eagerly, in ``state.shape``:
-    its definition of the 4-bit format (nested constants dequantized first, as ``bnb_dequantize_4bit`` does)."""
+    its definition of the 4-bit format (nested constants dequantized first, as ``dequantize_4bit`` does)."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
 
