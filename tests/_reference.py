@@ -1,10 +1,10 @@
 """bitsandbytes as the tests' reference: imported once here, with the workarounds its 0.50.2 CPU path needs.
 
-Test modules import what they need (``from _reference import bnbF, bnb_dequantize_4bit_eager``); importing this
-module skips the importing test module (or test) where bitsandbytes is not installed. bitsandbytes' own
+Test modules import what they need (``from _reference import bnbF, bnb_dequantize_4bit_eager``); importing
+this module skips the importing test module (or test) where bitsandbytes is not installed. bitsandbytes' own
 ``Linear4bit`` is built by the package's :func:`peftlab.qlora.bnb_linear4bit`, not here.
 
-Note: bitsandbytes 0.50.2's native CPU ``bnb_dequantize_4bit`` mis-indexes ``absmax`` for some 2-D shapes whose
+Note: bitsandbytes 0.50.2's native CPU ``dequantize_4bit`` mis-indexes ``absmax`` for some 2-D shapes whose
 rows straddle a block or are shorter than one (e.g. 7 × 320 or 256 × 64 in blocks of 128; documented by
 tests/test_nf4.py::test_bnb_native_cpu_dequantize_4bit_is_wrong_for_2d_rows_straddling_a_block). So the
 references for arbitrary shapes are its pure-PyTorch definition (:func:`bnb_dequantize_4bit_eager`) and its
@@ -22,7 +22,8 @@ bnb = pytest.importorskip("bitsandbytes")
 bnbF = bnb.functional
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-__all__ = ["bnb", "bnbF", "bnb_dequantize_4bit", "bnb_dequantize_4bit_eager", "bnb_dequantize_4bit_flat", "nested_absmax"]
+__all__ = ["bnb", "bnbF", "bnb_dequantize_4bit", "bnb_dequantize_4bit_eager", "bnb_dequantize_4bit_flat",
+           "nested_absmax"]
 
 
 def nested_absmax(state) -> torch.Tensor:

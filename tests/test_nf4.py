@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from _reference import bnbF, bnb_dequantize_4bit, bnb_dequantize_4bit_eager, bnb_dequantize_4bit_flat  # tests/_reference.py
+from _reference import (  # tests/_reference.py
+    bnb_dequantize_4bit,
+    bnb_dequantize_4bit_eager,
+    bnb_dequantize_4bit_flat,
+    bnbF,
+)
 from peftlab.codebooks import BLOCKSIZES, nf4_code, unpack_nibbles
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, from_bnb, quantize_nf4, to_bnb
 
