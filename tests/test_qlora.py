@@ -295,7 +295,7 @@ def test_state_dict_keys_follow_bitsandbytes():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_state_dict_keys_and_values_equal_bitsandbytes_linear4bit(double_quant):
     lin = _linear(96, 128)
-    ref = _bnb_reference(lin, 64, double_quant, torch.float32)
+    ref = bnb_linear4bit(lin, torch.float32, "cpu", 64, double_quant)
     ours = Linear4bit.from_linear(lin, double_quant=double_quant, compute_dtype=torch.float32)
     theirs, mine = ref.state_dict(), ours.state_dict()
     assert set(theirs) == set(mine)
@@ -314,12 +314,12 @@ def test_a_bitsandbytes_state_dict_loads_into_ours_and_ours_into_bitsandbytes(do
     from peftlab.nf4 import from_bnb
 
     lin = _linear(96, 128)
-    ref = _bnb_reference(lin, 64, double_quant, torch.float32)
+    ref = bnb_linear4bit(lin, torch.float32, "cpu", 64, double_quant)
     ours = _quantized((96, 128), double_quant=double_quant, seed=3)
     ours.load_state_dict(ref.state_dict())
     expected = from_bnb(ref.weight.data, ref.weight.quant_state)
     assert torch.equal(ours.weight.packed, expected.packed)
-    assert torch.equal(ours.dequantize(torch.float32), _bnb_dequantized(ref).float())
+    assert torch.equal(ours.dequantize(torch.float32), bnb_dequantize_4bit_flat(ref.weight.data, ref.weight.quant_state).float())
     x = torch.randn(3, 128)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
