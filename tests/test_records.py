@@ -141,7 +141,8 @@ def test_figures_display_under_their_cell_except_in_the_book_build(book, monkeyp
 
 
 def test_the_book_build_extension_marks_the_kernels_environment(monkeypatch):
-    monkeypatch.delenv(runtime.BOOK_BUILD_ENV, raising=False)
+    monkeypatch.setenv(runtime.BOOK_BUILD_ENV, "0")  # so that the variable is restored after the test
+    monkeypatch.delenv(runtime.BOOK_BUILD_ENV)
     monkeypatch.syspath_prepend(str(ROOT / "book" / "_ext"))
     import peftlab_build
 

@@ -101,6 +101,7 @@ def test_paged_twin_runs_alone_and_shows_its_figures(tmp_path: Path, monkeypatch
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.delenv("PEFTLAB_BOOK_BUILD", raising=False)  # a reader's kernel, not the book's build
     workdir = tmp_path / "run"
     workdir.mkdir()
     assert not workdir.resolve().is_relative_to(ROOT)
