@@ -358,7 +358,6 @@ PEFT_SAVES = [
     ("target_parameters", dict(target_modules=["q_proj"], target_parameters=["layers.0.up_proj.weight"]), Net),
     ("bias", dict(bias="all"), Net),
     ("bias", dict(bias="lora_only"), Net),
-    ("exclude_modules", dict(exclude_modules=["v_proj"]), Net),
     ("ensure_weight_tying", dict(ensure_weight_tying=True), Net),
     ("velora_config", dict(velora_config=peft.VeloraConfig()), Net),
     ("monteclora_config", dict(monteclora_config=peft.MontecloraConfig()), Net),
@@ -463,3 +462,26 @@ def test_all_linear_config_loads_the_layers_and_outputs_peft_loads(tmp_path):
     load_adapter(wrapped, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(wrapped.eval()(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "targets,exclude",
+    [(["q_proj", "v_proj", "up_proj"], ["v_proj"]), (["q_proj", "v_proj"], ["layers.0.q_proj"]),
+     (r".*_proj", r"layers\.1\..*"), ("all-linear", ["down_proj", "q_proj"])],
+)
+@pytest.mark.filterwarnings("ignore")
+def test_exclude_modules_loads_the_layers_and_outputs_peft_loads(tmp_path, targets, exclude):
+    _peft_saved(tmp_path, Net, target_modules=targets, exclude_modules=exclude)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["exclude_modules"]
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
+    ours = load_adapter(Net(), tmp_path).eval()
+    prefix = "base_model.model."
+    expected = {n[len(prefix):] for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert {n for n, m in ours.named_modules() if isinstance(m, LoRALinear)} == expected
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    # a wrapped model whose layer the adapter excludes is refused
+    wrapped = add_lora(Net(), [n.rpartition(".")[2] for n in expected] + ["layers.0.v_proj"], r=4, alpha=8)
+    if {n for n, m in wrapped.named_modules() if isinstance(m, LoRALinear)} != expected:
+        with pytest.raises(ValueError, match="not selected"):
+            load_adapter(wrapped, tmp_path)

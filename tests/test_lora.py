@@ -761,3 +761,22 @@ def test_all_linear_on_gpt2_refuses_the_conv1d_layers_peft_would_select():
     assert "transformer.h.0.attn.c_attn" in _peft_targets(GPT2LMHeadModel(model.config), "all-linear")
     with pytest.raises(TypeError, match="Conv1D"):
         add_lora(model, "all-linear", r=2, alpha=2)
+
+
+@pytest.mark.parametrize(
+    "targets,exclude",
+    [(["q_proj", "v_proj", "0"], ["v_proj"]), (r".*", r"lm_head|norm|mlp\.1|mlp|"),
+     ("all-linear", ["mlp.0", "q_proj"]), ("all-linear", r".*head")],
+)
+def test_exclude_modules_selects_what_peft_selects(targets, exclude):
+    wrapped = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, target_modules=targets, exclude_modules=exclude))
+    prefix = "base_model.model."
+    expected = {n[len(prefix):] for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert _lora_names(add_lora(Tiny(), targets, r=2, alpha=2, exclude_modules=exclude)) == expected
+
+
+def test_exclude_modules_of_the_wrong_type_is_refused_naming_it():
+    with pytest.raises(TypeError, match="exclude_modules"):
+        add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=3)
+    with pytest.raises(TypeError, match="exclude_modules"):
+        add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=["q_proj", 1])

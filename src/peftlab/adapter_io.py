@@ -24,6 +24,7 @@ from torch import nn
 from peftlab.files import atomic_write_all
 from peftlab.lora import (
     LoRALinear,
+    _normalize_exclude,
     add_lora,
     find_targets,
     lora_scaling,
@@ -54,6 +55,7 @@ _HANDLED = frozenset(
         "target_modules",
         "task_type",  # read by "all-linear" (a SEQ_CLS head is left out, as in PEFT)
         "init_lora_weights",  # checked below (_INIT_ACCEPTED)
+        "exclude_modules",  # names left out of target_modules, matched as PEFT does
     }
 )
 
@@ -76,7 +78,6 @@ _IGNORED = frozenset(
 # different layer, a variant, other ranks or scalings, extra trained tensors, or a base
 # weight that PEFT rewrites when it loads the adapter), so it is refused, not half-loaded.
 _UNSUPPORTED = {
-    "exclude_modules": None,
     "fan_in_fan_out": False,
     "bias": "none",
     "modules_to_save": None,
@@ -299,14 +300,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         targets = resolve_targets(
             model, config["target_modules"], config.get("task_type")
         )
-        stray = [n for n, _ in layers if not matches_target(n, targets)]
+        exclude = _normalize_exclude(config.get("exclude_modules"))
+        stray = [
+            n
+            for n, _ in layers
+            if not matches_target(n, targets)
+            or (exclude is not None and matches_target(n, exclude))
+        ]
         if stray:
             raise ValueError(
                 f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}"
             )
         shapes = {n: (m.r, m.in_features, m.out_features) for n, m in layers}
     else:
-        names = find_targets(model, config["target_modules"], config.get("task_type"))
+        names = find_targets(
+            model,
+            config["target_modules"],
+            config.get("task_type"),
+            exclude_modules=config.get("exclude_modules"),
+        )
         shapes = {}
         for n in names:
             base = model.get_submodule(n)

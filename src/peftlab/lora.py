@@ -379,6 +379,26 @@ def resolve_targets(
     return targets
 
 
+def _normalize_exclude(exclude_modules: object) -> str | list[str] | None:
+    """``exclude_modules`` checked; None (or empty, as PEFT treats it) for no exclusion."""
+    if exclude_modules is None or (
+        isinstance(exclude_modules, (str, list, tuple, set)) and not exclude_modules
+    ):
+        return None
+    if isinstance(exclude_modules, str):
+        return exclude_modules
+    if not isinstance(exclude_modules, Iterable):
+        raise TypeError(
+            "exclude_modules must be None, a str or a list of str, got "
+            f"{type(exclude_modules).__name__}"
+        )
+    names = list(exclude_modules)
+    for t in names:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"exclude_modules must hold non-empty str, got {t!r}")
+    return names
+
+
 def matches_target(name: str, targets: str | list[str]) -> bool:
     """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
     # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole
@@ -402,11 +422,18 @@ def modules_outside_lora(model: nn.Module):
 
 
 def find_targets(
-    model: nn.Module, target_modules: str | Iterable[str], task_type: str | None = None
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    task_type: str | None = None,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
 ) -> list[str]:
     """Qualified names of the linear layers of ``model`` that ``target_modules`` selects
     (PEFT's matching; ``"all-linear"``: every linear layer but the output head, as PEFT
     resolves it; ``task_type`` matters only there, as in PEFT).
+
+    ``exclude_modules`` (PEFT's field of that name, matched as a target is) removes names
+    from the selection.
 
     Raises ValueError when nothing matches, or a match is not linear or already has LoRA.
     """
@@ -417,10 +444,13 @@ def find_targets(
         raise ValueError(
             f"target_modules {target_modules!r} match no module of the model"
         )
+    exclude = _normalize_exclude(exclude_modules)
     names = []
     for name, module in modules_outside_lora(model):
         if not name or not matches_target(name, targets):
             continue
+        if exclude is not None and matches_target(name, exclude):
+            continue  # PEFT checks exclude_modules first: an excluded match never errs
         if isinstance(module, LoRALinear):
             raise ValueError(
                 f"module {name!r} already has LoRA; merge_lora() or use a fresh model"
@@ -449,6 +479,8 @@ def add_lora(
     alpha: float,
     dropout: float = 0.0,
     rslora: bool = False,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Wrap every targeted linear layer in a :class:`LoRALinear` and freeze everything
     else (in place).
@@ -456,10 +488,11 @@ def add_lora(
     ``target_modules``: a list of names, each matching a module whose qualified name
     equals it or ends with ``"." + name``; or one str, a regex that must match the whole
     qualified name (PEFT's rules); or ``"all-linear"``, every linear layer but the output
-    head (PEFT's shorthand). Returns ``model``.
+    head (PEFT's shorthand). ``exclude_modules``: names left out, matched the same way
+    (PEFT's field). Returns ``model``.
     """
     _check_hyperparameters(r, alpha, dropout, rslora)
-    names = find_targets(model, target_modules)
+    names = find_targets(model, target_modules, exclude_modules=exclude_modules)
     model.requires_grad_(False)
     for name in names:
         _set_submodule(
