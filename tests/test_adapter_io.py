@@ -310,3 +310,189 @@ def test_failed_config_write_removes_the_new_weights(saved, monkeypatch):
         save_adapter(model, saved)
     assert {name: (saved / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+# --- every LoraConfig field is handled, ignored or refused (PEFT 0.21.2) --------------------------------
+
+
+def _loraconfig_defaults() -> dict:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(peft.LoraConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def test_every_loraconfig_field_is_handled_ignored_or_refused():
+    fields = set(_loraconfig_defaults())
+    known = adapter_io._HANDLED | adapter_io._IGNORED | set(adapter_io._UNSUPPORTED)
+    assert fields - known == set(), "a LoraConfig field the loader neither handles nor allow-lists"
+    assert known - fields == set(), "a field name that LoraConfig does not have"
+    assert not (adapter_io._HANDLED & adapter_io._IGNORED)
+    assert not ((adapter_io._HANDLED | adapter_io._IGNORED) & set(adapter_io._UNSUPPORTED))
+
+
+def test_refused_fields_are_refused_only_away_from_loraconfigs_defaults():
+    defaults = _loraconfig_defaults()
+    for field, default in adapter_io._UNSUPPORTED.items():
+        assert defaults[field] == default, field
+
+
+def _peft_saved(tmp_path, build, **kw):
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], **kw}
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(**kw))
+    _randomize_B(theirs)
+    theirs.save_pretrained(tmp_path)
+    return theirs
+
+
+def _tiny_llama():
+    from peftlab.harness.pretrained import build_model
+
+    return build_model(0)
+
+
+# (field, LoraConfig settings, base model): adapters PEFT saves offline with each feature
+PEFT_SAVES = [
+    ("use_dora", dict(use_dora=True), Net),
+    ("alora_invocation_tokens", dict(alora_invocation_tokens=[1, 2]), Net),
+    ("rank_pattern", dict(rank_pattern={"q_proj": 2}), Net),
+    ("alpha_pattern", dict(alpha_pattern={"q_proj": 2}), Net),
+    ("modules_to_save", dict(modules_to_save=["lm_head"]), Net),
+    ("layers_to_transform", dict(layers_to_transform=[0], layers_pattern="layers"), Net),
+    ("use_qalora", dict(use_qalora=True), Net),
+    ("lora_bias", dict(lora_bias=True), Net),
+    ("target_parameters", dict(target_modules=["q_proj"], target_parameters=["layers.0.up_proj.weight"]), Net),
+    ("bias", dict(bias="all"), Net),
+    ("bias", dict(bias="lora_only"), Net),
+    ("ensure_weight_tying", dict(ensure_weight_tying=True), Net),
+    ("velora_config", dict(velora_config=peft.VeloraConfig()), Net),
+    ("monteclora_config", dict(monteclora_config=peft.MontecloraConfig()), Net),
+    ("kasa_config", dict(kasa_config=peft.KasaConfig()), Net),
+    ("init_lora_weights", dict(init_lora_weights="pissa"), Net),
+    ("init_lora_weights", dict(init_lora_weights="olora"), Net),
+    ("init_lora_weights", dict(init_lora_weights="mica"), Net),
+    ("layer_replication", dict(layer_replication=[[0, 2], [1, 3]]), _tiny_llama),
+    ("trainable_token_indices", dict(trainable_token_indices=[1, 2]), _tiny_llama),
+]
+
+
+@pytest.mark.parametrize("field,settings,build", PEFT_SAVES, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(PEFT_SAVES)])
+@pytest.mark.filterwarnings("ignore")
+def test_load_adapter_refuses_a_peft_adapter_using_an_unimplemented_field_naming_it(tmp_path, field, settings, build):
+    _peft_saved(tmp_path, build, **settings)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved[field] != _loraconfig_defaults()[field]  # PEFT wrote the feature to the config
+    model = build()
+    with pytest.raises(ValueError, match=field):
+        load_adapter(model, tmp_path)
+    assert _untouched(model)
+
+
+# Features PEFT cannot save offline here (megatron, bitsandbytes LoftQ, a Conv1D base, ...): its own
+# LoraConfig.to_dict() of the setting, written into a plain PEFT adapter's config.
+HAND_WRITTEN = [
+    ("fan_in_fan_out", True),
+    ("megatron_config", {"tensor_model_parallel_size": 2}),
+    ("loftq_config", {"loftq_bits": 4, "loftq_iter": 1}),
+    ("corda_config", {"cache_file": "x"}),
+    ("lora_ga_config", {"direction": "ArB2r"}),
+    ("use_bdlora", {"target_modules_bd_a": ["q_proj"]}),
+    ("arrow_config", {"top_k": 3}),
+    ("layers_pattern", "layers"),
+    ("init_lora_weights", "loftq"),
+    ("init_lora_weights", "corda"),
+    ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "lora_ga"),
+]
+
+
+@pytest.mark.parametrize("field,value", HAND_WRITTEN)
+@pytest.mark.filterwarnings("ignore")
+def test_load_adapter_refuses_an_unimplemented_field_peft_cannot_save_here_naming_it(tmp_path, field, value):
+    _peft_saved(tmp_path, Net)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert field in config  # PEFT writes every field; only the value is set by hand
+    config[field] = value
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    model = Net()
+    with pytest.raises(ValueError, match=field):
+        load_adapter(model, tmp_path)
+    assert _untouched(model)
+
+
+def test_load_adapter_refuses_an_unknown_field_with_a_value_and_accepts_an_empty_one(tmp_path):
+    theirs = _peft_saved(tmp_path, Net).eval()
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "future_field": None}))
+    ours = load_adapter(Net(), tmp_path).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "future_field": 3}))
+    with pytest.raises(ValueError, match="future_field"):
+        load_adapter(Net(), tmp_path)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal"])
+@pytest.mark.filterwarnings("ignore")
+def test_init_only_settings_load_and_compute_what_peft_computes(tmp_path, init):
+    # init_lora_weights values that only set the factors' start: the saved tensors win, in
+    # PEFT's PeftModel.from_pretrained as here
+    _peft_saved(tmp_path, Net, init_lora_weights=init, inference_mode=False)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["init_lora_weights"] == init
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
+    ours = load_adapter(Net(), tmp_path).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+
+
+# --- "all-linear" in a config ------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_all_linear_config_loads_the_layers_and_outputs_peft_loads(tmp_path):
+    _peft_saved(tmp_path, _tiny_llama, target_modules="all-linear")
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    config["target_modules"] = "all-linear"  # as written by hand or by a PEFT that keeps it
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    theirs = peft.PeftModel.from_pretrained(_tiny_llama(), tmp_path).eval()
+    ours = load_adapter(_tiny_llama(), tmp_path).eval()
+    prefix = "base_model.model."
+    expected = {n[len(prefix):] for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert {n for n, m in ours.named_modules() if isinstance(m, LoRALinear)} == expected
+    assert "lm_head" not in expected
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    # and into a model already wrapped the same way
+    wrapped = add_lora(_tiny_llama(), "all-linear", r=4, alpha=8)
+    load_adapter(wrapped, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.eval()(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "targets,exclude",
+    [(["q_proj", "v_proj", "up_proj"], ["v_proj"]), (["q_proj", "v_proj"], ["layers.0.q_proj"]),
+     (r".*_proj", r"layers\.1\..*"), ("all-linear", ["down_proj", "q_proj"])],
+)
+@pytest.mark.filterwarnings("ignore")
+def test_exclude_modules_loads_the_layers_and_outputs_peft_loads(tmp_path, targets, exclude):
+    _peft_saved(tmp_path, Net, target_modules=targets, exclude_modules=exclude)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["exclude_modules"]
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
+    ours = load_adapter(Net(), tmp_path).eval()
+    prefix = "base_model.model."
+    expected = {n[len(prefix):] for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert {n for n, m in ours.named_modules() if isinstance(m, LoRALinear)} == expected
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
+    # a wrapped model whose layer the adapter excludes is refused
+    wrapped = add_lora(Net(), [n.rpartition(".")[2] for n in expected] + ["layers.0.v_proj"], r=4, alpha=8)
+    if {n for n, m in wrapped.named_modules() if isinstance(m, LoRALinear)} != expected:
+        with pytest.raises(ValueError, match="not selected"):
+            load_adapter(wrapped, tmp_path)

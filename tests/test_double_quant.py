@@ -65,6 +65,49 @@ def test_quantize_blockwise_matches_bitsandbytes(dtype: torch.dtype, blocksize: 
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
+# Block sizes bitsandbytes 0.50.2's CPU quantize_blockwise accepts beyond the 4-bit path's BLOCKSIZES:
+# any positive int (functional.quantize_blockwise: "blocksize must be positive").
+OTHER_8BIT_BLOCKSIZES = (1, 2, 3, 7, 16, 100, 255, 257, 1000, 4095, 4097, 8192, 65536)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", OTHER_8BIT_BLOCKSIZES)
+@pytest.mark.parametrize("n", [1, 1000, 3 * 4097 + 5])
+def test_quantize_blockwise_matches_bitsandbytes_for_every_block_size_its_cpu_path_accepts(
+    dtype: torch.dtype, blocksize: int, n: int
+) -> None:
+    A = _heavy_tailed(n, dtype, seed=n + blocksize)
+    codes, absmax = quantize_8bit(A, blocksize=blocksize)
+    ref_codes, ref_state = bnbF.quantize_blockwise(A, blocksize=blocksize)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(absmax, ref_state.absmax) and absmax.numel() == -(-n // blocksize)
+    out = dequantize_8bit(codes, absmax, blocksize=blocksize, dtype=dtype)
+    assert out.dtype == dtype and torch.equal(out, bnbF.dequantize_blockwise(ref_codes, ref_state))
+
+
+@pytest.mark.parametrize(("blocksize", "error"), [(0, ValueError), (-64, ValueError), (True, TypeError),
+                                                  ("256", TypeError), (256.0, TypeError)])
+def test_8bit_block_sizes_bitsandbytes_refuses_are_refused_naming_blocksize(blocksize, error) -> None:
+    A = torch.rand(10)
+    if error is ValueError:  # bitsandbytes refuses it too
+        with pytest.raises(ValueError, match="blocksize"):
+            bnbF.quantize_blockwise(A, blocksize=blocksize)
+    with pytest.raises(error, match="blocksize must be a positive int"):
+        quantize_8bit(A, blocksize=blocksize)
+    with pytest.raises(error, match="blocksize must be a positive int"):
+        dequantize_8bit(torch.zeros(10, dtype=torch.uint8), torch.ones(1), blocksize=blocksize)
+
+
+def test_the_4bit_path_keeps_its_own_block_sizes() -> None:
+    from peftlab.codebooks import check_blocksize
+
+    with pytest.raises(ValueError, match="blocksize2"):
+        quantize_absmax(torch.rand(10), 100)
+    with pytest.raises(ValueError, match="blocksize"):
+        check_blocksize(100)
+    quantize_8bit(torch.rand(10), blocksize=100)  # the 8-bit path alone widened
+
+
 def _bin_edges_and_centres() -> torch.Tensor:
     """Every LUT bin centre and the float32 neighbours of every bin edge, in [-1, 1]."""
     i = torch.arange(LUT_SIZE, dtype=torch.float64)
@@ -298,8 +341,8 @@ def test_quantize_blockwise_rejects_ints_empty_nan_bad_blocksize_and_bad_code() 
         quantize_8bit(torch.empty(0))
     with pytest.raises(ValueError, match="A must contain only finite values"):
         quantize_8bit(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="blocksize must be one of"):
-        quantize_8bit(torch.rand(10), blocksize=100)
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        quantize_8bit(torch.rand(10), blocksize=0)
     with pytest.raises(ValueError, match=r"code must be a float32 tensor of shape \(256,\)"):
         quantize_8bit(torch.rand(10), blocksize=64, code=torch.rand(10))
     with pytest.raises(ValueError, match="code must be sorted"):

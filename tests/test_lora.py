@@ -599,3 +599,182 @@ def test_cuda_factors_follow_a_linear4bit_base_and_train(compute_dtype):
     y = layer(x)
     y.float().square().mean().backward()
     assert y.dtype == compute_dtype and layer.lora_B.grad.is_cuda and layer.lora_B.grad.abs().sum() > 0
+
+
+# --- "all-linear", disable_adapter, weight/bias (PEFT users' expectations) ------------------------------
+
+
+def _tiny_llama(seed: int = 0):
+    from peftlab.harness.pretrained import build_model
+
+    return build_model(seed)
+
+
+def _lora_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@pytest.mark.parametrize("spelling", ["all-linear", "ALL-Linear"])
+def test_all_linear_on_the_tiny_llama_selects_what_peft_selects(spelling):
+    expected = _peft_targets(_tiny_llama(), spelling)
+    assert "lm_head" not in expected and len(expected) == 7 * 4  # PEFT leaves the head out
+    assert set(find_targets(_tiny_llama(), spelling)) == expected
+    assert _lora_names(add_lora(_tiny_llama(), spelling, r=2, alpha=4)) == expected
+
+
+def test_all_linear_on_a_transformers_gpt_neox_selects_what_peft_selects():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=32)
+        return GPTNeoXForCausalLM(cfg)
+
+    expected = _peft_targets(build(), "all-linear")
+    assert expected and not any("embed_out" in n for n in expected)
+    assert _lora_names(add_lora(build(), "all-linear", r=2, alpha=4)) == expected
+
+
+def test_all_linear_on_a_plain_module_keeps_the_head_as_peft_does():
+    # PEFT leaves the head out only for a transformers PreTrainedModel
+    expected = _peft_targets(Tiny(), "all-linear")
+    assert "lm_head" in expected
+    assert _lora_names(add_lora(Tiny(), "all-linear", r=2, alpha=4)) == expected
+
+
+def test_all_linear_on_a_4bit_tiny_llama_selects_what_peft_selects_on_its_float_twin():
+    from peftlab.qlora import Linear4bit, quantize_model
+
+    expected = _peft_targets(_tiny_llama(), "all-linear")
+    model = quantize_model(_tiny_llama(), progress=False)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert _lora_names(add_lora(model, "all-linear", r=2, alpha=4)) == expected
+
+
+def test_all_linear_on_a_model_with_lora_refuses_like_explicit_targets():
+    model = add_lora(Tiny(), ["q_proj"], r=2, alpha=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        add_lora(model, "all-linear", r=2, alpha=2)
+
+
+def _llama_pair_with_trained_factors():
+    """PEFT's and peftlab's LoRA on the same tiny LLaMA, with equal non-zero factors."""
+    theirs = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ours = add_lora(_tiny_llama(), "all-linear", r=4, alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    with torch.no_grad():
+        for name, m in theirs.base_model.model.named_modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                m.lora_B["default"].weight.normal_(0, 0.05, generator=gen)
+                layers[name].lora_A.copy_(m.lora_A["default"].weight)
+                layers[name].lora_B.copy_(m.lora_B["default"].weight)
+    return theirs.eval(), ours.eval()
+
+
+def test_disable_adapter_gives_peft_disable_adapter_outputs_and_restores():
+    from peftlab.lora import disable_adapter
+
+    theirs, ours = _llama_pair_with_trained_factors()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with theirs.disable_adapter():
+            base_theirs = theirs(ids).logits
+        with disable_adapter(ours) as same:
+            assert same is ours
+            base_ours = ours(ids).logits
+        on_theirs, on_ours = theirs(ids).logits, ours(ids).logits
+    torch.testing.assert_close(base_ours, base_theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base_ours, _tiny_llama()(ids).logits, rtol=0, atol=0)
+    assert (on_theirs - base_theirs).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(on_ours, on_theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_restores_after_an_exception():
+    from peftlab.lora import disable_adapter
+
+    _, ours = _llama_pair_with_trained_factors()
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        before = ours(ids).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with disable_adapter(ours):
+                raise RuntimeError("boom")
+        assert not any(m.disabled for m in ours.modules() if isinstance(m, LoRALinear))
+        torch.testing.assert_close(ours(ids).logits, before, rtol=0, atol=0)
+
+
+def test_disable_adapter_on_merged_layers_unmerges_like_peft_and_remerges():
+    from peftlab.lora import disable_adapter
+
+    theirs, ours = _llama_pair_with_trained_factors()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        on_theirs = theirs(ids).logits
+        theirs.merge_adapter()
+        with theirs.disable_adapter():  # PEFT's disabled forward unmerges
+            base_theirs = theirs(ids).logits
+        for m in ours.modules():
+            if isinstance(m, LoRALinear):
+                m.merge()
+        with disable_adapter(ours):
+            assert not any(m.merged for m in ours.modules() if isinstance(m, LoRALinear))
+            base_ours = ours(ids).logits
+            with pytest.raises(ValueError, match="disable_adapter"):
+                ours.model.layers[0].self_attn.q_proj.merge()
+        assert all(m.merged for m in ours.modules() if isinstance(m, LoRALinear))
+        after = ours(ids).logits
+    torch.testing.assert_close(base_ours, base_theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, on_theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_disable_adapter_refuses_a_model_without_lora_and_a_non_module():
+    from peftlab.lora import disable_adapter
+
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        with disable_adapter(Tiny()):
+            pass
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        with disable_adapter("model"):
+            pass
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_and_bias_are_the_base_layers_like_peft(bias):
+    base = nn.Linear(6, 4, bias=bias)
+    ours = LoRALinear(base, r=2, alpha=2)
+    theirs = peft_layer(base, r=2, alpha=2)
+    assert ours.weight is base.weight
+    assert ours.bias is base.bias
+    torch.testing.assert_close(ours.weight, theirs.weight)
+    assert (ours.bias is None) == (theirs.bias is None)
+    assert set(ours.state_dict()) == {"base.weight", "lora_A", "lora_B"} | ({"base.bias"} if bias else set())
+
+
+def test_all_linear_on_gpt2_refuses_the_conv1d_layers_peft_would_select():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    assert "transformer.h.0.attn.c_attn" in _peft_targets(GPT2LMHeadModel(model.config), "all-linear")
+    with pytest.raises(TypeError, match="Conv1D"):
+        add_lora(model, "all-linear", r=2, alpha=2)
+
+
+@pytest.mark.parametrize(
+    "targets,exclude",
+    [(["q_proj", "v_proj", "0"], ["v_proj"]), (r".*", r"lm_head|norm|mlp\.1|mlp|"),
+     ("all-linear", ["mlp.0", "q_proj"]), ("all-linear", r".*head")],
+)
+def test_exclude_modules_selects_what_peft_selects(targets, exclude):
+    wrapped = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, target_modules=targets, exclude_modules=exclude))
+    prefix = "base_model.model."
+    expected = {n[len(prefix):] for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert _lora_names(add_lora(Tiny(), targets, r=2, alpha=2, exclude_modules=exclude)) == expected
+
+
+def test_exclude_modules_of_the_wrong_type_is_refused_naming_it():
+    with pytest.raises(TypeError, match="exclude_modules"):
+        add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=3)
+    with pytest.raises(TypeError, match="exclude_modules"):
+        add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=["q_proj", 1])

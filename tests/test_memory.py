@@ -426,3 +426,15 @@ def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_esti
     assert measured.activations > 0
     # the weights' bytes are those of the native 16-bit dtype (bf16 on sm80+, fp16 before): 2 bytes each
     assert compute_dtype("cuda").itemsize == 2 and measured.weights == pytest.approx(estimated.weights, rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_measure_llama_full_in_16bit_counts_pagedadamws_float32_states(dtype):
+    # PagedAdamW keeps float32 states for 16-bit parameters (as bitsandbytes' 32-bit optimizers)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                   num_key_value_heads=1, num_hidden_layers=1, vocab_size=128)
+    measured, estimated = measure_llama(cfg, "full", batch=1, seq=16, dtype=dtype)
+    tensors = list(transformers.LlamaForCausalLM(cfg).parameters())
+    # measured: two float32 states per parameter plus AdamW's float32 step counter per tensor
+    assert measured.optimizer_states == 2 * 4 * sum(p.numel() for p in tensors) + 4 * len(tensors)
+    assert measured.optimizer_states - estimated.optimizer_states == 4 * len(tensors)

@@ -29,19 +29,31 @@ def _grads(params, step):
     return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(p.device) for p in params]
 
 
-def _run_pair(dtype, page_bytes, capacity, perturb, device="cpu", steps=25, **hyper):
-    """Run torch's AdamW and ours side by side on the same gradients; perturb the pool between steps."""
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _run_pair(dtype, page_bytes, capacity, perturb, device="cpu", steps=25, round_ref=False, **hyper):
+    """Run torch's AdamW and ours side by side on the same gradients; perturb the pool between steps.
+
+    For 16-bit ``dtype`` torch's AdamW runs on a float32 copy (float32 states, as bitsandbytes keeps
+    them); with ``round_ref`` the copy is rounded to ``dtype`` after each step, as the parameter is.
+    """
     init = _params(dtype, device)
-    ref = [p.clone().requires_grad_() for p in init]
+    ref_dtype = torch.float32 if dtype in SIXTEEN_BIT else dtype
+    ref = [p.to(ref_dtype, copy=True).requires_grad_() for p in init]
     ours = [p.clone().requires_grad_() for p in init]
     pool = PagePool(capacity, device=device, page_bytes=page_bytes)
     opt_ref = torch.optim.AdamW(ref, foreach=False, **hyper)  # the single-tensor path (CUDA defaults to foreach)
     opt = PagedAdamW(ours, pool=pool, **hyper)
     for step in range(steps):
         for a, b, g in zip(ref, ours, _grads(init, step)):
-            a.grad, b.grad = g.clone(), g.clone()
+            a.grad, b.grad = g.to(ref_dtype), g.clone()
         opt_ref.step()
         opt.step()
+        if round_ref:
+            with torch.no_grad():
+                for a in ref:
+                    a.copy_(a.to(dtype))
         perturb(pool, step)
     return ref, ours, opt_ref, opt, pool
 
@@ -69,8 +81,14 @@ def _assert_same(ref, ours, opt_ref, opt):
         assert st["step"].item() == st_ref["step"].item()
 
 
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each ``|x|`` (as float32)."""
+    xa = x.detach().abs().to(dtype)
+    return (torch.nextafter(xa, torch.full_like(xa, math.inf)) - xa).float()
+
+
 # -- PagedAdamW takes torch.optim.AdamW's steps --------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("page_bytes", [64, 200, DEFAULT_PAGE_BYTES])
 @pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
 def test_matches_torch_adamw(dtype, page_bytes, perturb):
@@ -81,6 +99,90 @@ def test_matches_torch_adamw(dtype, page_bytes, perturb):
         assert pool.stats.page_outs > 0 and pool.stats.page_ins > 0
     # the parameters moved: equality is not trivial
     assert not torch.equal(ours[1].detach(), _params(dtype)[1])
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+@pytest.mark.parametrize("page_bytes", [64, 200, DEFAULT_PAGE_BYTES])
+@pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
+def test_16bit_params_take_torch_adamw_steps_on_a_float32_copy_rounded_each_step(dtype, page_bytes, perturb):
+    capacity = 4 * page_bytes if page_bytes < DEFAULT_PAGE_BYTES else 40 * 1024
+    ref, ours, opt_ref, opt, _ = _run_pair(dtype, page_bytes, capacity, perturb, round_ref=True, lr=1e-2)
+    for a, b in zip(ref, ours):
+        assert b.dtype == dtype
+        torch.testing.assert_close(b, a.detach().to(dtype), rtol=0, atol=0)
+        st_ref, st = opt_ref.state[a], opt.state[b]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert st[key].dtype == torch.float32  # as bitsandbytes' 32-bit optimizers keep them
+            torch.testing.assert_close(st[key].to_tensor(), st_ref[key], rtol=0, atol=0)
+    assert not torch.equal(ours[1].detach(), _params(dtype)[1])
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16bit_params_stay_within_one_rounding_per_step_of_torch_adamw_on_a_float32_copy(dtype):
+    steps, lr = 200, 1e-2
+    ref, ours, _, opt, _ = _run_pair(dtype, 256, 4096, _spike, steps=steps, lr=lr)
+    for a, b in zip(ref, ours):
+        # each step rounds once: at most half a spacing of the largest value on the way
+        bound = steps * 0.5 * _ulp(a.detach().abs() + 2 * lr * steps, dtype)
+        assert ((b.float() - a.detach()).abs() <= bound).all()
+        assert torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-4, 1e-2, 1.0])
+def test_float16_params_stay_finite_with_ordinary_gradients(scale):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096, dtype=torch.float16) * 0.02)
+    opt = PagedAdamW([p], lr=1e-4)
+    for _ in range(300):
+        p.grad = (torch.randn(4096) * scale).half()
+        opt.step()
+        assert torch.isfinite(p).all()
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+@pytest.mark.parametrize("which", ["AdamW", "PagedAdamW"])
+def test_16bit_params_match_bitsandbytes_32bit_adamw_on_cpu(dtype, which):
+    # bitsandbytes 0.50.2 on a CPU: float32 states, update in float32 rounded back to the
+    # parameter's dtype (backends/cpu/ops.py); its paged optimizer falls back to unpaged.
+    bnb = pytest.importorskip("bitsandbytes")
+    init = [p.to(dtype) for p in _params(torch.float32)] + [torch.randn(150_000, generator=torch.Generator().manual_seed(7)).to(dtype)]
+    theirs = [p.clone().requires_grad_() for p in init]
+    ours = [p.clone().requires_grad_() for p in init]
+    hyper = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    cls = getattr(bnb.optim, which)
+    opt_bnb = cls(theirs, **hyper) if which == "PagedAdamW" else cls(theirs, optim_bits=32, **hyper)
+    opt = PagedAdamW(ours, pool=PagePool(2**16, page_bytes=4096), **hyper)
+    for step in range(100):
+        for a, b, g in zip(theirs, ours, _grads(init, step)):
+            a.grad, b.grad = (g * 1e-2).to(dtype), (g * 1e-2).to(dtype)
+        opt_bnb.step()
+        opt.step()
+        with opt.pool.reserve(2**15):
+            pass
+    for a, b in zip(theirs, ours):
+        st_bnb, st = opt_bnb.state[a], opt.state[b]
+        assert st_bnb["state1"].dtype == st["exp_avg"].dtype == torch.float32
+        torch.testing.assert_close(st["exp_avg"].to_tensor(), st_bnb["state1"], rtol=1e-5, atol=1e-8)  # gradients ~1e-2
+        torch.testing.assert_close(st["exp_avg_sq"].to_tensor(), st_bnb["state2"], rtol=1e-5, atol=1e-12)
+        # the same float32 update in another order of operations: now and then one rounding apart
+        diff = (b.float() - a.float()).abs()
+        assert (diff <= 2 * torch.maximum(_ulp(a, dtype), _ulp(b, dtype))).all()
+        assert (b != a).sum() <= max(1, b.numel() // 1000)
+        assert torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16bit_state_dict_round_trips_with_torch_adamw_in_float32(dtype):
+    ref, ours, opt_ref, opt, _ = _run_pair(dtype, 128, 1024, _spike, steps=5, round_ref=True)
+    sd = opt.state_dict()
+    assert all(s[k].dtype == torch.float32 for s in sd["state"].values() for k in ("exp_avg", "exp_avg_sq"))
+    fresh = PagedAdamW(ours, pool=PagePool(1024, page_bytes=128))
+    fresh.load_state_dict(opt_ref.state_dict())  # torch's loader would cast to the params' dtype
+    for s_fresh, s_ref in zip(fresh.state.values(), opt_ref.state.values()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s_fresh[k].to_tensor(), s_ref[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -474,9 +576,16 @@ def test_cuda_copy_timer_uses_events_on_the_current_stream_and_waits_only_when_r
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("perturb", [_no_paging, _spike, _evict_all])
 def test_cuda_matches_torch_adamw(dtype, perturb):
-    ref, ours, opt_ref, opt, pool = _run_pair(dtype, 256, 1024, perturb, device="cuda", lr=1e-2)
+    # bfloat16: against torch's AdamW on a float32 copy rounded to bfloat16 after each step
+    ref, ours, opt_ref, opt, pool = _run_pair(
+        dtype, 256, 1024, perturb, device="cuda", round_ref=dtype != torch.float32, lr=1e-2
+    )
     torch.cuda.synchronize()
-    _assert_same(ref, ours, opt_ref, opt)
+    if dtype == torch.float32:
+        _assert_same(ref, ours, opt_ref, opt)
+    else:
+        for a, b in zip(ref, ours):
+            torch.testing.assert_close(b, a.detach().to(dtype), rtol=0, atol=0)
     host = [pg.host for s in opt.state.values() for pg in s["exp_avg"].pages if pg.host is not None]
     if perturb is not _no_paging:
         assert host and all(h.is_pinned() for h in host)

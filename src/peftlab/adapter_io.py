@@ -24,12 +24,13 @@ from torch import nn
 from peftlab.files import atomic_write_all
 from peftlab.lora import (
     LoRALinear,
+    normalize_excludes,
     add_lora,
     find_targets,
     lora_scaling,
     matches_target,
     modules_outside_lora,
-    normalize_targets,
+    resolve_targets,
 )
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
@@ -38,22 +39,78 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
-# PEFT features this loader does not implement; an adapter using one is refused, not
-# half-loaded.
+# How load_adapter treats each field of PEFT's LoraConfig (peft 0.21.2). A field in none
+# of these three is refused when set to anything but an empty value, so that a field a
+# later PEFT adds cannot change the computation unnoticed (tests/test_adapter_io.py
+# enumerates LoraConfig's fields against them).
+
+# Read and implemented: the rank, scaling, dropout and target selection.
+_HANDLED = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "target_modules",
+        "task_type",  # read by "all-linear" (a SEQ_CLS head is left out, as in PEFT)
+        "init_lora_weights",  # checked below (_INIT_ACCEPTED)
+        "exclude_modules",  # names left out of target_modules, matched as PEFT does
+    }
+)
+
+# Accepted whatever their value: none changes what a loaded adapter computes.
+_IGNORED = frozenset(
+    {
+        "auto_mapping",  # metadata: which PEFT class saved it
+        "peft_version",  # metadata
+        "base_model_name_or_path",  # metadata (the base model is the caller's)
+        "revision",  # metadata (the base model's revision)
+        "inference_mode",  # whether PEFT freezes the adapter; the weights are the same
+        "megatron_core",  # read only together with megatron_config, refused below
+        "qalora_group_size",  # read only together with use_qalora, refused below
+        "runtime_config",  # runtime only (GPU offload); PEFT drops it from saved configs
+        "eva_config",  # EVA's init data: used once at init, the file holds the result
+    }
+)
+
+# Implemented only at their default: a non-default value changes the computation (a
+# different layer, a variant, other ranks or scalings, extra trained tensors, or a base
+# weight that PEFT rewrites when it loads the adapter), so it is refused, not half-loaded.
 _UNSUPPORTED = {
-    "use_dora": False,
     "fan_in_fan_out": False,
     "bias": "none",
-    "lora_bias": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "modules_to_save": None,
     "layers_to_transform": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "exclude_modules": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "megatron_config": None,
     "trainable_token_indices": None,
+    "loftq_config": {},
+    "corda_config": None,
+    "lora_ga_config": None,
+    "use_dora": False,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
 }
+
+# init_lora_weights values that only set the factors' starting values, which the saved
+# tensors replace: PEFT re-runs the init when it loads an adapter, and these leave the
+# base weight alone. The others ("pissa..."/"corda...", "olora", "loftq", "lora_ga") rewrite
+# the base weight when PEFT loads the adapter, and "mica" is a LoRA variant: refused.
+_INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva")
+
+_EMPTY = (None, False, {}, [], "")
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -179,6 +236,19 @@ def _read_config(path: Path) -> dict:
             raise ValueError(
                 f"{path}: {field}={value!r} is not supported here (only {default!r})"
             )
+    init = config.get("init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in _INIT_ACCEPTED):
+        raise ValueError(
+            f"{path}: init_lora_weights={init!r} is not supported here (only one of "
+            f"{list(_INIT_ACCEPTED)}: PEFT re-runs that init when loading, changing the base)"
+        )
+    known = _HANDLED | _IGNORED | set(_UNSUPPORTED)
+    for field, value in config.items():
+        if field not in known and not any(value is e or value == e for e in _EMPTY):
+            raise ValueError(
+                f"{path}: unknown field {field}={value!r}; only empty values are accepted "
+                "for fields this loader does not know"
+            )
     return config
 
 
@@ -227,15 +297,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                     f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the adapter has r={r}, "
                     f"scaling={scaling:g}"
                 )
-        targets = normalize_targets(config["target_modules"])
-        stray = [n for n, _ in layers if not matches_target(n, targets)]
+        targets = resolve_targets(
+            model, config["target_modules"], config.get("task_type")
+        )
+        exclude = normalize_excludes(config.get("exclude_modules"))
+        stray = [
+            n
+            for n, _ in layers
+            if not matches_target(n, targets)
+            or (exclude is not None and matches_target(n, exclude))
+        ]
         if stray:
             raise ValueError(
                 f"LoRA layers {stray[:3]} are not selected by the adapter's target_modules {targets!r}"
             )
         shapes = {n: (m.r, m.in_features, m.out_features) for n, m in layers}
     else:
-        names = find_targets(model, config["target_modules"])
+        names = find_targets(
+            model,
+            config["target_modules"],
+            config.get("task_type"),
+            exclude_modules=config.get("exclude_modules"),
+        )
         shapes = {}
         for n in names:
             base = model.get_submodule(n)
@@ -264,7 +347,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             )
 
     if not layers:
-        add_lora(model, config["target_modules"], r, alpha, dropout, rslora)
+        # the names found above ("all-linear" resolved), as an exact full-match regex
+        exact = "|".join(re.escape(n) for n in names)
+        add_lora(model, exact, r, alpha, dropout, rslora)
     with torch.no_grad():
         for name, m in _lora_layers(model):
             key_a, key_b = _keys(name)

@@ -50,6 +50,19 @@ LUT_SIZE = 65536
 _FP8_E4M3_MAX = 448.0  # largest finite torch.float8_e4m3fn
 
 
+def _check_blocksize_8bit(blocksize: object, name: str = "blocksize") -> int:
+    """``blocksize`` if it is a positive int: bitsandbytes' CPU ``quantize_blockwise`` /
+    ``dequantize_blockwise`` accept any (``blocksize must be positive``), unlike the 4-bit
+    path (:data:`BLOCKSIZES`). TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(
+            f"{name} must be a positive int, got {type(blocksize).__name__} {blocksize!r}"
+        )
+    if blocksize <= 0:
+        raise ValueError(f"{name} must be a positive int, got {blocksize}")
+    return blocksize
+
+
 def dynamic_map(signed: bool = True) -> torch.Tensor:
     """The 256 sorted values of bitsandbytes' 8-bit dynamic ("dynamic tree") data type.
 
@@ -180,7 +193,8 @@ def quantize_8bit(
 
     Returns ``(codes, absmax)``: uint8 codes shaped like ``A`` and one float32 ``absmax``
     per block of ``blocksize`` values of the flattened ``A`` (a trailing partial block
-    gets its own). With ``shift`` (a float32 scalar tensor), ``A - shift`` is quantized,
+    gets its own). ``blocksize`` is any positive int, as bitsandbytes' CPU path accepts
+    (the 4-bit path keeps :data:`BLOCKSIZES`). With ``shift`` (a float32 scalar tensor), ``A - shift`` is quantized,
     as if subtracted beforehand.
 
     Note: bitsandbytes' CPU quantizer (``quantize_cpu_impl`` /
@@ -200,7 +214,7 @@ def quantize_8bit(
         raise TypeError(f"A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.numel() == 0:
         raise ValueError("A must not be empty")
-    blocksize = check_blocksize(blocksize, "blocksize")
+    blocksize = _check_blocksize_8bit(blocksize, "blocksize")
     lut = (
         _default_lut(str(A.device))
         if code is None
@@ -328,7 +342,7 @@ def dequantize_8bit(
         raise TypeError("absmax must be a 1-D float32 torch.Tensor")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    blocksize = check_blocksize(blocksize, "blocksize")
+    blocksize = _check_blocksize_8bit(blocksize, "blocksize")
     blocks = -(-codes.numel() // blocksize)
     if absmax.numel() != blocks:
         raise ValueError(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -25,8 +27,10 @@ __all__ = [
     "LoRAFunction",
     "LoRALinear",
     "ParameterCount",
+    "ALL_LINEAR",
     "add_lora",
     "count_parameters",
+    "disable_adapter",
     "find_targets",
     "is_linear_like",
     "merge_lora",
@@ -43,6 +47,14 @@ LLAMA_LINEARS = (
 )
 """The seven linear layers of a LLaMA block (attention, then MLP): QLoRA's "all linear
 layers", never ``lm_head``."""
+
+
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand target (any case): every linear layer but the output head."""
+
+# PEFT's SEQ_CLS_HEAD_NAMES (peft.utils.constants): a classifier head left out of
+# "all-linear" for task_type "SEQ_CLS" when the model has no output embeddings.
+_SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -208,6 +220,18 @@ class LoRALinear(nn.Module):
             torch.zeros(self.out_features, r, dtype=dtype, device=device)
         )
         self.merged = False
+        # Set by disable_adapter(): forward is the base layer's alone.
+        self.disabled = False
+
+    @property
+    def weight(self):
+        """The base layer's weight (PEFT's LoRA layer exposes its base's ``weight``)."""
+        return self.base.weight
+
+    @property
+    def bias(self):
+        """The base layer's bias (``None`` when it has none), as in PEFT."""
+        return self.base.bias
 
     @property
     def in_features(self) -> int:
@@ -224,7 +248,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         x_lora = self.dropout(x).to(self.lora_A.dtype)
         delta = LoRAFunction.apply(x_lora, self.lora_A, self.lora_B, self.scaling)
@@ -260,6 +284,10 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise ValueError("this LoRALinear is already merged; call unmerge() first")
+        if self.disabled:
+            raise ValueError(
+                "cannot merge inside disable_adapter(); leave the context first"
+            )
         self._merge_base_weight(+1.0, "merge")
         self.merged = True
 
@@ -293,6 +321,84 @@ def normalize_targets(target_modules: object) -> str | list[str]:
     return targets
 
 
+def _transformers_class(module: str, name: str) -> type | None:
+    """A transformers class if transformers is already imported (a model built with it
+    has imported it), else None; never imports transformers."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str]:
+    """What PEFT's ``"all-linear"`` selects (``_maybe_include_all_linear_layers`` in
+    ``peft.tuners.tuners_utils``): the names of every ``nn.Linear`` (4-bit subclasses
+    included), transformers ``Conv1D`` and linear-like layer (peftlab's 4-bit layer, a
+    LoRALinear but not its children), less the output head.
+
+    Note: as in PEFT, the head is excluded only for a transformers ``PreTrainedModel``: the
+    module that ``get_output_embeddings()`` returns, or, when there is none and
+    ``task_type`` is ``"SEQ_CLS"``, the first of ``score`` / ``classifier`` the model has.
+    """
+    conv1d = _transformers_class("transformers.pytorch_utils", "Conv1D")
+    linear_classes = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    names = [
+        name
+        for name, module in modules_outside_lora(model)
+        if name
+        and (
+            isinstance(module, linear_classes)
+            or is_linear_like(module)
+            or isinstance(module, LoRALinear)
+        )
+    ]
+    pretrained = _transformers_class("transformers.modeling_utils", "PreTrainedModel")
+    exclude = set()
+    if pretrained is not None and isinstance(model, pretrained):
+        head = model.get_output_embeddings()
+        if head is None and task_type == "SEQ_CLS":
+            head = next(
+                (
+                    getattr(model, n)
+                    for n in _SEQ_CLS_HEAD_NAMES
+                    if getattr(model, n, None) is not None
+                ),
+                None,
+            )
+        if head is not None:
+            exclude |= {name for name, m in model.named_modules() if m is head}
+    return [n for n in names if n not in exclude]
+
+
+def resolve_targets(
+    model: nn.Module, target_modules: object, task_type: str | None = None
+) -> str | list[str]:
+    """``target_modules`` checked, with PEFT's ``"all-linear"`` (any case) replaced by the
+    names it selects in ``model`` (see :func:`_all_linear_names`)."""
+    targets = normalize_targets(target_modules)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear_names(model, task_type)
+    return targets
+
+
+def normalize_excludes(exclude_modules: object) -> str | list[str] | None:
+    """``exclude_modules`` checked; None (or empty, as PEFT treats it) for no exclusion."""
+    if exclude_modules is None or (
+        isinstance(exclude_modules, (str, list, tuple, set)) and not exclude_modules
+    ):
+        return None
+    if isinstance(exclude_modules, str):
+        return exclude_modules
+    if not isinstance(exclude_modules, Iterable):
+        raise TypeError(
+            "exclude_modules must be None, a str or a list of str, got "
+            f"{type(exclude_modules).__name__}"
+        )
+    names = list(exclude_modules)
+    for t in names:
+        if not isinstance(t, str) or not t:
+            raise TypeError(f"exclude_modules must hold non-empty str, got {t!r}")
+    return names
+
+
 def matches_target(name: str, targets: str | list[str]) -> bool:
     """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
     # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole
@@ -315,19 +421,36 @@ def modules_outside_lora(model: nn.Module):
             stack.append((f"{name}.{child_name}" if name else child_name, child))
 
 
-def find_targets(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    task_type: str | None = None,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[str]:
     """Qualified names of the linear layers of ``model`` that ``target_modules`` selects
-    (PEFT's matching).
+    (PEFT's matching; ``"all-linear"``: every linear layer but the output head, as PEFT
+    resolves it; ``task_type`` matters only there, as in PEFT).
+
+    ``exclude_modules`` (PEFT's field of that name, matched as a target is) removes names
+    from the selection.
 
     Raises ValueError when nothing matches, or a match is not linear or already has LoRA.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = normalize_targets(target_modules)
+    targets = resolve_targets(model, target_modules, task_type)
+    if not targets:
+        raise ValueError(
+            f"target_modules {target_modules!r} match no module of the model"
+        )
+    exclude = normalize_excludes(exclude_modules)
     names = []
     for name, module in modules_outside_lora(model):
         if not name or not matches_target(name, targets):
             continue
+        if exclude is not None and matches_target(name, exclude):
+            continue  # PEFT checks exclude_modules first: an excluded match never errs
         if isinstance(module, LoRALinear):
             raise ValueError(
                 f"module {name!r} already has LoRA; merge_lora() or use a fresh model"
@@ -356,22 +479,56 @@ def add_lora(
     alpha: float,
     dropout: float = 0.0,
     rslora: bool = False,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Wrap every targeted linear layer in a :class:`LoRALinear` and freeze everything
     else (in place).
 
     ``target_modules``: a list of names, each matching a module whose qualified name
     equals it or ends with ``"." + name``; or one str, a regex that must match the whole
-    qualified name (PEFT's rules). Returns ``model``.
+    qualified name (PEFT's rules); or ``"all-linear"``, every linear layer but the output
+    head (PEFT's shorthand). ``exclude_modules``: names left out, matched the same way
+    (PEFT's field). Returns ``model``.
     """
     _check_hyperparameters(r, alpha, dropout, rslora)
-    names = find_targets(model, target_modules)
+    names = find_targets(model, target_modules, exclude_modules=exclude_modules)
     model.requires_grad_(False)
     for name in names:
         _set_submodule(
             model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora)
         )
     return model
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """A context in which ``model`` computes its base outputs: every :class:`LoRALinear`
+    skips its update (PEFT's ``model.disable_adapter()``). Yields ``model``.
+
+    Note: a merged layer is unmerged on entry (PEFT's disabled forward unmerges too) and
+    merged again on exit; every layer's state is restored on exit, also after an
+    exception. PEFT leaves such a layer unmerged; the outputs agree to rounding.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("model has no LoRA layer to disable; call add_lora() first")
+    previous = [(m, m.disabled) for m in layers]
+    unmerged = []
+    try:
+        for m in layers:
+            if m.merged:
+                m.unmerge()
+                unmerged.append(m)
+            m.disabled = True
+        yield model
+    finally:
+        for m, disabled in previous:
+            m.disabled = disabled
+        for m in unmerged:
+            m.merge()
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -696,8 +696,9 @@ def measure_llama(
     untouched.
 
     Note: peftlab's LoRA factors are float32 whatever the base dtype, and PagedAdamW keeps
-    its states in the parameters' dtype; the estimate is told both, so that it predicts
-    this run and not the paper's.
+    its states in float32 for 16-bit parameters (as bitsandbytes does), else in the
+    parameters' dtype; the estimate is told both, so that it predicts this run and not
+    the paper's.
     """
     from transformers import LlamaForCausalLM
 
@@ -745,7 +746,8 @@ def measure_llama(
         gradient_checkpointing=gradient_checkpointing,
         device=device.type,
         lora_dtype=torch.float32 if method != "full" else None,
-        optimizer_bits=8 * torch.empty((), dtype=dtype).element_size()
+        optimizer_bits=8
+        * torch.empty((), dtype=PagedAdamW.state_dtype(dtype)).element_size()
         if method == "full"
         else 32,
     )

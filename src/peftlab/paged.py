@@ -529,6 +529,12 @@ class PagedAdamW(torch.optim.Optimizer):
     temporaries are page-sized.
     Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does), so
     checkpoints load in either.
+    Note: states are float32 for 16-bit parameters (float16, bfloat16), as in
+    bitsandbytes' 32-bit optimizers: the update of such a parameter is computed in float32
+    and written back rounded to its dtype once per step. (States in float16 overflow:
+    ``v`` holds squared gradients, and ``1 - beta2`` = 1e-3 is near float16's
+    resolution.) float32 and float64 parameters keep states of their own dtype and take
+    ``torch.optim.AdamW``'s steps exactly.
     """
 
     def __init__(
@@ -565,6 +571,12 @@ class PagedAdamW(torch.optim.Optimizer):
                         f"params must be on the pool's device {pool.device}, got one on {p.device}"
                     )
 
+    @staticmethod
+    def state_dtype(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the AdamW states of a parameter of ``dtype``: float32 for 16-bit
+        parameters (as bitsandbytes' 32-bit optimizers keep them), else ``dtype``."""
+        return torch.promote_types(dtype, torch.float32)
+
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -572,9 +584,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(
                     "params must be contiguous: updates run on slices of p.view(-1)"
                 )
+            dtype = self.state_dtype(p.dtype)
             state["step"] = torch.tensor(0.0)  # as torch.optim.AdamW keeps it
-            state["exp_avg"] = self.pool.zeros(p.shape, p.dtype)
-            state["exp_avg_sq"] = self.pool.zeros(p.shape, p.dtype)
+            state["exp_avg"] = self.pool.zeros(p.shape, dtype)
+            state["exp_avg_sq"] = self.pool.zeros(p.shape, dtype)
         return state
 
     @torch.no_grad()
@@ -596,8 +609,9 @@ class PagedAdamW(torch.optim.Optimizer):
         for _, p in work:
             if p.grad.is_sparse:
                 raise TypeError("PagedAdamW does not support sparse gradients")
-            page_numel = max(self.pool.page_bytes // p.element_size(), 1)
-            largest = max(largest, min(p.numel(), page_numel) * p.element_size())
+            itemsize = torch.empty((), dtype=self.state_dtype(p.dtype)).element_size()
+            page_numel = max(self.pool.page_bytes // itemsize, 1)
+            largest = max(largest, min(p.numel(), page_numel) * itemsize)
         self.pool._check_fits(2 * largest, "one page of each AdamW state")
         for group, p in work:
             state = self._state(p)
@@ -612,7 +626,9 @@ class PagedAdamW(torch.optim.Optimizer):
             bias_correction1 = 1 - beta1**step
             bias_correction2_sqrt = (1 - beta2**step) ** 0.5
             step_size = lr / bias_correction1
-            if wd != 0:
+            # 16-bit parameters: the update in float32 (the states' dtype), rounded once
+            wide = self.state_dtype(p.dtype) != p.dtype
+            if wd != 0 and not wide:
                 p.mul_(1 - lr * wd)
             p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
             start = 0
@@ -623,12 +639,19 @@ class PagedAdamW(torch.optim.Optimizer):
                 # one page: skip making slices (Python time per param)
                 whole = stop - start == p_flat.numel()
                 g = g_flat if whole else g_flat[start:stop]
+                target = p_flat if whole else p_flat[start:stop]
+                if wide:
+                    g = g.to(m.dtype)
+                    target_wide = target.to(m.dtype)
+                    if wd != 0:
+                        target_wide.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-                (p_flat if whole else p_flat[start:stop]).addcdiv_(
-                    m, denom, value=-step_size
-                )
+                if wide:
+                    target.copy_(target_wide.addcdiv_(m, denom, value=-step_size))
+                else:
+                    target.addcdiv_(m, denom, value=-step_size)
                 start = stop
         return loss
 
@@ -656,10 +679,19 @@ class PagedAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for v in old:
             self.pool.free(v)
-        for s in self.state.values():
+        # torch's loader casts states to the parameter's dtype; take them from
+        # state_dict instead, in the states' dtype (float32 for 16-bit parameters)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            s, saved = self.state.get(p), state_dict["state"].get(saved_id, {})
             for k in ("exp_avg", "exp_avg_sq"):
-                if isinstance(s.get(k), torch.Tensor):
-                    s[k] = self.pool.from_tensor(s[k])
+                if s and isinstance(s.get(k), torch.Tensor):
+                    value = saved.get(k)
+                    value = value if isinstance(value, torch.Tensor) else s[k]
+                    s[k] = self.pool.from_tensor(
+                        value.to(device=p.device, dtype=self.state_dtype(p.dtype))
+                    )
 
 
 def _default_pool(device: torch.device) -> PagePool:
