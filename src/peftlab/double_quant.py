@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from peftlab import _deprecated
+from peftlab.checks import positive_int
 from peftlab.codebooks import (
     BLOCKSIZES,
     FLOAT_DTYPES,
@@ -54,13 +55,7 @@ def _check_blocksize_8bit(blocksize: object, name: str = "blocksize") -> int:
     """``blocksize`` if it is a positive int: bitsandbytes' CPU ``quantize_blockwise`` /
     ``dequantize_blockwise`` accept any (``blocksize must be positive``), unlike the 4-bit
     path (:data:`BLOCKSIZES`). TypeError/ValueError naming ``name`` otherwise."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
-        raise TypeError(
-            f"{name} must be a positive int, got {type(blocksize).__name__} {blocksize!r}"
-        )
-    if blocksize <= 0:
-        raise ValueError(f"{name} must be a positive int, got {blocksize}")
-    return blocksize
+    return positive_int(blocksize, name)
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:

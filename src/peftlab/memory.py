@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from peftlab import _deprecated
+from peftlab.checks import positive_int
 from peftlab.lora import LLAMA_LINEARS
 from peftlab.paged import DEFAULT_PAGE_BYTES
 
@@ -74,16 +75,6 @@ __getattr__ = _deprecated.renamed(
 )
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be a positive int, got {type(value).__name__} {value!r}"
-        )
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
 class LlamaShape:
     """The shape of a LLaMA-architecture model: all a memory estimate needs to know about
@@ -100,9 +91,9 @@ class LlamaShape:
 
     def __post_init__(self) -> None:
         for f in ("d_model", "n_layers", "n_heads", "ffn", "vocab"):
-            _positive_int(getattr(self, f), f)
+            positive_int(getattr(self, f), f)
         if self.n_kv_heads is not None:
-            _positive_int(self.n_kv_heads, "n_kv_heads")
+            positive_int(self.n_kv_heads, "n_kv_heads")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -250,7 +241,7 @@ def quantized_bytes(
         (blocksize, "blocksize"),
         (blocksize2, "blocksize2"),
     ):
-        _positive_int(value, name)
+        positive_int(value, name)
     blocks = math.ceil(numel / blocksize)
     if double_quant:
         constants = blocks + 4 * math.ceil(blocks / blocksize2) + 4
@@ -296,7 +287,7 @@ def activation_bytes(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     for value, name in ((batch, "batch"), (seq, "seq"), (r, "r")):
-        _positive_int(value, name)
+        positive_int(value, name)
     p = _dtype_bytes(compute_dtype, "compute_dtype")
     pl = p if lora_dtype is None else _dtype_bytes(lora_dtype, "lora_dtype")
     if device not in ("cuda", "cpu"):
@@ -404,7 +395,7 @@ def estimate(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     for value, name in ((r, "r"), (batch, "batch"), (seq, "seq"), (n_gpus, "n_gpus")):
-        _positive_int(value, name)
+        positive_int(value, name)
     if optimizer_bits not in (32, 16):
         raise ValueError(f"optimizer_bits must be 32 or 16, got {optimizer_bits!r}")
     if not isinstance(master_weights, bool):

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from peftlab import _deprecated
+from peftlab.checks import positive_int
 
 __all__ = [
     "DEFAULT_PAGE_BYTES",
@@ -140,16 +141,6 @@ class PagedTensor:
         return out.view(self.shape)
 
 
-def _as_positive_int(value: Any, name: str, unit: str = "bytes") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{name} must be an int number of {unit}, got {type(value).__name__}"
-        )
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0 {unit}, got {value}")
-    return value
-
-
 class PagePool:
     """A fixed budget of device memory for optimizer-state pages; pages that do not fit
     live on the host.
@@ -179,8 +170,8 @@ class PagePool:
         page_bytes: int = DEFAULT_PAGE_BYTES,
         timeline_len: int = 100_000,
     ) -> None:
-        self.capacity_bytes = _as_positive_int(capacity_bytes, "capacity_bytes")
-        self.page_bytes = _as_positive_int(page_bytes, "page_bytes")
+        self.capacity_bytes = positive_int(capacity_bytes, "capacity_bytes", "bytes")
+        self.page_bytes = positive_int(page_bytes, "page_bytes", "bytes")
         self.device = _resolve_device(device)
         # Note: on CUDA, copies run asynchronously on the current stream (stream order
         # makes them safe: a freed device buffer is only reused after the copy that read
@@ -197,7 +188,7 @@ class PagePool:
         self._copy_timer = _CudaCopyTimer(self.device) if self._async else _ClockTimer()
         self._t0 = time.perf_counter()
         self._timeline: deque[Event] = deque(
-            maxlen=_as_positive_int(timeline_len, "timeline_len", "events")
+            maxlen=positive_int(timeline_len, "timeline_len", "events")
         )
 
     # -- accounting
