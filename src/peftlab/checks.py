@@ -4,9 +4,12 @@ expected (``TypeError`` for the wrong kind of value, ``ValueError`` for a wrong 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["positive_int"]
+__all__ = ["positive_int", "stable_name"]
+
+_STABLE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 def positive_int(value: Any, name: str, unit: str = "") -> int:
@@ -16,4 +19,14 @@ def positive_int(value: Any, name: str, unit: str = "") -> int:
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+def stable_name(value: Any, name: str) -> str:
+    """``value`` if it is lowercase words joined by '-' (a file name or key that stays the same from build
+    to build: figures, claims, GPU records)."""
+    if not isinstance(value, str) or not _STABLE.match(value):
+        raise ValueError(
+            f"{name} must be lowercase words joined by '-' (a stable name), got {value!r}"
+        )
     return value

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import operator
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from peftlab.checks import stable_name
 from peftlab.book.runtime import chapter_order, current_chapter, glue, output_dir
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "load_claims",
 ]
 
-_KEY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 RELATIONS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
@@ -104,8 +103,7 @@ def claim(
     fails, after recording it. Returns None, so a cell that ends with a claim shows
     nothing; the prose shows the glued numbers.
     """
-    if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(f"key must be lowercase words joined by '-', got {key!r}")
+    stable_name(key, "key")
     for name, text in (("source", source), ("what", what)):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{name} must be a non-empty str")

@@ -11,7 +11,6 @@ fixed SVG hash salt — so two clean builds on the same machine produce identica
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from peftlab.book.style import PALETTE, use_style
+from peftlab.checks import stable_name
 from peftlab.files import atomic_write
 from peftlab.book.runtime import (
     chapter_order,
@@ -54,7 +54,6 @@ THUMBNAIL_DPI = 40
 #: Where the chapters (book/chapters/*.md) find the exported figures, as a relative link.
 FIGURES_FROM_CHAPTER = "../../_static/figures"
 
-_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 # Metadata that would otherwise carry the date or the software build into the files.
 _METADATA = {
@@ -147,10 +146,7 @@ def save_figure(
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"name must be lowercase words joined by '-' (a stable file name), got {name!r}"
-        )
+    stable_name(name, "name")
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("caption must be a non-empty str saying what the figure shows")
     folder = output_dir("figures")

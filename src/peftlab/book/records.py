@@ -17,13 +17,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftlab.checks import stable_name
 from peftlab.files import atomic_write
 from peftlab.book.runtime import book_root, output_dir, versions
 
@@ -42,7 +42,6 @@ RECORD_DIR_ENV = "PEFTLAB_RECORD_DIR"
 #: Where the committed GPU records live, relative to the repository root.
 RESULTS_FOLDER = Path("results") / "gpu"
 
-_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _PROVENANCE_KEYS = (
     "device",
     "capability",
@@ -100,14 +99,6 @@ def gpu_provenance() -> dict[str, str]:
     }
 
 
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"name must be lowercase words joined by '-' (a stable file name), got {name!r}"
-        )
-    return name
-
-
 def save_record(
     name: str, data: dict[str, Any], *, provenance: dict[str, str] | None = None
 ) -> Path:
@@ -121,7 +112,7 @@ def save_record(
     :func:`gpu_provenance`; pass one only to write a record measured elsewhere (or a
     synthetic one in a test).
     """
-    _check_name(name)
+    stable_name(name, "name")
     if not isinstance(data, dict):
         raise TypeError(f"data must be a dict of JSON values, got {type(data).__name__}")
     provenance = gpu_provenance() if provenance is None else provenance
@@ -158,7 +149,7 @@ def load_record(name: str, folder: str | os.PathLike | None = None) -> Record | 
     A file that exists but is not a record raises a ``ValueError`` naming it: a broken
     record must not quietly turn into "nothing measured".
     """
-    _check_name(name)
+    stable_name(name, "name")
     if folder is None and os.environ.get(RECORD_DIR_ENV):
         folder = os.environ[RECORD_DIR_ENV]
     if folder is None:
