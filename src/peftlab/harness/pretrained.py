@@ -22,6 +22,7 @@ command, the Python, torch and transformers versions, and the losses. Use
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,21 @@ def _progress(iterable: Iterable, enabled: bool, **tqdm_kw: Any) -> Iterable:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, mininterval=0.5, **tqdm_kw)
+
+
+SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+"""Config fields the command line may override (``--hidden-size`` …)."""
+
+
+def _sha256(data: torch.Tensor) -> str:
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
 def tiny_llama_config(**overrides: Any):
@@ -216,10 +232,16 @@ def pretrain(
     eval_every: int = 500,
     eval_windows: int | None = None,
     progress: bool = True,
+    corpus: str = "help_topics",
     **overrides: Any,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Pretrain a tiny LLaMA on the help topics with AdamW; returns the model and a record
-    of losses.
+    """Pretrain a tiny LLaMA on a pretraining ``corpus`` with AdamW; returns the model and
+    a record of losses.
+
+    Every ``eval_every`` steps the record gains the mean training loss since the last
+    evaluation and the loss on the corpus's held-out split (``held_out_loss``) and on the
+    outside texts (``outside_loss``: English and Python never trained on), each over at
+    most ``eval_windows`` windows; the final evaluation uses the whole texts.
 
     Deterministic for a given seed, thread count and machine: the weights, the batch
     offsets and nothing else depend on ``seed``.
@@ -234,8 +256,9 @@ def pretrain(
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    train = textdata.pretraining_text("train")
-    held = textdata.pretraining_text("held_out")
+    train = textdata.pretraining_text("train", corpus)
+    held = textdata.pretraining_text("held_out", corpus)
+    outside = {kind: textdata.outside_text(kind) for kind in textdata.OUTSIDE_KINDS}
     model = build_model(seed, **overrides).train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -254,6 +277,7 @@ def pretrain(
         ),
         "train_loss": [],
         "held_out_loss": [],
+        "outside_loss": {kind: [] for kind in outside},
     }
     running = 0.0
     for step in _progress(range(steps), progress, desc="pretrain", total=steps):
@@ -268,12 +292,18 @@ def pretrain(
         running += loss.item()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             n = (step % eval_every) + 1
+            windows = None if step + 1 == steps else eval_windows
             record["train_loss"].append([step + 1, running / n])
             record["held_out_loss"].append(
-                [step + 1, evaluate_loss(model, held, seq_len, batch_size, eval_windows)]
+                [step + 1, evaluate_loss(model, held, seq_len, batch_size, windows)]
             )
+            for kind, text in outside.items():
+                record["outside_loss"][kind].append(
+                    [step + 1, evaluate_loss(model, text, seq_len, batch_size, windows)]
+                )
             running = 0.0
     record["final_held_out_loss"] = record["held_out_loss"][-1][1]
+    record["final_outside_loss"] = {k: v[-1][1] for k, v in record["outside_loss"].items()}
     return model.eval(), record
 
 
@@ -313,8 +343,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     for key, value in PRETRAIN_DEFAULTS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    for key in SIZE_KEYS:
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=int, default=None, help="model size override"
+        )
+    parser.add_argument(
+        "--corpus", choices=textdata.PRETRAINING_CORPORA, default="help_topics"
+    )
     parser.add_argument(
         "--eval-every", type=int, default=250, help="steps between held-out evaluations"
+    )
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        default=None,
+        help="windows per evaluation during training (the last one uses every window)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (fixed for determinism)"
@@ -328,13 +371,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     settings = {k: getattr(args, k) for k in PRETRAIN_DEFAULTS}
+    sizes = {k: getattr(args, k) for k in SIZE_KEYS if getattr(args, k) is not None}
     start = time.perf_counter()
     model, losses = pretrain(
-        **settings, eval_every=args.eval_every, progress=not args.no_progress
+        **settings,
+        **sizes,
+        corpus=args.corpus,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        progress=not args.no_progress,
     )
-    info = textdata.corpus_info("pretraining")
+    info = textdata.corpus_info("pretraining", args.corpus)
+    train_text = textdata.pretraining_text("train", args.corpus)
+    held_text = textdata.pretraining_text("held_out", args.corpus)
     record = {
-        "config": TINY_LLAMA,
+        "config": {**TINY_LLAMA, **sizes},
         "parameters": sum(p.numel() for p in model.parameters()),
         "command": "python -m peftlab.harness.pretrained "
         + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -347,9 +398,16 @@ def main(argv: list[str] | None = None) -> None:
         },
         "data": {
             "source": info.source,
+            "corpus": args.corpus,
+            "python_version": info.python_version,
             "train_bytes": info.train_bytes,
             "held_out_bytes": info.held_out_bytes,
             "held_out_topics": list(info.held_out_documents),
+            "sha256": {
+                "train": _sha256(train_text),
+                "held_out": _sha256(held_text),
+                **{k: _sha256(textdata.outside_text(k)) for k in textdata.OUTSIDE_KINDS},
+            },
         },
         "versions": {
             "python": platform.python_version(),
@@ -363,7 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     save_checkpoint(model, args.out, record)
     print(
         f"wrote {args.out}: held-out loss {record['final_held_out_loss']:.3f} nats/byte "
-        f"(untrained {record['untrained_held_out_loss']:.3f}) in {record['wall_seconds']} s"
+        f"(untrained {record['untrained_held_out_loss']:.3f}), outside "
+        + ", ".join(f"{k} {v:.3f}" for k, v in record["final_outside_loss"].items())
+        + f" in {record['wall_seconds']} s"
     )
 
 

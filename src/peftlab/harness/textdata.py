@@ -3,12 +3,18 @@ from them.
 
 Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
-Two real texts, both shipped with CPython, so nothing is downloaded:
+Real texts shipped with CPython, so nothing is downloaded:
 
-- **pretraining text**: the CPython language reference help topics in
-  :mod:`pydoc_data.topics` (English prose with code examples, about 0.45 MB);
+- **pretraining text**, one of two corpora (:data:`PRETRAINING_CORPORA`):
+  ``"help_topics"``, the CPython language reference help topics in
+  :mod:`pydoc_data.topics` (English prose with code examples, about 0.45 MB), or
+  ``"stdlib"``, those topics plus every standard-library source file outside the test
+  suites and the downstream files (about 12 MB of Python with English docstrings);
 - **downstream text**: a fixed list of the standard library's own source files (Python
-  code).
+  code);
+- **outside texts** (:func:`outside_text`): English licence texts and third-party Python
+  source shipped in ``peftlab/data/held_out/``, of the same kinds as the pretraining text
+  but from outside it.
 
 Each corpus is split into train and held-out parts by *whole documents* (groups of topics
 that share text, or files), so no held-out paragraph is ever seen in training. Text is
@@ -73,6 +79,23 @@ DOWNSTREAM_HELD_OUT_FILES: tuple[str, ...] = ("textwrap.py", "heapq.py", "queue.
 
 _SPLITS = ("train", "held_out")
 
+PRETRAINING_CORPORA = ("help_topics", "stdlib")
+"""Names accepted by :func:`pretraining_text`'s ``corpus``."""
+
+STDLIB_HELD_OUT_EVERY = 20
+"""``"stdlib"`` corpus: source file number ``i`` (sorted by path) is held out when
+``i % 20 == 0`` (about 5 % of the files)."""
+
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages"})
+"""Folders of the standard library left out of the ``"stdlib"`` corpus: test suites (large,
+repetitive, and not what a user's code looks like) and installed third-party packages."""
+
+OUTSIDE_DIR = Path(__file__).resolve().parents[1] / "data" / "held_out"
+"""Texts never trained on, of the kinds the model was trained on (see its SOURCES.md)."""
+
+OUTSIDE_KINDS = ("english", "python")
+"""Names accepted by :func:`outside_text`."""
+
 
 @dataclass(frozen=True)
 class CorpusInfo:
@@ -127,13 +150,47 @@ def topic_groups() -> list[list[str]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def _pretraining_documents(split: str) -> list[tuple[str, bytes]]:
+def _check_corpus(corpus: str) -> None:
+    if corpus not in PRETRAINING_CORPORA:
+        raise ValueError(f"corpus must be one of {PRETRAINING_CORPORA}, got {corpus!r}")
+
+
+def _help_topic_documents(split: str) -> list[tuple[str, bytes]]:
     from pydoc_data.topics import topics
 
     groups = topic_groups()
     held = {n for i, g in enumerate(groups) if i % HELD_OUT_EVERY == 0 for n in g}
     keep = [n for n in sorted(topics) if (n in held) == (split == "held_out")]
     return [(n, topics[n].encode("utf-8")) for n in keep]
+
+
+def stdlib_sources() -> list[str]:
+    """The standard-library ``.py`` files of the ``"stdlib"`` corpus, relative to ``Lib/``
+    and sorted: all but those under :data:`STDLIB_EXCLUDED_DIRS` and the downstream
+    files."""
+    root = _stdlib_dir()
+    downstream = set(DOWNSTREAM_TRAIN_FILES) | set(DOWNSTREAM_HELD_OUT_FILES)
+    found = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1]) or rel.as_posix() in downstream:
+            continue
+        found.append(rel.as_posix())
+    return sorted(found)
+
+
+def _pretraining_documents(split: str, corpus: str = "help_topics") -> list[tuple[str, bytes]]:
+    _check_corpus(corpus)
+    docs = _help_topic_documents(split)
+    if corpus == "stdlib":
+        root = _stdlib_dir()
+        files = [
+            rel
+            for i, rel in enumerate(stdlib_sources())
+            if (i % STDLIB_HELD_OUT_EVERY == 0) == (split == "held_out")
+        ]
+        docs += [(rel, (root / rel).read_bytes()) for rel in files]
+    return docs
 
 
 def _stdlib_dir() -> Path:
@@ -159,15 +216,30 @@ def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def pretraining_text(split: str = "train") -> torch.Tensor:
-    """The CPython help topics (``pydoc_data.topics``) as a 1-D uint8 tensor of UTF-8
+def pretraining_text(split: str = "train", corpus: str = "help_topics") -> torch.Tensor:
+    """A pretraining corpus (:data:`PRETRAINING_CORPORA`) as a 1-D uint8 tensor of UTF-8
     bytes.
 
-    ``split`` is ``"train"`` or ``"held_out"``; the held-out topics are never in
+    ``split`` is ``"train"`` or ``"held_out"``; held-out topics and files are never in
     ``"train"``.
     """
     _check_split(split)
-    return _join(_pretraining_documents(split))
+    return _join(_pretraining_documents(split, corpus))
+
+
+def outside_text(kind: str) -> torch.Tensor:
+    """Held-out text from outside every pretraining corpus, as a 1-D uint8 tensor:
+    ``"english"`` (two licence texts) or ``"python"`` (three third-party modules).
+
+    The files ship in ``peftlab/data/held_out/``; their SOURCES.md names origin and
+    licence.
+    """
+    if kind not in OUTSIDE_KINDS:
+        raise ValueError(f"kind must be one of {OUTSIDE_KINDS}, got {kind!r}")
+    files = sorted(OUTSIDE_DIR.glob(f"{kind}_*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no {kind} texts in {OUTSIDE_DIR} (package data missing)")
+    return _join([(f.name, f.read_bytes()) for f in files])
 
 
 def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch.Tensor:
@@ -186,10 +258,14 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
     return data
 
 
-def corpus_info(name: str) -> CorpusInfo:
-    """Provenance of ``"pretraining"`` or ``"downstream"``: source, Python version, sizes,
-    documents."""
-    if name == "pretraining":
+def corpus_info(name: str, corpus: str = "help_topics") -> CorpusInfo:
+    """Provenance of ``"pretraining"`` (the given ``corpus``) or ``"downstream"``: source,
+    Python version, sizes, documents."""
+    if name == "pretraining" and corpus == "stdlib":
+        fetch = lambda split: _pretraining_documents(split, "stdlib")  # noqa: E731
+        source = "CPython help topics and standard-library source files"
+    elif name == "pretraining":
+        _check_corpus(corpus)
         fetch, source = _pretraining_documents, "CPython help topics (pydoc_data.topics)"
     elif name == "downstream":
         fetch, source = _downstream_documents, "Python standard-library source files"
