@@ -107,7 +107,7 @@ def test_lora_starts_at_the_pretrained_model(lora_row):
     assert lora_row["initial_held_out_loss"] == pytest.approx(expected, rel=1e-6)
     assert lora_row["held_out_loss"] != lora_row["initial_held_out_loss"]
     assert lora_row["curve"][0][:2] == [0, lora_row["initial_held_out_loss"]]
-    assert lora_row["curve"][-1] == [3, lora_row["held_out_loss"], lora_row["train_loss"]]
+    assert lora_row["curve"][-1] == [3, lora_row["held_out_loss"], lora_row["train_loss"], lora_row["validation_loss"]]
 
 
 def test_one_lora_step_matches_peft_on_the_llama():
@@ -157,7 +157,7 @@ def test_untrained_start_is_near_uniform():
 def test_learning_curve_has_a_point_every_eval_every_steps_including_0():
     row = E.finetune(E.RunConfig(**{**TINY, "steps": 4, "eval_every": 2}), progress=False)
     assert [point[0] for point in row["curve"]] == [0, 2, 4]
-    assert all(len(point) == 3 for point in row["curve"])
+    assert all(len(point) == 4 for point in row["curve"])
 
 
 def test_cached_run_returns_the_same_row_and_its_adapter_and_bad_cache_dirs_are_refused(tmp_path):

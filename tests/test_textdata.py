@@ -191,3 +191,38 @@ def test_spaced_windows_span_the_text(n_windows, seq_len):
     assert torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ValueError, match="n_windows"):
         textdata.spaced_windows(data, 0, seq_len)
+
+
+def test_downstream_validation_files_are_apart_from_train_test_and_every_pretraining_split():
+    val = set(textdata.DOWNSTREAM_VALIDATION_FILES)
+    assert not val & set(textdata.DOWNSTREAM_TRAIN_FILES)
+    assert not val & set(textdata.DOWNSTREAM_HELD_OUT_FILES)
+    train = textdata.corpus_info("pretraining", "stdlib").train_documents
+    assert not val & set(train)
+    assert textdata.downstream_text("validation").numel() > 20_000
+    with pytest.raises(ValueError, match="split must be one of"):
+        textdata.downstream_text("test")
+
+
+def test_stdlib_corpus_splits_files_apart_and_leaves_out_tests_and_downstream_files():
+    info = textdata.corpus_info("pretraining", "stdlib")
+    train, held = set(info.train_documents), set(info.held_out_documents)
+    assert not train & held
+    sources = set(textdata.stdlib_sources())
+    assert sources <= train | held and len(sources) > 500
+    assert not any(set(p.split("/")[:-1]) & textdata.STDLIB_EXCLUDED_DIRS for p in sources)
+    assert not sources & set(textdata.DOWNSTREAM_TRAIN_FILES + textdata.DOWNSTREAM_HELD_OUT_FILES)
+    assert 0.03 < info.held_out_bytes / (info.train_bytes + info.held_out_bytes) < 0.10
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        textdata.pretraining_text("train", "wiki")
+
+
+@pytest.mark.parametrize("kind", textdata.OUTSIDE_KINDS)
+def test_outside_texts_ship_with_the_package_and_are_in_no_pretraining_corpus(kind):
+    text = bytes(textdata.outside_text(kind).tolist())
+    assert len(text) > 20_000
+    train = bytes(textdata.pretraining_text("train", "stdlib").tolist())
+    first_line = next(line for line in text.splitlines() if len(line) > 40)
+    assert first_line not in train
+    with pytest.raises(ValueError, match="kind must be one of"):
+        textdata.outside_text("french")

@@ -44,17 +44,17 @@ from peftlab.memory import METHODS, Breakdown, measure_step
 from peftlab.paged import PagedAdamW
 from peftlab.qlora import prepare_qlora
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
 
 TARGETS: dict[str, tuple[str, ...]] = {
+    "q": ("q_proj",),
     "qv": ("q_proj", "v_proj"),
     "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "all": LLAMA_LINEARS,
 }
-"""Named sets of target modules: the LoRA paper's W_q, W_v; attention; every linear layer
-of a block
-(QLoRA's choice; never ``lm_head``)."""
+"""Named sets of target modules: W_q alone; the LoRA paper's W_q, W_v; attention; every
+linear layer of a block (QLoRA's choice; never ``lm_head``)."""
 
 
 OPTIMIZERS = ("adamw", "paged_adamw")
@@ -241,8 +241,15 @@ def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig
 
 
 @lru_cache(maxsize=None)
-def _checkpoint_digest() -> str:
+def checkpoint_digest() -> str:
+    """The first 16 hex digits of the shipped checkpoint's SHA-256: which model a run
+    adapted."""
     return hashlib.sha256(pretrained.CHECKPOINT.read_bytes()).hexdigest()[:16]
+
+
+def config_of(row: dict[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` a row was run with (a row holds every field)."""
+    return RunConfig(**{f.name: row[f.name] for f in fields(RunConfig)})
 
 
 def cache_key(config: RunConfig) -> str:
@@ -250,7 +257,7 @@ def cache_key(config: RunConfig) -> str:
     (the texts)."""
     payload = {
         "config": asdict(config.normalized()),
-        "checkpoint": _checkpoint_digest(),
+        "checkpoint": checkpoint_digest(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "version": CACHE_VERSION,
@@ -260,10 +267,12 @@ def cache_key(config: RunConfig) -> str:
 
 @lru_cache(maxsize=None)
 def _texts(train_bytes: int | None) -> dict[str, torch.Tensor]:
+    corpus = pretrained.checkpoint_info()["data"].get("corpus", "help_topics")
     return {
         "train": textdata.downstream_text("train", max_bytes=train_bytes),
+        "validation": textdata.downstream_text("validation"),
         "held_out": textdata.downstream_text("held_out"),
-        "pretraining": textdata.pretraining_text("held_out"),
+        "pretraining": textdata.pretraining_text("held_out", corpus),
     }
 
 
@@ -333,15 +342,17 @@ def _step(
     opt: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor],
     max_grad_norm: float,
-) -> None:
-    """One training step: forward, backward, clip the gradient norm, update."""
+) -> torch.Tensor:
+    """One training step: forward, backward, clip the gradient norm, update; returns the
+    gradient's norm before clipping."""
     loss = pretrained.lm_loss(model, *batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(
+    norm = torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm
     )
     opt.step()
+    return norm
 
 
 def _optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -355,16 +366,17 @@ def _run(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     texts = _texts(config.train_bytes)
     device = torch.device(config.device)
-    held, train_eval, pre = (
+    held, train_eval, pre, val = (
         tuple(
             t.to(device)
             for t in textdata.spaced_windows(
                 texts[name], config.eval_windows, config.seq_len
             )
         )
-        for name in ("held_out", "train", "pretraining")
+        for name in ("held_out", "train", "pretraining", "validation")
     )
     model, dtype = _prepare(config)
+    base_weights = _linear_weights(model) if config.method == "full" else {}
     count = count_parameters(model)
     row: dict[str, Any] = {"compute_dtype": str(dtype).removeprefix("torch.")}
     if config.measure_memory:  # on a copy, so that training is not disturbed
@@ -387,7 +399,15 @@ def _run(
     gen = torch.Generator().manual_seed(config.seed)
     row["initial_held_out_loss"] = _loss_on(model, held)
     row["initial_pretraining_loss"] = _loss_on(model, pre)
-    curve = [[0, row["initial_held_out_loss"], _loss_on(model, train_eval)]]
+    row["initial_validation_loss"] = _loss_on(model, val)
+    curve = [
+        [
+            0,
+            row["initial_held_out_loss"],
+            _loss_on(model, train_eval),
+            row["initial_validation_loss"],
+        ]
+    ]
     steps = range(config.steps)
     if progress:
         steps = tqdm(
@@ -398,26 +418,41 @@ def _run(
         )
     # synchronizes a GPU before reading the clock: its kernels run asynchronously
     watch = Stopwatch(device)
+    grad_norms = []
     for step in steps:
         x, y = textdata.random_batch(
             texts["train"], config.batch_size, config.seq_len, gen
         )
         with watch:
-            _step(model, opt, (x.to(device), y.to(device)), config.max_grad_norm)
+            norm = _step(model, opt, (x.to(device), y.to(device)), config.max_grad_norm)
+        grad_norms.append(norm)
         if (
             config.eval_every
             and (step + 1) % config.eval_every == 0
             and step + 1 < config.steps
         ):
-            curve.append([step + 1, _loss_on(model, held), _loss_on(model, train_eval)])
+            curve.append(
+                [
+                    step + 1,
+                    _loss_on(model, held),
+                    _loss_on(model, train_eval),
+                    _loss_on(model, val),
+                ]
+            )
     row["seconds"] = watch.seconds
     row["seconds_per_step"] = watch.seconds / config.steps
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
+    row["validation_loss"] = _loss_on(model, val)
     row["trainable"] = count.trainable
     row["total"] = count.total
-    row["curve"] = curve + [[config.steps, row["held_out_loss"], row["train_loss"]]]
+    last = [row["held_out_loss"], row["train_loss"], row["validation_loss"]]
+    row["curve"] = curve + [[config.steps, *last]]
+    norms = torch.stack(grad_norms).float().cpu()
+    row["first_grad_norm"] = norms[0].item()
+    row["mean_grad_norm"] = norms.mean().item()
+    row["effective_rank"], row["update_norm"] = _update_statistics(model, base_weights)
     adapter = {}
     if config.method != "full":
         adapter = {
@@ -426,6 +461,53 @@ def _run(
             if name.endswith(("lora_A", "lora_B"))
         }
     return row, adapter
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007): how many
+    directions a matrix really uses, between 1 and its rank (0 for a zero matrix)."""
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        raise TypeError("matrix must be a 2-D tensor")
+    s = torch.linalg.svdvals(matrix.detach().double())
+    if s.sum() == 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def _linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the weights of every targetable linear layer of the blocks, by name."""
+    return {
+        name: module.weight.detach().float().clone()
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in LLAMA_LINEARS and hasattr(module, "weight")
+    }
+
+
+@torch.no_grad()
+def _update_statistics(
+    model: torch.nn.Module, base_weights: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], float]:
+    """Mean effective rank of the trained update ΔW per module type (``q_proj`` …), and
+    the mean Frobenius norm of ΔW over layers: the full update ``W - W0`` when
+    ``base_weights`` are given (full finetuning), else LoRA's ``scaling · B A``."""
+    from peftlab.lora import LoRALinear
+
+    ranks: dict[str, list[float]] = {}
+    norms: list[float] = []
+    for name, module in model.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if isinstance(module, LoRALinear):
+            delta = module.delta_weight().float()
+        elif name in base_weights:
+            delta = module.weight.float() - base_weights[name]
+        else:
+            continue
+        ranks.setdefault(kind, []).append(effective_rank(delta.cpu()))
+        norms.append(torch.linalg.matrix_norm(delta).item())
+    mean_rank = {kind: sum(v) / len(v) for kind, v in ranks.items()}
+    return mean_rank, sum(norms) / max(1, len(norms))
 
 
 def finetune(
@@ -439,8 +521,13 @@ def finetune(
     pretraining held-out text (``initial_pretraining_loss``, ``pretraining_loss``:
     forgetting); ``trainable`` and ``total`` parameters; ``seconds`` and
     ``seconds_per_step`` of training (evaluations excluded, timed between synchronizations
-    of the device); ``compute_dtype``; ``curve`` as ``[step, held-out loss, train loss]``
-    rows; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`);
+    of the device); ``compute_dtype``; the loss on the downstream validation text, which
+    is the one to choose settings by (``initial_validation_loss``, ``validation_loss``);
+    ``curve`` as ``[step, held-out loss, train loss, validation loss]`` rows;
+    ``effective_rank``, the mean :func:`effective_rank` of the trained update per module
+    type, and ``update_norm``, its mean Frobenius norm; ``first_grad_norm`` and
+    ``mean_grad_norm``, the trainable parameters' gradient norm before clipping at the
+    first step and over all steps; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`);
     ``cached``. An adapted run's trained ``lora_A``/``lora_B`` are stored beside its row
     in ``cache_dir`` (or kept in the row under ``"adapter"`` without one): see
     :func:`load_run_adapter`.

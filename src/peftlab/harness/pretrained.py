@@ -303,7 +303,9 @@ def pretrain(
                 )
             running = 0.0
     record["final_held_out_loss"] = record["held_out_loss"][-1][1]
-    record["final_outside_loss"] = {k: v[-1][1] for k, v in record["outside_loss"].items()}
+    record["final_outside_loss"] = {
+        k: v[-1][1] for k, v in record["outside_loss"].items()
+    }
     return model.eval(), record
 
 
@@ -345,7 +347,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     for key in SIZE_KEYS:
         parser.add_argument(
-            f"--{key.replace('_', '-')}", type=int, default=None, help="model size override"
+            f"--{key.replace('_', '-')}",
+            type=int,
+            default=None,
+            help="model size override",
         )
     parser.add_argument(
         "--corpus", choices=textdata.PRETRAINING_CORPORA, default="help_topics"

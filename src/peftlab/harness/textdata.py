@@ -75,9 +75,20 @@ DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
 """Standard-library source files (relative to ``Lib/``) used to train the downstream task."""
 
 DOWNSTREAM_HELD_OUT_FILES: tuple[str, ...] = ("textwrap.py", "heapq.py", "queue.py")
-"""Standard-library source files kept apart for the downstream held-out loss."""
+"""Standard-library source files kept apart for the downstream held-out (test) loss."""
+
+DOWNSTREAM_VALIDATION_FILES: tuple[str, ...] = (
+    "copyreg.py",
+    "pkgutil.py",
+    "rlcompleter.py",
+    "types.py",
+)
+"""Standard-library source files for choosing settings (learning rates) without touching
+the test files: held out of the ``"stdlib"`` pretraining corpus too, so no model of the
+book has seen them."""
 
 _SPLITS = ("train", "held_out")
+_DOWNSTREAM_SPLITS = ("train", "validation", "held_out")
 
 PRETRAINING_CORPORA = ("help_topics", "stdlib")
 """Names accepted by :func:`pretraining_text`'s ``corpus``."""
@@ -173,13 +184,18 @@ def stdlib_sources() -> list[str]:
     found = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1]) or rel.as_posix() in downstream:
+        if (
+            STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1])
+            or rel.as_posix() in downstream
+        ):
             continue
         found.append(rel.as_posix())
     return sorted(found)
 
 
-def _pretraining_documents(split: str, corpus: str = "help_topics") -> list[tuple[str, bytes]]:
+def _pretraining_documents(
+    split: str, corpus: str = "help_topics"
+) -> list[tuple[str, bytes]]:
     _check_corpus(corpus)
     docs = _help_topic_documents(split)
     if corpus == "stdlib":
@@ -198,7 +214,11 @@ def _stdlib_dir() -> Path:
 
 
 def _downstream_documents(split: str) -> list[tuple[str, bytes]]:
-    files = DOWNSTREAM_HELD_OUT_FILES if split == "held_out" else DOWNSTREAM_TRAIN_FILES
+    files = {
+        "train": DOWNSTREAM_TRAIN_FILES,
+        "validation": DOWNSTREAM_VALIDATION_FILES,
+        "held_out": DOWNSTREAM_HELD_OUT_FILES,
+    }[split]
     root = _stdlib_dir()
     docs = []
     for rel in files:
@@ -238,7 +258,9 @@ def outside_text(kind: str) -> torch.Tensor:
         raise ValueError(f"kind must be one of {OUTSIDE_KINDS}, got {kind!r}")
     files = sorted(OUTSIDE_DIR.glob(f"{kind}_*.txt"))
     if not files:
-        raise FileNotFoundError(f"no {kind} texts in {OUTSIDE_DIR} (package data missing)")
+        raise FileNotFoundError(
+            f"no {kind} texts in {OUTSIDE_DIR} (package data missing)"
+        )
     return _join([(f.name, f.read_bytes()) for f in files])
 
 
@@ -246,10 +268,12 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
     """Standard-library Python source as a 1-D uint8 tensor of bytes (the downstream
     task).
 
-    ``max_bytes`` keeps only the first bytes of the split: a small downstream set for the
-    overfitting experiment.
+    ``split`` is ``"train"``, ``"validation"`` (for choosing settings) or ``"held_out"``
+    (the test text, reported but never used to choose). ``max_bytes`` keeps only the
+    first bytes of the split: a small downstream set for the overfitting experiment.
     """
-    _check_split(split)
+    if split not in _DOWNSTREAM_SPLITS:
+        raise ValueError(f"split must be one of {_DOWNSTREAM_SPLITS}, got {split!r}")
     data = _join(_downstream_documents(split))
     if max_bytes is not None:
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 2:

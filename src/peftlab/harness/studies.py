@@ -1,0 +1,168 @@
+"""The book's recorded finetuning studies: which runs each one makes, stage by stage.
+
+Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md); recorded and
+re-checked by :mod:`peftlab.harness.recorded`.
+
+Each study is a list of stages. A stage is a function of the rows recorded so far that
+returns the next runs, so a study can first tune the learning rate on seed 0 and then
+repeat the best one on more seeds. Learning rates are always chosen on the downstream
+*validation* text (:data:`peftlab.harness.textdata.DOWNSTREAM_VALIDATION_FILES`), never
+on the held-out text the chapters report.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+from peftlab.harness.experiments import RunConfig, config_of, grid
+
+Rows = list[dict[str, Any]]
+Stage = Callable[[Rows], list[RunConfig]]
+
+BASE = RunConfig(
+    method="lora",
+    r=8,
+    alpha=16.0,
+    targets="qv",
+    steps=300,
+    batch_size=8,
+    seq_len=64,
+    eval_windows=128,
+    eval_every=75,
+)
+"""Every study's starting point: 300 steps of 8 × 64 bytes (153,600 training bytes, about
+a third of the downstream train text), evaluated on 128 windows of 64 bytes of each text
+every 75 steps."""
+
+SEEDS = (0, 1, 2)
+"""Seeds of every repeated setting."""
+
+PLACEMENTS = (("q", 16), ("qv", 8), ("qkvo", 4), ("all", 2))
+"""Target sets and ranks with (nearly) equal trainable parameters, as in the LoRA paper's
+Table 5: W_q at 4r, W_q,W_v at 2r, attention at r, and every linear layer at the rank
+closest to the same budget."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named study: what it asks, and its stages."""
+
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+
+
+def best_lr(rows: Rows, by: Sequence[str], **where: Any) -> dict[tuple, float]:
+    """For each group of rows sharing the ``by`` fields (among rows matching ``where``),
+    the learning rate with the lowest mean validation loss; diverged runs lose."""
+    scores: dict[tuple, dict[float, list[float]]] = {}
+    for row in rows:
+        if any(row.get(k) != v for k, v in where.items()):
+            continue
+        loss = row.get("validation_loss")
+        value = loss if loss is not None and math.isfinite(loss) else math.inf
+        key = tuple(row[k] for k in by)
+        scores.setdefault(key, {}).setdefault(row["lr"], []).append(value)
+    return {
+        key: min(per_lr, key=lambda lr: sum(per_lr[lr]) / len(per_lr[lr]))
+        for key, per_lr in scores.items()
+    }
+
+
+def _repeat_best(by: Sequence[str], **where: Any) -> Stage:
+    """A stage repeating, on every seed of :data:`SEEDS`, each group's best seed-0 run."""
+
+    def stage(rows: Rows) -> list[RunConfig]:
+        configs = []
+        for row in rows:
+            if any(row.get(k) != v for k, v in where.items()) or row["seed"] != 0:
+                continue
+            best = best_lr(rows, by, **where)[tuple(row[k] for k in by)]
+            if row["lr"] == best:
+                base = config_of(row)
+                configs += [replace(base, seed=s) for s in SEEDS if s != 0]
+        return configs
+
+    return stage
+
+
+_STUDIES = (
+    Study(
+        "alpha-lr",
+        "final loss over alpha and learning rate at r = 8: the two trade against each "
+        "other, and both sides of the best setting show",
+        (
+            lambda rows: grid(
+                BASE, alpha=[2, 8, 32, 128, 512], lr=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+            ),
+        ),
+    ),
+    Study(
+        "rank-lr",
+        "rank at fixed alpha = 16, with and without rsLoRA, each at its own tuned "
+        "learning rate, three seeds",
+        (
+            lambda rows: grid(
+                BASE,
+                r=[1, 4, 16, 64],
+                rslora=[False, True],
+                lr=[3e-4, 1e-3, 3e-3, 1e-2],
+            ),
+            _repeat_best(("r", "rslora")),
+        ),
+    ),
+    Study(
+        "placement",
+        "where the adapters go, at (nearly) equal trainable parameters, each at its own "
+        "tuned learning rate, three seeds",
+        (
+            lambda rows: [
+                replace(BASE, targets=t, r=r, alpha=2.0 * r, lr=lr)
+                for t, r in PLACEMENTS
+                for lr in (1e-3, 3e-3, 1e-2)
+            ],
+            _repeat_best(("targets",)),
+        ),
+    ),
+    Study(
+        "qlora-lora",
+        "QLoRA (NF4 + double-quantized base) against LoRA on the float32 base, all "
+        "linear layers, r = 8, at LoRA's tuned learning rate, five seeds",
+        (
+            lambda rows: grid(replace(BASE, targets="all"), lr=[1e-3, 3e-3, 1e-2]),
+            lambda rows: grid(
+                replace(
+                    BASE,
+                    targets="all",
+                    lr=best_lr(rows, ("method",), method="lora")[("lora",)],
+                ),
+                method=["lora", "qlora"],
+                seed=[0, 1, 2, 3, 4],
+            ),
+        ),
+    ),
+    Study(
+        "full",
+        "full finetuning at its own tuned learning rate, three seeds: the reference for "
+        "the update's effective rank and for forgetting",
+        (
+            lambda rows: grid(replace(BASE, method="full"), lr=[1e-4, 3e-4, 1e-3]),
+            _repeat_best(("method",)),
+        ),
+    ),
+)
+
+
+def names() -> list[str]:
+    """The studies' names."""
+    return [s.name for s in _STUDIES]
+
+
+def get(name: str) -> Study:
+    """The study called ``name`` (``ValueError`` listing the names otherwise)."""
+    for study in _STUDIES:
+        if study.name == name:
+            return study
+    raise ValueError(f"study must be one of {names()}, got {name!r}")
