@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import torch
 
-from peftlab.files import atomic_write
+from peftlab.files import atomic_write_all
 from peftlab.harness import experiments, studies
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "data" / "runs"
@@ -147,7 +147,42 @@ def run_study(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n"
-    return atomic_write(out_dir / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+    writers = {out_dir / f"{name}.json": lambda tmp: Path(tmp).write_text(text)}
+    kept = study.keep_adapters(rows)
+    if kept:
+        from safetensors.torch import save_file
+
+        tensors = {
+            f"{row['key']}/{param}": value
+            for row in kept
+            for param, value in experiments.load_run_adapter(row, cache).items()
+        }
+        writers[out_dir / f"{name}.adapters.safetensors"] = lambda tmp: save_file(
+            tensors, tmp
+        )
+    atomic_write_all(writers)
+    return out_dir / f"{name}.json"
+
+
+def load_study_adapter(
+    name: str, row: dict[str, Any], folder: str | os.PathLike = RUNS_DIR
+) -> dict[str, torch.Tensor]:
+    """The trained ``lora_A``/``lora_B`` of a recorded row whose adapter the study kept
+    (``Study.keep_adapters``), by parameter name."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / f"{name}.adapters.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"study {name!r} kept no adapters ({path} not found)")
+    prefix = f"{row['key']}/"
+    found = {
+        k[len(prefix) :]: v
+        for k, v in load_file(str(path)).items()
+        if k.startswith(prefix)
+    }
+    if not found:
+        raise ValueError(f"study {name!r} kept no adapter for run {row['key']}")
+    return found
 
 
 def load_study(

@@ -47,11 +47,14 @@ closest to the same budget."""
 
 @dataclass(frozen=True)
 class Study:
-    """A named study: what it asks, and its stages."""
+    """A named study: what it asks, and its stages. ``keep_adapters`` picks the rows whose
+    trained ``lora_A``/``lora_B`` are stored beside the rows (for analyses of the adapters
+    themselves, such as the LoRA paper's subspace similarity)."""
 
     name: str
     description: str
     stages: tuple[Stage, ...]
+    keep_adapters: Callable[[Rows], list[dict[str, Any]]] = lambda rows: []
 
 
 def best_lr(rows: Rows, by: Sequence[str], **where: Any) -> dict[tuple, float]:
@@ -94,8 +97,9 @@ _STUDIES = (
         "final loss over alpha and learning rate at r = 8: the two trade against each "
         "other, and both sides of the best setting show",
         (
+            # both axes in steps of 4, so a diagonal of the grid holds one value of α · lr
             lambda rows: grid(
-                BASE, alpha=[2, 8, 32, 128, 512], lr=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+                BASE, alpha=[2, 8, 32, 128, 512], lr=[1.25e-4, 5e-4, 2e-3, 8e-3, 3.2e-2]
             ),
         ),
     ),
@@ -112,6 +116,9 @@ _STUDIES = (
             ),
             _repeat_best(("r", "rslora")),
         ),
+        # the LoRA paper's §7.2 compares a small and a large rank's adapters, trained from
+        # different seeds (one seed would start both A's with the same first rows)
+        lambda rows: _best_rows(rows, ("r", "rslora"), [(16, False, 0), (64, False, 1)]),
     ),
     Study(
         "placement",
@@ -152,7 +159,44 @@ _STUDIES = (
             _repeat_best(("method",)),
         ),
     ),
+    Study(
+        "scratch",
+        "LoRA (W_q, W_v, r = 8) and full finetuning from the untrained initialisation of "
+        "the same network, each at its own tuned learning rate, three seeds",
+        (
+            lambda rows: [
+                replace(BASE, method=m, pretrained=False, lr=lr)
+                for m, lrs in (("lora", (1e-3, 3e-3, 1e-2)), ("full", (3e-4, 1e-3, 3e-3)))
+                for lr in lrs
+            ],
+            _repeat_best(("method",)),
+        ),
+    ),
+    Study(
+        "small-data",
+        "LoRA (W_q, W_v, r = 8) and full finetuning on only 4,096 training bytes, about "
+        "37 passes over them, at the learning rates tuned on the whole text, three seeds",
+        (
+            lambda rows: [
+                replace(BASE, method=m, train_bytes=4096, lr=lr, seed=seed)
+                for m, lr in (("lora", 3e-3), ("full", 3e-4))
+                for seed in SEEDS
+            ],
+        ),
+    ),
 )
+
+
+def _best_rows(rows: Rows, by: Sequence[str], wanted: list[tuple]) -> Rows:
+    """The rows at their group's best learning rate whose ``by`` fields and seed match one
+    of ``wanted``."""
+    best = best_lr(rows, by)
+    return [
+        row
+        for row in rows
+        if (*(row[k] for k in by), row["seed"]) in wanted
+        and row["lr"] == best[tuple(row[k] for k in by)]
+    ]
 
 
 def names() -> list[str]:
