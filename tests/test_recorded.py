@@ -23,6 +23,7 @@ def tiny_study(monkeypatch):
         "tiny",
         "two learning rates, then the best on more seeds",
         (lambda rows: E.grid(TINY, lr=[1e-3, 3e-2]), studies._repeat_best(("r",))),
+        keep_adapters=lambda rows: rows[:1],
     )
     monkeypatch.setattr(studies, "_STUDIES", studies._STUDIES + (study,))
     return study
@@ -45,13 +46,23 @@ def test_a_recorded_study_holds_every_stage_and_its_provenance(recorded_tiny, tm
     assert prov["torch"] == torch.__version__ and prov["threads_per_run"] == 1
     text = recorded_tiny.read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["tiny.json"]
+    written = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert written == ["tiny.adapters.safetensors", "tiny.json"]
+
+
+def test_a_kept_adapter_is_the_runs_own_and_others_are_refused(recorded_tiny, tmp_path):
+    rows, _ = recorded.load_study("tiny", tmp_path)
+    kept = recorded.load_study_adapter("tiny", rows[0], tmp_path)
+    again = E.finetune(E.config_of(rows[0]), progress=False)["adapter"]
+    assert set(kept) == set(again) and all(torch.equal(kept[k], again[k]) for k in kept)
+    with pytest.raises(ValueError, match="kept no adapter for run"):
+        recorded.load_study_adapter("tiny", rows[1], tmp_path)
 
 
 def test_verify_reproduces_recorded_losses_exactly_on_this_machine(recorded_tiny, tmp_path):
     checks = recorded.verify("tiny", sample=2, folder=tmp_path)
     assert len(checks) == 2
-    assert all(c["difference"] == 0.0 and c["tolerance"] == 0.0 for c in checks)
+    assert all(c["difference"] == 0.0 and c["tolerance"] == 0.0 and c["study"] == "tiny" for c in checks)
     assert all(c["step"] == TINY.eval_every for c in checks)
 
 

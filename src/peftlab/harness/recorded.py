@@ -216,45 +216,50 @@ def sample_rows(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
 
 
 def verify(
-    name: str, sample: int = 2, folder: str | os.PathLike = RUNS_DIR
+    names: str | Sequence[str], sample: int = 3, folder: str | os.PathLike = RUNS_DIR
 ) -> list[dict]:
-    """Re-run ``sample`` recorded rows of study ``name`` up to their first curve point;
-    raise ``AssertionError`` unless each reproduces its recorded held-out loss there.
+    """Re-run ``sample`` rows drawn from the recorded studies ``names`` (one name or
+    several) up to their first curve point; raise ``AssertionError`` unless each
+    reproduces its recorded held-out loss there.
 
-    Returns one dict per checked row: its key, the step, the recorded and re-run losses,
-    their difference and the tolerance that applied (0.0: exact).
+    Returns one dict per checked row: its study and key, the step, the recorded and
+    re-run losses, their difference and the tolerance that applied (0.0: exact).
     """
-    rows, prov = load_study(name, folder)
-    same_machine = (
-        prov["torch"] == torch.__version__
-        and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-        and prov["checkpoint_sha256"] == experiments.checkpoint_digest()
-    )
-    tolerance = 0.0 if same_machine else CROSS_MACHINE_TOLERANCE
+    names = [names] if isinstance(names, str) else list(names)
+    pool, tolerance = [], {}
+    for name in names:
+        rows, prov = load_study(name, folder)
+        same_machine = (
+            prov["torch"] == torch.__version__
+            and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+            and prov["checkpoint_sha256"] == experiments.checkpoint_digest()
+        )
+        tolerance[name] = 0.0 if same_machine else CROSS_MACHINE_TOLERANCE
+        pool += [{**row, "study": name} for row in rows]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     checks = []
     try:
-        for row in sample_rows(rows, sample):
+        for row in sample_rows(pool, sample):
             step, recorded = row["curve"][1][0], row["curve"][1][1]
             config = replace(experiments.config_of(row), steps=step, measure_memory=False)
             again = experiments.finetune(config, progress=False)["held_out_loss"]
-            diff = abs(again - recorded)
-            checks.append(
-                {
-                    "key": row["key"],
-                    "step": step,
-                    "recorded": recorded,
-                    "rerun": again,
-                    "difference": diff,
-                    "tolerance": tolerance,
-                }
-            )
-            if not diff <= tolerance:
+            check = {
+                "study": row["study"],
+                "key": row["key"],
+                "step": step,
+                "recorded": recorded,
+                "rerun": again,
+                "difference": abs(again - recorded),
+                "tolerance": tolerance[row["study"]],
+            }
+            checks.append(check)
+            if not check["difference"] <= check["tolerance"]:
                 raise AssertionError(
-                    f"study {name!r}: run {row['key']} gave held-out loss {again!r} at "
-                    f"step {step}, recorded {recorded!r} (tolerance {tolerance}); "
-                    "re-record the study if the training loop changed on purpose"
+                    f"study {row['study']!r}: run {row['key']} gave held-out loss "
+                    f"{again!r} at step {step}, recorded {recorded!r} (tolerance "
+                    f"{check['tolerance']}); re-record the study if the training loop "
+                    "changed on purpose"
                 )
     finally:
         torch.set_num_threads(threads)
@@ -274,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--out", default=str(RUNS_DIR), help="folder for <study>.json")
     check = sub.add_parser("verify", help="re-run a sample of a recorded study")
-    check.add_argument("study", choices=studies.names())
-    check.add_argument("--sample", type=int, default=2)
+    check.add_argument("study", nargs="+", choices=studies.names())
+    check.add_argument("--sample", type=int, default=3)
     sub.add_parser("list", help="the studies and how many runs each has recorded")
     args = parser.parse_args(argv)
     if args.action == "run":
