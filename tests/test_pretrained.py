@@ -75,28 +75,38 @@ def test_lm_loss_equals_transformers_own_loss(model):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_shipped_checkpoint_is_small_and_documented():
+def test_shipped_checkpoint_is_small_and_documented_with_the_hashes_of_its_data():
     assert pretrained.CHECKPOINT.stat().st_size <= 8 * 1024 * 1024
     info = pretrained.checkpoint_info()
-    # The record keeps the command as it was run (the module then lived at peftlab.pretrained).
-    assert info["command"].startswith(
-        ("python -m peftlab.harness.pretrained --out ", "python -m peftlab.pretrained --out ")
-    )
+    assert info["command"].startswith("python -m peftlab.harness.pretrained --out ")
     assert {"python", "torch", "transformers"} <= set(info["versions"])
     assert info["config"] == json.loads(json.dumps(pretrained.TINY_LLAMA))
-    assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining").held_out_documents)
+    corpus = info["data"]["corpus"]
+    assert info["data"]["held_out_topics"] == list(textdata.corpus_info("pretraining", corpus).held_out_documents)
+    hashes = info["data"]["sha256"]
+    assert hashes["train"] == pretrained._sha256(textdata.pretraining_text("train", corpus))
+    assert hashes["held_out"] == pretrained._sha256(textdata.pretraining_text("held_out", corpus))
+    for kind in textdata.OUTSIDE_KINDS:
+        assert hashes[kind] == pretrained._sha256(textdata.outside_text(kind))
 
 
-def test_shipped_checkpoint_held_out_loss_is_far_below_untrained(model):
-    held = textdata.pretraining_text("held_out")
-    untrained = pretrained.evaluate_loss(pretrained.build_model(0), held, 128, 16, max_windows=64)
-    trained = pretrained.evaluate_loss(model, held, 128, 16, max_windows=64)
-    assert abs(untrained - math.log(256)) < 0.1  # an untrained model is about uniform over bytes
-    assert trained < 0.5 * untrained  # far below: at most half of ln 256
-    # And the record beside the checkpoint is what this checkpoint scores on the whole held-out text.
+def test_shipped_checkpoint_scores_its_record_on_outside_text_far_below_untrained(model):
+    text = textdata.outside_text("english")
     info = pretrained.checkpoint_info()
     seq_len, batch = info["settings"]["seq_len"], info["settings"]["batch_size"]
-    assert pretrained.evaluate_loss(model, held, seq_len, batch) == pytest.approx(info["final_held_out_loss"], abs=1e-4)
+    untrained = pretrained.evaluate_loss(pretrained.build_model(0), text, seq_len, batch, max_windows=32)
+    trained = pretrained.evaluate_loss(model, text, seq_len, batch)
+    assert abs(untrained - math.log(256)) < 0.1  # an untrained model is about uniform over bytes
+    assert trained < 0.5 * untrained  # far below: at most half of ln 256
+    assert trained == pytest.approx(info["final_outside_loss"]["english"], abs=1e-4)
+
+
+def test_shipped_model_has_not_overfit_and_scores_below_1_6_nats_per_byte_on_outside_text():
+    info = pretrained.checkpoint_info()
+    held = [v for _, v in info["held_out_loss"][:-1]]  # in-training points share one set of windows
+    assert held[-1] <= min(held) + 0.01  # level or still falling when training stopped
+    assert all(loss <= 1.6 for loss in info["final_outside_loss"].values())
+    assert info["wall_seconds"] <= 90 * 60
 
 
 def test_brief_retraining_makes_the_loss_fall():

@@ -14,7 +14,7 @@ from peftlab.harness import textdata
 
 @pytest.fixture(scope="module")
 def pre():
-    return {s: textdata.pretraining_text(s) for s in ("train", "held_out")}
+    return {s: textdata.pretraining_text(s, "help_topics") for s in ("train", "held_out")}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def down():
 def test_pretraining_is_the_pydoc_topics_split_by_topic(pre):
     from pydoc_data.topics import topics
 
-    info = textdata.corpus_info("pretraining")
+    info = textdata.corpus_info("pretraining", "help_topics")
     assert set(info.train_documents) | set(info.held_out_documents) == set(topics)
     assert not set(info.train_documents) & set(info.held_out_documents)
     assert 0.05 < info.held_out_bytes / (info.train_bytes + info.held_out_bytes) < 0.15
@@ -39,7 +39,7 @@ def test_pretraining_is_the_pydoc_topics_split_by_topic(pre):
 def test_no_paragraph_is_shared_between_splits():
     from pydoc_data.topics import topics
 
-    info = textdata.corpus_info("pretraining")
+    info = textdata.corpus_info("pretraining", "help_topics")
     paragraphs = lambda docs: {  # noqa: E731
         p for n in docs for p in topics[n].split("\n\n") if len(p) >= textdata.SHARED_PARAGRAPH
     }

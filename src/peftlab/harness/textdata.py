@@ -194,7 +194,7 @@ def stdlib_sources() -> list[str]:
 
 
 def _pretraining_documents(
-    split: str, corpus: str = "help_topics"
+    split: str, corpus: str = "stdlib"
 ) -> list[tuple[str, bytes]]:
     _check_corpus(corpus)
     docs = _help_topic_documents(split)
@@ -236,7 +236,7 @@ def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
-def pretraining_text(split: str = "train", corpus: str = "help_topics") -> torch.Tensor:
+def pretraining_text(split: str = "train", corpus: str = "stdlib") -> torch.Tensor:
     """A pretraining corpus (:data:`PRETRAINING_CORPORA`) as a 1-D uint8 tensor of UTF-8
     bytes.
 
@@ -282,7 +282,7 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
     return data
 
 
-def corpus_info(name: str, corpus: str = "help_topics") -> CorpusInfo:
+def corpus_info(name: str, corpus: str = "stdlib") -> CorpusInfo:
     """Provenance of ``"pretraining"`` (the given ``corpus``) or ``"downstream"``: source,
     Python version, sizes, documents."""
     if name == "pretraining" and corpus == "stdlib":
