@@ -142,6 +142,25 @@ def test_claim_accepts_tensors(book):
     assert c.measured == 2.0 and isinstance(c.measured, float)
 
 
+def test_claim_glues_integers_as_integers(book, monkeypatch):
+    glued = {}
+    monkeypatch.setattr(claims, "glue", lambda name, value, display=False: glued.__setitem__(name, value))
+    claims.claim("demo-count", torch.tensor(0), 0, relation="==", source="s", what="w")
+    claims.claim("demo-big", 6_738_415_616, np.int64(6_738_415_616), relation="==", source="s", what="w")
+    claims.claim("demo-real", 0.5, 1, relation="<", source="s", what="w")
+    assert glued == {"demo-count": 0, "demo-count-expected": 0, "demo-big": 6_738_415_616,
+                     "demo-big-expected": 6_738_415_616, "demo-real": 0.5, "demo-real-expected": 1}
+    assert [type(v) for v in glued.values()] == [int, int, int, int, float, int]
+
+
+def test_glued_ints_render_as_ints_in_the_prose():
+    """What ``{glue:text}`key``` and ``{glue:text}`key:,``` print for a glued value (myst-nb reads its repr)."""
+    variables = pytest.importorskip("myst_nb.core.variables")
+    assert variables.format_plain_text(repr(0), "") == "0"
+    assert variables.format_plain_text(repr(6_738_415_616), ",") == "6,738,415,616"
+    assert variables.format_plain_text(repr(0.0), "") == "0.0"  # why a count must not be glued as a float
+
+
 def test_figures_are_listed_in_book_order(book):
     (book / "_toc.yml").write_text(
         "root: intro\nparts:\n  - chapters:\n    - file: book/chapters/zeta\n    - file: book/chapters/alpha\n"

@@ -70,6 +70,13 @@ def _number(name: str, value: Any) -> float:
     return value
 
 
+def _glued(value: Any) -> int | float:
+    """The number as the prose gets it: an integer (a Python int, or an integer tensor or
+    NumPy scalar) stays an int, so ``{glue:text}`key``` reads "0", not "0.0"."""
+    value = value.item() if hasattr(value, "item") else value
+    return value if isinstance(value, int) else float(value)
+
+
 def format_number(x: float) -> str:
     """Whole numbers and numbers from 1,000 up in full with thousands separators
     (6,738,415,616, 9,250);
@@ -143,8 +150,8 @@ def claim(
     )
     path = output_dir("claims") / f"{key}.json"
     path.write_text(json.dumps(asdict(record), indent=1, sort_keys=True))
-    glue(key, m)
-    glue(f"{key}-expected", e)
+    glue(key, _glued(measured))
+    glue(f"{key}-expected", _glued(expected))
     if not passed:
         raise ClaimError(
             f"claim {key!r} failed: {what} — measured {record.measured_text}, "
