@@ -17,18 +17,19 @@ transformers = pytest.importorskip("transformers")
 
 from peftlab.adapter_io import load_adapter, save_adapter  # noqa: E402
 from peftlab.harness import pretrained  # noqa: E402
-from peftlab.lora import LoRALinear, add_lora, find_targets  # noqa: E402
+from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, find_targets  # noqa: E402
 from peftlab.merge4bit import (  # noqa: E402
     merge_lora_dequantized,
     merge_lora_requantized,
     merged_weight_4bit,
 )
-from peftlab.qlora import Linear4bit, quantize_model  # noqa: E402
+from peftlab.qlora import Linear4bit, bnb_cpu_skip_modules, quantize_model  # noqa: E402
 
-# bitsandbytes 0.50.2's CPU kernels mishandle the tiny model's down_proj (rows of 352 straddle
-# blocks of 64); the stack keeps it in 16 bits, as the chapter does.
-SKIP = ["lm_head", "down_proj"]
-QUANTIZED = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+BOOK_CONFIG = pretrained.tiny_llama_config(**pretrained.checkpoint_info()["config"])
+# bitsandbytes 0.50.2's CPU kernels mishandle rows that are not whole blocks of 64: such
+# layers stay in 16 bits beside lm_head, as in the chapter.
+SKIP = bnb_cpu_skip_modules(BOOK_CONFIG)
+QUANTIZED = [name for name in LLAMA_LINEARS if name not in SKIP]
 TRAINING_MODE_TOL = 1e-5  # float32 rounding: both compute the same float32 products
 
 
@@ -89,11 +90,58 @@ def inference_precision(model) -> float:
 
 TOKENS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
 
+WIDTHS = {
+    "intermediate 352 (the old book model)": dict(intermediate_size=352),
+    "hidden 192, intermediate 512": dict(
+        hidden_size=192,
+        intermediate_size=512,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+    ),
+    "hidden 96, intermediate 256": dict(
+        hidden_size=96,
+        intermediate_size=256,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+    ),
+}
+EXPECTED_SKIP = {
+    "intermediate 352 (the old book model)": ["lm_head", "down_proj"],
+    "hidden 192, intermediate 512": ["lm_head"],
+    "hidden 96, intermediate 256": ["lm_head", *LLAMA_LINEARS[:6]],
+}
+
+
+@pytest.mark.parametrize("widths", list(WIDTHS))
+def test_bnb_cpu_skip_modules_is_lm_head_and_the_layers_not_whole_blocks(widths):
+    config = pretrained.tiny_llama_config(**WIDTHS[widths])
+    skip = bnb_cpu_skip_modules(config)
+    assert skip == EXPECTED_SKIP[widths]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    not_whole = {
+        name.rpartition(".")[2]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.in_features % 64
+    }
+    assert skip[0] == "lm_head" and len(set(skip)) == len(skip)
+    assert set(skip) == {"lm_head"} | not_whole
+    assert bnb_cpu_skip_modules(model) == skip  # a model gives what its config gives
+
+
+def test_bnb_cpu_skip_modules_rejects_bad_input():
+    with pytest.raises(TypeError, match="model"):
+        bnb_cpu_skip_modules("llama")
+    with pytest.raises(ValueError, match="blocksize"):
+        bnb_cpu_skip_modules(nn.Linear(4, 4), blocksize=0)
+
 
 def test_stack_4bit_bytes_equal_peftlab_nf4_of_the_same_weights(checkpoint):
     stack, ours = load_stack(checkpoint), our_4bit_model()
     layers = bnb_layers(stack)
-    assert sorted(n.rpartition(".")[2] for n in layers) == sorted(QUANTIZED * 4)
+    assert sorted(n.rpartition(".")[2] for n in layers) == sorted(
+        QUANTIZED * BOOK_CONFIG.num_hidden_layers
+    )
     for name, layer in layers.items():
         state, q = layer.weight.quant_state, ours.get_submodule(name).weight
         assert torch.equal(layer.weight.data.view(-1), q.packed), name
@@ -116,7 +164,8 @@ def test_all_linear_names_equal_peft_on_the_4bit_model(checkpoint):
         if hasattr(m, "base_layer") and hasattr(m, "lora_A")
     ]
     assert sorted(ours) == sorted(theirs)
-    assert len(ours) == 28 and not any("lm_head" in n for n in ours)
+    assert len(ours) == len(LLAMA_LINEARS) * BOOK_CONFIG.num_hidden_layers
+    assert not any("lm_head" in n for n in ours)
 
 
 def _peft_stack(checkpoint, **lora):
