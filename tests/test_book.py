@@ -215,7 +215,7 @@ def test_every_listing_fits_the_page_width(chapter, path, options):
 
     from sphinx.directives.code import LiteralIncludeReader
 
-    filters = {k: v for k, v in options.items() if k in ("pyobject", "lines", "start-after", "end-before")}
+    filters = {k: v for k, v in options.items() if k in ("pyobject", "lines", "start-after", "start-at", "end-before")}
     code, _ = LiteralIncludeReader(path, filters, SimpleNamespace(source_encoding="utf-8-sig")).read()
     wide = [line for line in code.splitlines() if len(line) > PAGE_WIDTH]
     assert not wide, f"{chapter}: {len(wide)} lines of the listing of {path} are wider than {PAGE_WIDTH}: {wide[:2]}"

@@ -31,7 +31,7 @@ def tiny_study(monkeypatch):
 
 @pytest.fixture
 def recorded_tiny(tiny_study, tmp_path):
-    path = recorded.run_study("tiny", workers=1, out_dir=tmp_path, argv=["run", "tiny"])
+    path = recorded.run_study("tiny", 1, tmp_path / ".cache", tmp_path, argv=["run", "tiny"])
     return path
 
 
@@ -151,3 +151,10 @@ def test_a_run_records_validation_loss_grad_norms_and_its_updates_effective_rank
     assert row["first_grad_norm"] > 0 and row["mean_grad_norm"] > 0 and row["update_norm"] > 0
     assert set(row["effective_rank"]) == {"q_proj", "v_proj"}
     assert all(1.0 <= v <= TINY.r for v in row["effective_rank"].values())
+
+
+def test_the_command_line_lists_every_study_and_whether_it_is_recorded(capsys):
+    recorded.main(["list"])
+    out = capsys.readouterr().out
+    for name in studies.names():
+        assert f"{name}: " in out

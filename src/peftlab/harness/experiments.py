@@ -464,8 +464,9 @@ def _run(
 
 
 def effective_rank(matrix: torch.Tensor) -> float:
-    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007): how many
-    directions a matrix really uses, between 1 and its rank (0 for a zero matrix)."""
+    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007):
+    how many directions a matrix really uses, between 1 and its rank (0 for a zero
+    matrix)."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         raise TypeError("matrix must be a 2-D tensor")
     s = torch.linalg.svdvals(matrix.detach().double())

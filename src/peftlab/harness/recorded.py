@@ -45,6 +45,10 @@ from peftlab.harness import experiments, studies
 RUNS_DIR = Path(__file__).resolve().parents[1] / "data" / "runs"
 """Where recorded studies live: package data, so the rows travel with the package."""
 
+CACHE_DIR = Path(".peftlab-cache") / "runs"
+"""Where :func:`run_study` keeps each run as it finishes (relative to the current folder):
+outside the package, and reused when a study is run again."""
+
 CROSS_MACHINE_TOLERANCE = 1e-3
 """nats/byte a re-run may differ from its record when torch's version or the CPU's
 instruction set differs from the recording machine's: float32 kernels then round
@@ -103,14 +107,14 @@ def run_study(
     path.
 
     Runs go to ``workers`` processes of one thread each and are cached in ``cache_dir``
-    (default ``<out_dir>/.cache``), so an interrupted study resumes where it stopped. The
-    file is written once, at the end, atomically.
+    (default :data:`CACHE_DIR` under the current folder), so an interrupted study resumes
+    where it stopped. The file is written once, at the end, atomically.
     """
     study = studies.get(name)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     out_dir = Path(out_dir)
-    cache = str(Path(cache_dir) if cache_dir is not None else out_dir / ".cache")
+    cache = str(Path(cache_dir) if cache_dir is not None else CACHE_DIR)
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
@@ -278,13 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("study", choices=studies.names())
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--out", default=str(RUNS_DIR), help="folder for <study>.json")
+    run.add_argument("--cache", default=str(CACHE_DIR), help="folder for finished runs")
     check = sub.add_parser("verify", help="re-run a sample of a recorded study")
     check.add_argument("study", nargs="+", choices=studies.names())
     check.add_argument("--sample", type=int, default=3)
     sub.add_parser("list", help="the studies and how many runs each has recorded")
     args = parser.parse_args(argv)
     if args.action == "run":
-        path = run_study(args.study, args.workers, out_dir=args.out, argv=argv)
+        path = run_study(args.study, args.workers, args.cache, args.out, argv=argv)
         print(f"wrote {path}")
     elif args.action == "verify":
         for c in verify(args.study, args.sample):

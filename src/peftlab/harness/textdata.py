@@ -193,9 +193,7 @@ def stdlib_sources() -> list[str]:
     return sorted(found)
 
 
-def _pretraining_documents(
-    split: str, corpus: str = "stdlib"
-) -> list[tuple[str, bytes]]:
+def _pretraining_documents(split: str, corpus: str = "stdlib") -> list[tuple[str, bytes]]:
     _check_corpus(corpus)
     docs = _help_topic_documents(split)
     if corpus == "stdlib":
@@ -285,12 +283,13 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
 def corpus_info(name: str, corpus: str = "stdlib") -> CorpusInfo:
     """Provenance of ``"pretraining"`` (the given ``corpus``) or ``"downstream"``: source,
     Python version, sizes, documents."""
-    if name == "pretraining" and corpus == "stdlib":
-        fetch = lambda split: _pretraining_documents(split, "stdlib")  # noqa: E731
-        source = "CPython help topics and standard-library source files"
-    elif name == "pretraining":
+    if name == "pretraining":
         _check_corpus(corpus)
-        fetch, source = _pretraining_documents, "CPython help topics (pydoc_data.topics)"
+        fetch = lambda split: _pretraining_documents(split, corpus)  # noqa: E731
+        source = {
+            "help_topics": "CPython help topics (pydoc_data.topics)",
+            "stdlib": "CPython help topics and standard-library source files",
+        }[corpus]
     elif name == "downstream":
         fetch, source = _downstream_documents, "Python standard-library source files"
     else:
