@@ -60,21 +60,22 @@ def test_held_out_text_never_appears_in_train(pre):
         assert held[start : start + 200] not in train
 
 
-def test_downstream_is_stdlib_source(down):
-    root = Path(sysconfig.get_paths()["stdlib"])
+def test_downstream_is_cpythons_c_headers_split_by_whole_file(down):
+    root = Path(sysconfig.get_paths()["include"])
     info = textdata.corpus_info("downstream")
-    assert info.held_out_documents == textdata.DOWNSTREAM_HELD_OUT_FILES
+    headers = textdata.downstream_headers()
+    assert headers and all(h.endswith(".h") for h in headers)
+    assert list(info.held_out_documents) == headers[7::10]
     assert not set(info.train_documents) & set(info.held_out_documents)
-    first = (root / textdata.DOWNSTREAM_TRAIN_FILES[0]).read_bytes()
+    first = (root / info.train_documents[0]).read_bytes()
     assert bytes(down["train"][: len(first)].tolist()) == first
     assert down["held_out"].numel() == info.held_out_bytes
     assert info.python_version.count(".") == 2
 
 
-def test_downstream_text_names_a_standard_library_file_it_cannot_find(tmp_path, monkeypatch):
-    monkeypatch.setattr(textdata, "_stdlib_dir", lambda: tmp_path)  # a Python without its library sources
-    missing = tmp_path / textdata.DOWNSTREAM_HELD_OUT_FILES[0]
-    with pytest.raises(FileNotFoundError, match=re.escape(f"standard-library source file {missing} not found")):
+def test_downstream_text_says_how_to_install_missing_c_headers(tmp_path, monkeypatch):
+    monkeypatch.setattr(textdata, "_include_dir", lambda: tmp_path)  # a Python without its headers
+    with pytest.raises(FileNotFoundError, match="python3-dev"):
         textdata.downstream_text("held_out")
 
 
@@ -193,12 +194,13 @@ def test_spaced_windows_span_the_text(n_windows, seq_len):
         textdata.spaced_windows(data, 0, seq_len)
 
 
-def test_downstream_validation_files_are_apart_from_train_test_and_every_pretraining_split():
-    val = set(textdata.DOWNSTREAM_VALIDATION_FILES)
-    assert not val & set(textdata.DOWNSTREAM_TRAIN_FILES)
-    assert not val & set(textdata.DOWNSTREAM_HELD_OUT_FILES)
-    train = textdata.corpus_info("pretraining", "stdlib").train_documents
-    assert not val & set(train)
+def test_downstream_splits_are_disjoint_and_in_no_pretraining_corpus():
+    docs = {s: {n for n, _ in textdata._downstream_documents(s)} for s in ("train", "validation", "held_out")}
+    assert not docs["train"] & docs["validation"] and not docs["train"] & docs["held_out"]
+    assert not docs["validation"] & docs["held_out"]
+    assert set().union(*docs.values()) == set(textdata.downstream_headers())
+    pretraining = textdata.corpus_info("pretraining", "stdlib")
+    assert not any(d.endswith(".h") for d in pretraining.train_documents + pretraining.held_out_documents)
     assert textdata.downstream_text("validation").numel() > 20_000
     with pytest.raises(ValueError, match="split must be one of"):
         textdata.downstream_text("test")
@@ -211,7 +213,7 @@ def test_stdlib_corpus_splits_files_apart_and_leaves_out_tests_and_downstream_fi
     sources = set(textdata.stdlib_sources())
     assert sources <= train | held and len(sources) > 500
     assert not any(set(p.split("/")[:-1]) & textdata.STDLIB_EXCLUDED_DIRS for p in sources)
-    assert not sources & set(textdata.DOWNSTREAM_TRAIN_FILES + textdata.DOWNSTREAM_HELD_OUT_FILES)
+    assert not sources & set(textdata.PRETRAINING_EXCLUDED_FILES)
     assert 0.03 < info.held_out_bytes / (info.train_bytes + info.held_out_bytes) < 0.10
     with pytest.raises(ValueError, match="corpus must be one of"):
         textdata.pretraining_text("train", "wiki")

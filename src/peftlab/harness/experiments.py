@@ -44,7 +44,7 @@ from peftlab.memory import METHODS, Breakdown, measure_step
 from peftlab.paged import PagedAdamW
 from peftlab.qlora import prepare_qlora
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
 
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -247,6 +247,17 @@ def checkpoint_digest() -> str:
     return hashlib.sha256(pretrained.CHECKPOINT.read_bytes()).hexdigest()[:16]
 
 
+@lru_cache(maxsize=None)
+def data_digest() -> str:
+    """The first 16 hex digits of the SHA-256 of the downstream texts (all three splits)
+    and the pretraining held-out text: which data a run saw and was measured on."""
+    digest = hashlib.sha256()
+    for split in ("train", "validation", "held_out"):
+        digest.update(textdata.downstream_text(split).numpy().tobytes())
+    digest.update(_texts(None)["pretraining"].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def config_of(row: dict[str, Any]) -> RunConfig:
     """The :class:`RunConfig` a row was run with (a row holds every field)."""
     return RunConfig(**{f.name: row[f.name] for f in fields(RunConfig)})
@@ -258,6 +269,7 @@ def cache_key(config: RunConfig) -> str:
     payload = {
         "config": asdict(config.normalized()),
         "checkpoint": checkpoint_digest(),
+        "data": data_digest(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "version": CACHE_VERSION,

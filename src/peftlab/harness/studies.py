@@ -131,7 +131,7 @@ _STUDIES = (
             lambda rows: [
                 replace(BASE, targets=t, r=r, alpha=2.0 * r, lr=lr)
                 for t, r in PLACEMENTS
-                for lr in (1e-3, 3e-3, 1e-2)
+                for lr in (3e-3, 1e-2, 3e-2)
             ],
             _repeat_best(("targets",)),
         ),
@@ -141,7 +141,7 @@ _STUDIES = (
         "QLoRA (NF4 + double-quantized base) against LoRA on the float32 base, all "
         "linear layers, r = 8, at LoRA's tuned learning rate, five seeds",
         (
-            lambda rows: grid(replace(BASE, targets="all"), lr=[1e-3, 3e-3, 1e-2]),
+            lambda rows: grid(replace(BASE, targets="all"), lr=[3e-3, 1e-2, 3e-2]),
             lambda rows: grid(
                 replace(
                     BASE,
@@ -158,7 +158,7 @@ _STUDIES = (
         "full finetuning at its own tuned learning rate, three seeds: the reference for "
         "the update's effective rank and for forgetting",
         (
-            lambda rows: grid(replace(BASE, method="full"), lr=[1e-4, 3e-4, 1e-3]),
+            lambda rows: grid(replace(BASE, method="full"), lr=[3e-4, 1e-3, 3e-3]),
             _repeat_best(("method",)),
         ),
     ),
@@ -169,7 +169,7 @@ _STUDIES = (
         (
             lambda rows: [
                 replace(BASE, method=m, pretrained=False, lr=lr)
-                for m, lrs in (("lora", (1e-3, 3e-3, 1e-2)), ("full", (3e-4, 1e-3, 3e-3)))
+                for m, lrs in (("lora", (3e-3, 1e-2, 3e-2)), ("full", (3e-4, 1e-3, 3e-3)))
                 for lr in lrs
             ],
             _repeat_best(("method",)),

@@ -9,9 +9,11 @@ Real texts shipped with CPython, so nothing is downloaded:
   ``"help_topics"``, the CPython language reference help topics in
   :mod:`pydoc_data.topics` (English prose with code examples, about 0.45 MB), or
   ``"stdlib"``, those topics plus every standard-library source file outside the test
-  suites and the downstream files (about 12 MB of Python with English docstrings);
-- **downstream text**: a fixed list of the standard library's own source files (Python
-  code);
+  suites and :data:`PRETRAINING_EXCLUDED_FILES` (about 12 MB of Python with English
+  docstrings);
+- **downstream text**: CPython's C headers (``Include/``, installed with every CPython for
+  building extensions): a language the pretraining text does not contain, from the same
+  project, with its English comments;
 - **outside texts** (:func:`outside_text`): English licence texts and third-party Python
   source shipped in ``peftlab/data/held_out/``, of the same kinds as the pretraining text
   but from outside it.
@@ -48,7 +50,7 @@ when
 SHARED_PARAGRAPH = 60
 """Two topics sharing a paragraph at least this many characters long belong to one group."""
 
-DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
+PRETRAINING_EXCLUDED_FILES: tuple[str, ...] = (
     "difflib.py",
     "fractions.py",
     "statistics.py",
@@ -71,24 +73,21 @@ DOWNSTREAM_TRAIN_FILES: tuple[str, ...] = (
     "gettext.py",
     "operator.py",
     "bisect.py",
+    "textwrap.py",
+    "heapq.py",
+    "queue.py",
 )
-"""Standard-library source files (relative to ``Lib/``) used to train the downstream task."""
+"""Standard-library files (relative to ``Lib/``) left out of the ``"stdlib"`` corpus: an
+earlier edition of the book finetuned on them, and the shipped checkpoint was pretrained
+without them (its record holds the corpus's hash)."""
 
-DOWNSTREAM_HELD_OUT_FILES: tuple[str, ...] = ("textwrap.py", "heapq.py", "queue.py")
-"""Standard-library source files kept apart for the downstream held-out (test) loss."""
-
-DOWNSTREAM_VALIDATION_FILES: tuple[str, ...] = (
-    "copyreg.py",
-    "pkgutil.py",
-    "rlcompleter.py",
-    "types.py",
-)
-"""Standard-library source files for choosing settings (learning rates) without touching
-the test files: held out of the ``"stdlib"`` pretraining corpus too, so no model of the
-book has seen them."""
+DOWNSTREAM_EVERY = 10
+"""Downstream split of the C headers, sorted by path: header ``i`` is *validation* when
+``i % 10 == 3``, *held out* when ``i % 10 == 7``, else training text."""
 
 _SPLITS = ("train", "held_out")
 _DOWNSTREAM_SPLITS = ("train", "validation", "held_out")
+_DOWNSTREAM_SLOT = {"validation": 3, "held_out": 7}
 
 PRETRAINING_CORPORA = ("help_topics", "stdlib")
 """Names accepted by :func:`pretraining_text`'s ``corpus``."""
@@ -177,10 +176,10 @@ def _help_topic_documents(split: str) -> list[tuple[str, bytes]]:
 
 def stdlib_sources() -> list[str]:
     """The standard-library ``.py`` files of the ``"stdlib"`` corpus, relative to ``Lib/``
-    and sorted: all but those under :data:`STDLIB_EXCLUDED_DIRS` and the downstream
-    files."""
+    and sorted: all but those under :data:`STDLIB_EXCLUDED_DIRS` and
+    :data:`PRETRAINING_EXCLUDED_FILES`."""
     root = _stdlib_dir()
-    downstream = set(DOWNSTREAM_TRAIN_FILES) | set(DOWNSTREAM_HELD_OUT_FILES)
+    downstream = set(PRETRAINING_EXCLUDED_FILES)
     found = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
@@ -211,22 +210,34 @@ def _stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _include_dir() -> Path:
+    return Path(sysconfig.get_paths()["include"])
+
+
+def downstream_headers() -> list[str]:
+    """CPython's C headers, relative to its include folder and sorted: the downstream
+    corpus (``FileNotFoundError`` where they are not installed)."""
+    root = _include_dir()
+    found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.h"))
+    if not found:
+        raise FileNotFoundError(
+            f"CPython's C headers (the downstream text) not found in {root}; install "
+            "Python's development headers (on Debian: python3-dev)"
+        )
+    return found
+
+
+def _downstream_split(index: int) -> str:
+    slot = index % DOWNSTREAM_EVERY
+    return next((s for s, n in _DOWNSTREAM_SLOT.items() if n == slot), "train")
+
+
 def _downstream_documents(split: str) -> list[tuple[str, bytes]]:
-    files = {
-        "train": DOWNSTREAM_TRAIN_FILES,
-        "validation": DOWNSTREAM_VALIDATION_FILES,
-        "held_out": DOWNSTREAM_HELD_OUT_FILES,
-    }[split]
-    root = _stdlib_dir()
-    docs = []
-    for rel in files:
-        path = root / rel
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"standard-library source file {path} not found (downstream corpus)"
-            )
-        docs.append((rel, path.read_bytes()))
-    return docs
+    root = _include_dir()
+    files = [
+        r for i, r in enumerate(downstream_headers()) if _downstream_split(i) == split
+    ]
+    return [(rel, (root / rel).read_bytes()) for rel in files]
 
 
 def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
@@ -263,8 +274,7 @@ def outside_text(kind: str) -> torch.Tensor:
 
 
 def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch.Tensor:
-    """Standard-library Python source as a 1-D uint8 tensor of bytes (the downstream
-    task).
+    """CPython's C headers as a 1-D uint8 tensor of bytes (the downstream task).
 
     ``split`` is ``"train"``, ``"validation"`` (for choosing settings) or ``"held_out"``
     (the test text, reported but never used to choose). ``max_bytes`` keeps only the
@@ -291,7 +301,7 @@ def corpus_info(name: str, corpus: str = "stdlib") -> CorpusInfo:
             "stdlib": "CPython help topics and standard-library source files",
         }[corpus]
     elif name == "downstream":
-        fetch, source = _downstream_documents, "Python standard-library source files"
+        fetch, source = _downstream_documents, "CPython's C headers (Include/)"
     else:
         raise ValueError(f"name must be 'pretraining' or 'downstream', got {name!r}")
     train, held = fetch("train"), fetch("held_out")
