@@ -195,7 +195,7 @@ def test_spaced_windows_span_the_text(n_windows, seq_len):
 
 
 def test_downstream_splits_are_disjoint_and_in_no_pretraining_corpus():
-    docs = {s: {n for n, _ in textdata._downstream_documents(s)} for s in ("train", "validation", "held_out")}
+    docs = {s: set(textdata.downstream_files(s)) for s in ("train", "validation", "held_out")}
     assert not docs["train"] & docs["validation"] and not docs["train"] & docs["held_out"]
     assert not docs["validation"] & docs["held_out"]
     assert set().union(*docs.values()) == set(textdata.downstream_headers())

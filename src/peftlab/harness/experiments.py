@@ -5,7 +5,7 @@ Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md).
 
 One run (:func:`finetune`) adapts the shipped checkpoint
 (:func:`peftlab.harness.pretrained.load_pretrained`) to the downstream text
-(standard-library Python source, :mod:`peftlab.harness.textdata`) with full finetuning,
+(CPython's C headers, :mod:`peftlab.harness.textdata`) with full finetuning,
 LoRA or QLoRA, and returns one row: its settings and its measured losses. The same loop
 serves the rank/α sweeps and the QLoRA chapter's three-way comparison (*QLoRA*,
 book/chapters/qlora.md), whose recipe :func:`qlora_recipe` spells out. :func:`sweep` runs

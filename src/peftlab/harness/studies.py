@@ -6,7 +6,7 @@ re-checked by :mod:`peftlab.harness.recorded`.
 Each study is a list of stages. A stage is a function of the rows recorded so far that
 returns the next runs, so a study can first tune the learning rate on seed 0 and then
 repeat the best one on more seeds. Learning rates are always chosen on the downstream
-*validation* text (:data:`peftlab.harness.textdata.DOWNSTREAM_VALIDATION_FILES`), never
+*validation* headers (:data:`peftlab.harness.textdata.DOWNSTREAM_EVERY`), never
 on the held-out text the chapters report.
 """
 
