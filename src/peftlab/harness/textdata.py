@@ -232,12 +232,18 @@ def _downstream_split(index: int) -> str:
     return next((s for s, n in _DOWNSTREAM_SLOT.items() if n == slot), "train")
 
 
+def downstream_files(split: str) -> list[str]:
+    """The headers of one downstream split (``"train"``, ``"validation"``, ``"held_out"``):
+    see :data:`DOWNSTREAM_EVERY`."""
+    if split not in _DOWNSTREAM_SPLITS:
+        raise ValueError(f"split must be one of {_DOWNSTREAM_SPLITS}, got {split!r}")
+    headers = downstream_headers()
+    return [r for i, r in enumerate(headers) if _downstream_split(i) == split]
+
+
 def _downstream_documents(split: str) -> list[tuple[str, bytes]]:
     root = _include_dir()
-    files = [
-        r for i, r in enumerate(downstream_headers()) if _downstream_split(i) == split
-    ]
-    return [(rel, (root / rel).read_bytes()) for rel in files]
+    return [(rel, (root / rel).read_bytes()) for rel in downstream_files(split)]
 
 
 def _join(docs: list[tuple[str, bytes]]) -> torch.Tensor:
