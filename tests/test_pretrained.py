@@ -111,7 +111,8 @@ def test_shipped_model_has_not_overfit_and_scores_below_1_6_nats_per_byte_on_out
 
 def test_brief_retraining_makes_the_loss_fall():
     model, record = pretrained.pretrain(
-        steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=40, eval_windows=16, progress=False
+        steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=40, eval_windows=16, progress=False,
+        final_eval_windows=16,
     )
     assert record["untrained_held_out_loss"] > 5.0
     assert record["final_held_out_loss"] < record["untrained_held_out_loss"] - 1.5
@@ -119,7 +120,8 @@ def test_brief_retraining_makes_the_loss_fall():
 
 
 def test_pretraining_is_deterministic_for_a_seed():
-    kw = dict(steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=3, eval_windows=2, progress=False)
+    kw = dict(steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=3, eval_windows=2, final_eval_windows=2,
+              progress=False)
     a, _ = pretrained.pretrain(seed=1, **kw)
     b, _ = pretrained.pretrain(seed=1, **kw)
     c, _ = pretrained.pretrain(seed=2, **kw)
@@ -158,10 +160,11 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_a_tenth():
 def test_cli_writes_a_loadable_checkpoint_atomically(tmp_path, restore_torch_globals):
     out = tmp_path / "m.safetensors"
     pretrained.main(["--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-                     "--warmup", "1", "--eval-every", "2", "--threads", "1", "--no-progress"])
+                     "--warmup", "1", "--eval-every", "2", "--threads", "1", "--final-eval-windows", "2",
+                     "--no-progress"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
     info = pretrained.checkpoint_info(out)
-    assert info["command"].endswith("--threads 1 --no-progress") and info["settings"]["steps"] == 2
+    assert info["command"].endswith("--final-eval-windows 2 --no-progress") and info["settings"]["steps"] == 2
     loaded = pretrained.load_pretrained(out)
     assert loaded.config.hidden_size == pretrained.TINY_LLAMA["hidden_size"]
 
