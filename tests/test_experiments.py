@@ -169,7 +169,7 @@ def test_cached_run_returns_the_same_row_and_its_adapter_and_bad_cache_dirs_are_
     adapter = E.load_run_adapter(second, tmp_path)
     with pytest.raises(ValueError, match="cache_dir is needed"):
         E.load_run_adapter(second)  # the adapter of a cached row lives on disk
-    assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, 128)
+    assert adapter["model.layers.0.self_attn.q_proj.lora_A"].shape == (cfg.r, pretrained.TINY_LLAMA["hidden_size"])
     assert not list(tmp_path.glob("*.tmp"))
     full = E.finetune(E.RunConfig(method="full", **TINY), tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="only LoRA and QLoRA runs"):
