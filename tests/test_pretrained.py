@@ -90,6 +90,13 @@ def test_shipped_checkpoint_is_small_and_documented_with_the_hashes_of_its_data(
         assert hashes[kind] == pretrained._sha256(textdata.outside_text(kind))
 
 
+def test_shipped_record_settings_are_those_of_its_own_command_line():
+    info = pretrained.checkpoint_info()
+    args = pretrained.command_line().parse_args(info["command"].split()[3:])
+    for key in (*pretrained.PRETRAIN_DEFAULTS, "threads", "eval_every", "eval_windows", "final_eval_windows"):
+        assert info["settings"][key] == getattr(args, key), key
+
+
 def test_shipped_checkpoint_scores_its_record_on_outside_text_far_below_untrained(model):
     text = textdata.outside_text("english")
     info = pretrained.checkpoint_info()
@@ -165,6 +172,7 @@ def test_cli_writes_a_loadable_checkpoint_atomically(tmp_path, restore_torch_glo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
     info = pretrained.checkpoint_info(out)
     assert info["command"].endswith("--final-eval-windows 2 --no-progress") and info["settings"]["steps"] == 2
+    assert (info["settings"]["eval_every"], info["settings"]["eval_windows"], info["settings"]["final_eval_windows"]) == (2, 64, 2)
     loaded = pretrained.load_pretrained(out)
     assert loaded.config.hidden_size == pretrained.TINY_LLAMA["hidden_size"]
 

@@ -337,8 +337,9 @@ def save_checkpoint(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m peftlab.harness.pretrained --out PATH [--steps N ...]``."""
+def command_line() -> argparse.ArgumentParser:
+    """The parser of ``python -m peftlab.harness.pretrained`` (also reads a record's
+    ``command`` back)."""
     parser = argparse.ArgumentParser(
         description="Pretrain the tiny byte-level LLaMA on the standard library's text."
     )
@@ -378,7 +379,12 @@ def main(argv: list[str] | None = None) -> None:
         help="windows of the last evaluation (default: the whole texts)",
     )
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m peftlab.harness.pretrained --out PATH [--steps N ...]``."""
+    args = command_line().parse_args(argv)
     import transformers
 
     # Determinism: fixed thread count and deterministic kernels make reruns bit-identical
@@ -408,6 +414,10 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             **settings,
             "threads": args.threads,
+            "eval_every": args.eval_every,
+            # None: each text whole (the final evaluation's default).
+            "eval_windows": args.eval_windows,
+            "final_eval_windows": args.final_eval_windows,
             "optimizer": "AdamW(betas=(0.9, 0.95))",
             "schedule": "linear warm-up, cosine to 10 %",
             "grad_clip": 1.0,
