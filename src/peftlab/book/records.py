@@ -10,6 +10,9 @@ it in the chapter's *Measured on a GPU* section, with the device, CUDA, library 
 and date in the caption (the memory, rank/α, NF4 and paged chapters).
 
 Note: a record is plain JSON (no pickle): a file a reader may receive and open safely.
+Note: unlike the recorded CPU studies (:mod:`peftlab.harness.recorded`), a record is not
+re-run by every build: a CPU cannot re-run a GPU, and timings and memory peaks are not
+bit-reproducible. The build checks its shape and provenance; each GPU check re-measures.
 """
 
 from __future__ import annotations
