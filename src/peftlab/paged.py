@@ -16,7 +16,10 @@ here the mechanism is explicit:
   pages to host until the spike fits, or refuses (:class:`PoolMemoryError`) before
   changing anything.
 - :class:`PagedAdamW` takes the same steps as ``torch.optim.AdamW``; its two state tensors
-  are paged in, one page at a time, for each update.
+  are paged in, one page at a time, for each update. With ``optim_bits=8`` it takes
+  bitsandbytes' ``AdamW8bit`` steps instead, its states kept as 8-bit codes and one
+  float32 absmax per block of 256, paged the same way (the chapter *LoRA variants*,
+  book/chapters/variants.md; :func:`state_bytes` counts them).
 """
 
 from __future__ import annotations
