@@ -592,7 +592,7 @@ class PagedAdamW(torch.optim.Optimizer):
             ``optim_bits``).
         min_8bit_size: with ``optim_bits=8``, parameters with fewer elements keep 32-bit
             states (bitsandbytes' ``min_8bit_size``, default 4096): their states are
-            small, and quantization error hurts most there (norms, biases).
+            small (norms, biases), so 8 bits would save little.
 
     The 8-bit states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
     Quantization"), as bitsandbytes 0.50.2 keeps them: ``exp_avg`` (m) in the signed
