@@ -198,7 +198,7 @@ def test_unknown_method_lists_the_known_ones():
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(batch=0), ValueError, "batch must be a positive int"), (dict(seq=-1), ValueError, "seq must"),
     (dict(r=0), ValueError, "r must"), (dict(n_gpus=0), ValueError, "n_gpus must"),
-    (dict(seq=1.5), TypeError, "seq must"), (dict(optimizer_bits=8), ValueError, "optimizer_bits must"),
+    (dict(seq=1.5), TypeError, "seq must"), (dict(optimizer_bits=4), ValueError, "optimizer_bits must"),
     (dict(target_modules=["lm_head"]), ValueError, "target_modules must"),
     (dict(target_modules=[]), ValueError, "target_modules must"), (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
     (dict(device="tpu"), ValueError, "device must be 'cuda' or 'cpu'"),

@@ -87,13 +87,29 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def _default_code(device: str) -> torch.Tensor:
-    return dynamic_map(True).to(device)
+def _default_code(device: str, signed: bool = True) -> torch.Tensor:
+    return dynamic_map(signed).to(device)
 
 
 @lru_cache(maxsize=8)
-def _default_lut(device: str) -> torch.Tensor:
-    return _build_lut(dynamic_map(True)).to(device)
+def _default_lut(device: str, signed: bool = True) -> torch.Tensor:
+    return _build_lut(dynamic_map(signed)).to(device)
+
+
+def _lut_for(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The lookup table of ``code`` (default: the signed dynamic map).
+
+    Note: building a table takes milliseconds; an 8-bit optimizer quantizes its two states
+    (signed and unsigned dynamic maps, see peftlab.paged) at every step, chunk by chunk,
+    so the tables of both dynamic maps are cached and recognised by value.
+    """
+    if code is None:
+        return _default_lut(str(device))
+    code = _check_code(code, device)
+    for signed in (True, False):
+        if torch.equal(code, _default_code(str(device), signed)):
+            return _default_lut(str(device), signed)
+    return _build_lut(code).to(device)
 
 
 def _build_lut(code: torch.Tensor) -> torch.Tensor:
@@ -210,11 +226,7 @@ def quantize_8bit(
     if A.numel() == 0:
         raise ValueError("A must not be empty")
     blocksize = _check_blocksize_8bit(blocksize, "blocksize")
-    lut = (
-        _default_lut(str(A.device))
-        if code is None
-        else _build_lut(_check_code(code, A.device)).to(A.device)
-    )
+    lut = _lut_for(code, A.device)
     x = A.detach().reshape(-1)
     if shift is not None and (
         not isinstance(shift, torch.Tensor)

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from peftlab import _deprecated
 from peftlab.checks import positive_int
 from peftlab.lora import LLAMA_LINEARS
-from peftlab.paged import DEFAULT_PAGE_BYTES
+from peftlab.paged import DEFAULT_PAGE_BYTES, state_bytes
 
 __all__ = [
     "COMPONENTS",
@@ -123,6 +123,24 @@ class LlamaShape:
     def linear_params(self) -> int:
         """Parameters in the blocks' linear layers (what QLoRA quantizes)."""
         return self.n_layers * sum(o * i for o, i in self.block_linears().values())
+
+    def trained_numels(
+        self, method: str, r: int = 64, targets: Iterable[str] = LLAMA_LINEARS
+    ) -> list[int]:
+        """Elements of each trained tensor: every parameter tensor for ``"full"``, the
+        LoRA ``A`` (r × in) and ``B`` (out × r) of ``targets`` in every block otherwise.
+
+        Note: 8-bit optimizer states depend on each tensor's size (one absmax per block of
+        256; tensors below 4096 elements keep 32-bit states), not only on the total.
+        """
+        if method == "full":
+            embeddings = [self.vocab * self.d_model] * (1 if self.tied_embeddings else 2)
+            block = [o * i for o, i in self.block_linears().values()]
+            norms = [self.d_model] * 2
+            return embeddings + (block + norms) * self.n_layers + [self.d_model]
+        linears = self.block_linears()
+        adapters = [n for t in targets for n in (r * linears[t][1], linears[t][0] * r)]
+        return adapters * self.n_layers
 
     def lora_params(self, r: int, targets: Iterable[str] = LLAMA_LINEARS) -> int:
         """LoRA parameters with rank ``r`` on ``targets`` of every block: r × (in + out)
@@ -364,10 +382,14 @@ def estimate(
             (default: r=64 on all seven linear layers).
         dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to it,
             ``lora_dtype`` (the adapters and their gradients) too.
-        optimizer_bits: 32 (default) or 16 — Adam's two states per trained parameter,
+        optimizer_bits: 32 (default), 16 or 8 — Adam's two states per trained parameter,
             updated page by page as a paged AdamW does (``torch.optim.AdamW`` with
             ``foreach=True`` briefly needs a temporary as large as all its states, which
-            is not counted).
+            is not counted). 8 counts bitsandbytes' ``AdamW8bit`` states as
+            :class:`peftlab.paged.PagedAdamW` with ``optim_bits=8`` keeps them
+            (:func:`peftlab.paged.state_bytes`, tensor by tensor: one byte per element and
+            one float32 absmax per block of 256, per state; tensors below 4096 elements
+            keep 32-bit states).
         master_weights: keep a float32 copy of every trained parameter stored in fewer
             than 32 bits (mixed precision's "master weights"; ``torch.amp`` with float32
             parameters needs none). Counted with the optimizer states, as ZeRO does: 4
@@ -396,8 +418,8 @@ def estimate(
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     for value, name in ((r, "r"), (batch, "batch"), (seq, "seq"), (n_gpus, "n_gpus")):
         positive_int(value, name)
-    if optimizer_bits not in (32, 16):
-        raise ValueError(f"optimizer_bits must be 32 or 16, got {optimizer_bits!r}")
+    if isinstance(optimizer_bits, bool) or optimizer_bits not in (32, 16, 8):
+        raise ValueError(f"optimizer_bits must be 32, 16 or 8, got {optimizer_bits!r}")
     if not isinstance(master_weights, bool):
         raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
     if (
@@ -438,7 +460,12 @@ def estimate(
             lora_weights=wl * lora_params,
         )
     parts["gradients"] = trained_bytes * trained
-    parts["optimizer_states"] = state * trained
+    if optimizer_bits == 8:
+        parts["optimizer_states"] = sum(
+            state_bytes(n, 8) for n in shape.trained_numels(method, r, targets)
+        )
+    else:
+        parts["optimizer_states"] = state * trained
     if master_weights and trained_bytes < 4:
         parts["optimizer_states"] += 4 * trained
     if n_gpus > 1:
@@ -470,7 +497,9 @@ def estimate(
         largest = shape.vocab * shape.d_model
     else:
         largest = max(r * max(o, i) for o, i in (linears[t] for t in targets))
-    update = 2 * min(largest * optimizer_bits // 8, DEFAULT_PAGE_BYTES)
+    # the temporaries are in the states' dtype; 8-bit states are dequantized to float32
+    temporary = 4 if optimizer_bits == 8 else optimizer_bits // 8
+    update = 2 * min(largest * temporary, DEFAULT_PAGE_BYTES)
     parts["activations"] = max(activations, update)
     return Breakdown(**parts)
 

@@ -16,7 +16,10 @@ here the mechanism is explicit:
   pages to host until the spike fits, or refuses (:class:`PoolMemoryError`) before
   changing anything.
 - :class:`PagedAdamW` takes the same steps as ``torch.optim.AdamW``; its two state tensors
-  are paged in, one page at a time, for each update.
+  are paged in, one page at a time, for each update. With ``optim_bits=8`` it takes
+  bitsandbytes' ``AdamW8bit`` steps instead, its states kept as 8-bit codes and one
+  float32 absmax per block of 256, paged the same way (the chapter *LoRA variants*,
+  book/chapters/variants.md; :func:`state_bytes` counts them).
 """
 
 from __future__ import annotations
@@ -33,20 +36,51 @@ import torch
 
 from peftlab import _deprecated
 from peftlab.checks import positive_int
+from peftlab.double_quant import _default_code, dequantize_8bit, quantize_8bit
 
 __all__ = [
     "DEFAULT_PAGE_BYTES",
+    "MIN_8BIT_SIZE",
+    "OPTIM_BITS",
+    "STATE_BLOCKSIZE",
     "Event",
     "PagePool",
     "PagedAdamW",
     "PagedTensor",
     "PoolMemoryError",
     "PoolStats",
+    "state_bytes",
 ]
 
 #: Default page size, 2 MiB (a common GPU large-page size). Note: smaller pages evict closer to what a spike
 #: needs but cost more copies and more Python per update; the chapter uses 64 KiB for its tiny model.
 DEFAULT_PAGE_BYTES = 2 * 1024 * 1024
+
+#: The bits per element of PagedAdamW's states (``optim_bits``).
+OPTIM_BITS = (32, 8)
+#: Elements per absmax block of an 8-bit state (bitsandbytes' optimizers: 256).
+STATE_BLOCKSIZE = 256
+#: bitsandbytes' ``min_8bit_size``: parameters with fewer elements keep 32-bit states.
+MIN_8BIT_SIZE = 4096
+
+
+def state_bytes(
+    numel: int, optim_bits: int = 32, min_8bit_size: int = MIN_8BIT_SIZE
+) -> int:
+    """Bytes of :class:`PagedAdamW`'s two states for a float32 (or 16-bit) parameter of
+    ``numel`` elements: ``8 * numel`` in 32 bits; in 8 bits, ``2 * numel`` codes plus two
+    float32 absmax per block of :data:`STATE_BLOCKSIZE`, unless ``numel <
+    min_8bit_size`` (then 32-bit, as bitsandbytes does).
+
+    The one count of the states' bytes: :func:`peftlab.memory.estimate` adds it up over
+    the trained tensors, and the pool's bytes equal it (tests/test_paged8bit.py).
+    """
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
+    _check_optim_bits(optim_bits, min_8bit_size)
+    if optim_bits == 32 or numel < min_8bit_size:
+        return 2 * 4 * numel
+    return 2 * (numel + 4 * -(-numel // STATE_BLOCKSIZE))
 
 
 class PoolMemoryError(MemoryError):
@@ -248,13 +282,25 @@ class PagePool:
     # -- pages
     # ---------------------------------------------------------------------------------
     def zeros(
-        self, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32
+        self,
+        shape: Sequence[int] | torch.Size,
+        dtype: torch.dtype = torch.float32,
+        *,
+        page_numel: int | None = None,
     ) -> PagedTensor:
         """A zero-filled :class:`PagedTensor`; its pages start on the device (evicting
-        others if needed)."""
+        others if needed).
+
+        ``page_numel``: elements per page (default ``page_bytes // element_size``). The
+        8-bit optimizer states pass a multiple of their block size: a block is
+        quantized as a whole, so it must not straddle two pages.
+        """
         shape = torch.Size(shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        page_numel = max(self.page_bytes // itemsize, 1)
+        if page_numel is None:
+            page_numel = max(self.page_bytes // itemsize, 1)
+        else:
+            page_numel = positive_int(page_numel, "page_numel", "elements")
         numel = math.prod(shape)
         sizes = [min(page_numel, numel - start) for start in range(0, numel, page_numel)]
         if sizes:
@@ -269,9 +315,12 @@ class PagePool:
         self._record("alloc")
         return PagedTensor(self, shape, dtype, pages)
 
-    def from_tensor(self, tensor: torch.Tensor) -> PagedTensor:
-        """A :class:`PagedTensor` holding a copy of ``tensor``."""
-        paged = self.zeros(tensor.shape, tensor.dtype)
+    def from_tensor(
+        self, tensor: torch.Tensor, *, page_numel: int | None = None
+    ) -> PagedTensor:
+        """A :class:`PagedTensor` holding a copy of ``tensor`` (``page_numel``: as for
+        :meth:`zeros`)."""
+        paged = self.zeros(tensor.shape, tensor.dtype, page_numel=page_numel)
         flat = tensor.detach().reshape(-1)
         start = 0
         for page in paged.pages:
@@ -502,30 +551,101 @@ def _check_hyperparameters(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
-class PagedAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) whose two state tensors live in a :class:`PagePool`.
+def _check_optim_bits(optim_bits: Any, min_8bit_size: Any) -> None:
+    if isinstance(optim_bits, bool) or not isinstance(optim_bits, int):
+        raise TypeError(
+            f"optim_bits must be an int, 8 or 32, got {type(optim_bits).__name__} {optim_bits!r}"
+        )
+    if optim_bits not in OPTIM_BITS:
+        raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int):
+        raise TypeError(
+            f"min_8bit_size must be an int number of elements, got {type(min_8bit_size).__name__}"
+        )
+    if min_8bit_size < 0:
+        raise ValueError(f"min_8bit_size must be >= 0, got {min_8bit_size}")
 
-    Takes the same steps as ``torch.optim.AdamW`` with the same arguments (its
-    single-tensor path: the same operations in the same order), whether or not states were
-    paged out in between.
+
+# The keys of a parameter's paged states: 32-bit (torch.optim.AdamW's names) or 8-bit (one
+# uint8 code per element and one float32 absmax per block of STATE_BLOCKSIZE, per state).
+_KEYS_32 = ("exp_avg", "exp_avg_sq")
+_KEYS_8 = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose two state tensors live in a :class:`PagePool`,
+    in 32 or 8 bits.
+
+    With ``optim_bits=32`` (default) it takes the same steps as ``torch.optim.AdamW`` with
+    the same arguments (its single-tensor path: the same operations in the same order),
+    whether or not states were paged out in between. With ``optim_bits=8`` it takes
+    bitsandbytes' ``AdamW8bit`` steps (below). The paging is explained in the chapter
+    *Paged optimizers* (book/chapters/paged.md), the 8-bit states in the chapter *LoRA
+    variants* (book/chapters/variants.md).
 
     Args: params, lr, betas, eps, weight_decay: as for ``torch.optim.AdamW`` (same
         defaults).
         pool: where the states live. Default: a pool on the parameters' device whose
             capacity is the free device memory on CUDA, and unlimited on cpu (then nothing
             is ever paged).
+        optim_bits: 32 or 8, the bits per element of each state (bitsandbytes'
+            ``optim_bits``).
+        min_8bit_size: with ``optim_bits=8``, parameters with fewer elements keep 32-bit
+            states (bitsandbytes' ``min_8bit_size``, default 4096): their states are
+            small (norms, biases), so 8 bits would save little.
+
+    The 8-bit states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    Quantization"), as bitsandbytes 0.50.2 keeps them: ``exp_avg`` (m) in the signed
+    dynamic map and ``exp_avg_sq`` (v) in the unsigned one
+    (:func:`peftlab.double_quant.dynamic_map`), each as one uint8 code per element plus one
+    float32 absmax per block of :data:`STATE_BLOCKSIZE` = 256 elements: 2 + 8/256 bytes per
+    parameter instead of 8 (:func:`state_bytes`). One step of a parameter, exactly as
+    bitsandbytes' CPU kernel (``backends/cpu/ops.py``, ``_optimizer_update_8bit_blockwise_cpu``)
+    runs it, block-aligned chunk by chunk (Adam is elementwise and blocks are
+    independent, so chunks give the same bits as the whole tensor):
+
+    1. dequantize: ``m = signed[codes_m] * absmax_m[block]``,
+       ``v = unsigned[codes_v] * absmax_v[block]`` in float32 (the absmax of the last step);
+    2. ``m = m * beta1 + (1 - beta1) * g``; ``v = v * beta2 + (1 - beta2) * g * g``
+       (``mul_`` then ``add_``/``addcmul_``, not torch's ``lerp_``), g in float32;
+    3. ``denom = sqrt(v) / sqrt(1 - beta2**t) + eps`` (eps outside the bias correction,
+       as in torch's AdamW);
+    4. decoupled weight decay ``p *= 1 - lr * weight_decay`` (if weight_decay > 0), then
+       ``p -= lr / (1 - beta1**t) * m / denom``, in float32 and rounded once to p's dtype;
+    5. requantize m and v: each block's new absmax is its largest ``|value|``, each value
+       ``x / absmax`` gets a code through bitsandbytes' CPU lookup table
+       (:func:`peftlab.double_quant.quantize_8bit`, byte-identical).
+
+    With ``optim_bits=8``, parameters below ``min_8bit_size`` take bitsandbytes' 32-bit
+    CPU step instead (``_optimizer_update_32bit_cpu``): float32 states and ``p -= lr *
+    sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps * sqrt(1 - beta2**t))``, the
+    same AdamW in another order of roundings than torch's. So the whole optimizer takes
+    ``bitsandbytes.optim.AdamW8bit``'s steps bit for bit on a CPU (tests/test_paged8bit.py).
 
     Note: Adam is elementwise, so each update runs page by page on slices of the parameter
-    and gradient: only one page of each state needs to be resident at a time, and
-    temporaries are page-sized.
-    Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does), so
-    checkpoints load in either.
-    Note: states are float32 for 16-bit parameters (float16, bfloat16), as in
+    and gradient: only one page of each state (for 8 bits: of codes and of absmax) needs to
+    be resident at a time, and temporaries are page-sized (for 8 bits, the dequantized
+    float32 states are at most ``page_bytes`` each).
+    Note: ``state_dict()`` holds ordinary tensors (as ``torch.optim.AdamW``'s does): 32-bit
+    states under ``exp_avg``/``exp_avg_sq`` (so checkpoints load in either), 8-bit ones as
+    uint8 ``exp_avg_codes``/``exp_avg_sq_codes`` (shaped like the parameter) and float32
+    ``exp_avg_absmax``/``exp_avg_sq_absmax`` (one per block). A state's keys decide its
+    format when loaded.
+    Note: 32-bit states are float32 for 16-bit parameters (float16, bfloat16), as in
     bitsandbytes' 32-bit optimizers: the update of such a parameter is computed in float32
     and written back rounded to its dtype once per step. (States in float16 overflow:
     ``v`` holds squared gradients, and ``1 - beta2`` = 1e-3 is near float16's
-    resolution.) float32 and float64 parameters keep states of their own dtype and take
-    ``torch.optim.AdamW``'s steps exactly.
+    resolution.) With ``optim_bits=32``, float32 and float64 parameters keep states of
+    their own dtype and take ``torch.optim.AdamW``'s steps exactly; with ``optim_bits=8``
+    every update is computed in float32, as bitsandbytes computes it (a float64
+    parameter is rounded through float32 at each step).
+    Note: 8-bit states cannot hold NaN or inf (a block's absmax would be lost); a step
+    whose gradients are not finite is refused before anything changes (bitsandbytes
+    would store meaningless codes).
+    Note: bitsandbytes' CUDA kernel quantizes the new states by a search for the nearest
+    code, its CPU kernel (and this class) by the lookup table; the two differ where a
+    value falls near the midpoint of two codes. bitsandbytes 0.50.2's ``AdamW8bit`` has no
+    ``percentile_clipping`` and passes no ``max_unorm``: neither is implemented here.
     """
 
     def __init__(
@@ -536,8 +656,13 @@ class PagedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         pool: PagePool | None = None,
+        *,
+        optim_bits: int = 32,
+        min_8bit_size: int = MIN_8BIT_SIZE,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
+        _check_optim_bits(optim_bits, min_8bit_size)
+        self.optim_bits, self.min_8bit_size = optim_bits, min_8bit_size
         super().__init__(
             params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         )
@@ -564,9 +689,64 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def state_dtype(dtype: torch.dtype) -> torch.dtype:
-        """The dtype of the AdamW states of a parameter of ``dtype``: float32 for 16-bit
-        parameters (as bitsandbytes' 32-bit optimizers keep them), else ``dtype``."""
+        """The dtype of the 32-bit AdamW states of a parameter of ``dtype`` with
+        ``optim_bits=32``: float32 for 16-bit parameters (as bitsandbytes' 32-bit
+        optimizers keep them), else ``dtype``."""
         return torch.promote_types(dtype, torch.float32)
+
+    def is_8bit(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s states are (or, before its first step, will be) 8-bit."""
+        state = self.state.get(p)
+        if state:
+            return _KEYS_8[0] in state
+        return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _page_numel(self, itemsize: int, multiple: int) -> int:
+        """Elements per page: as many as fit in ``page_bytes``, rounded down to a multiple
+        of ``multiple`` (at least one multiple)."""
+        return max(self.pool.page_bytes // itemsize // multiple, 1) * multiple
+
+    def _layout(
+        self, p: torch.Tensor, eight_bit: bool
+    ) -> dict[str, tuple[torch.Size, torch.dtype, int | None]]:
+        """Shape, dtype and elements per page of each state of ``p``."""
+        if not eight_bit:
+            if self.optim_bits == 32:
+                dtype = self.state_dtype(p.dtype)
+                return {k: (p.shape, dtype, None) for k in _KEYS_32}
+            # bitsandbytes' 32-bit step: float32 states; pages of whole 256-element
+            # stretches keep each page's vector loops aligned as on the whole tensor
+            numel = self._page_numel(4, STATE_BLOCKSIZE)
+            return {k: (p.shape, torch.float32, numel) for k in _KEYS_32}
+        codes = self._page_numel(1, STATE_BLOCKSIZE)  # whole blocks per page
+        per_page = codes // STATE_BLOCKSIZE
+        # absmax pages hold whole pages' worth of blocks: a page of codes finds all its
+        # absmax in one page
+        absmax = self._page_numel(4, per_page)
+        blocks = torch.Size([-(-p.numel() // STATE_BLOCKSIZE)])
+        return {
+            "exp_avg_codes": (p.shape, torch.uint8, codes),
+            "exp_avg_absmax": (blocks, torch.float32, absmax),
+            "exp_avg_sq_codes": (p.shape, torch.uint8, codes),
+            "exp_avg_sq_absmax": (blocks, torch.float32, absmax),
+        }
+
+    def _update_bytes(self, p: torch.Tensor) -> int:
+        """Bytes of the pages one update of ``p`` holds resident together (the first page
+        of each state: the largest)."""
+        state = self.state.get(p)
+        if state:
+            return sum(
+                v.pages[0].nbytes
+                for v in state.values()
+                if isinstance(v, PagedTensor) and v.pages
+            )
+        total = 0
+        for shape, dtype, page_numel in self._layout(p, self.is_8bit(p)).values():
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            per_page = page_numel or max(self.pool.page_bytes // itemsize, 1)
+            total += min(math.prod(shape), per_page) * itemsize
+        return total
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -575,10 +755,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(
                     "params must be contiguous: updates run on slices of p.view(-1)"
                 )
-            dtype = self.state_dtype(p.dtype)
+            layout = self._layout(p, self.is_8bit(p))
             state["step"] = torch.tensor(0.0)  # as torch.optim.AdamW keeps it
-            state["exp_avg"] = self.pool.zeros(p.shape, dtype)
-            state["exp_avg_sq"] = self.pool.zeros(p.shape, dtype)
+            for key, (shape, dtype, page_numel) in layout.items():
+                # all-zero codes with absmax 0 dequantize to 0, as bitsandbytes starts
+                state[key] = self.pool.zeros(shape, dtype, page_numel=page_numel)
         return state
 
     @torch.no_grad()
@@ -587,7 +768,8 @@ class PagedAdamW(torch.optim.Optimizer):
         by page.
 
         Raises ``PoolMemoryError`` before changing anything if one page of each state
-        cannot fit beside the current reservations.
+        cannot fit beside the current reservations, and ``ValueError`` if a parameter
+        with 8-bit states has a gradient that is not finite.
         """
         loss = None
         if closure is not None:
@@ -600,10 +782,13 @@ class PagedAdamW(torch.optim.Optimizer):
         for _, p in work:
             if p.grad.is_sparse:
                 raise TypeError("PagedAdamW does not support sparse gradients")
-            itemsize = torch.empty((), dtype=self.state_dtype(p.dtype)).element_size()
-            page_numel = max(self.pool.page_bytes // itemsize, 1)
-            largest = max(largest, min(p.numel(), page_numel) * itemsize)
-        self.pool._check_fits(2 * largest, "one page of each AdamW state")
+            if self.is_8bit(p) and not bool(torch.isfinite(p.grad).all()):
+                raise ValueError(
+                    "gradients of parameters with 8-bit states must be finite (a NaN or inf "
+                    "would take its block's absmax); nothing was changed"
+                )
+            largest = max(largest, self._update_bytes(p))
+        self.pool._check_fits(largest, "one page of each AdamW state")
         for group, p in work:
             state = self._state(p)
             lr, (beta1, beta2), eps, wd = (
@@ -614,40 +799,154 @@ class PagedAdamW(torch.optim.Optimizer):
             )
             state["step"] += 1
             step = state["step"].item()
-            bias_correction1 = 1 - beta1**step
-            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-            step_size = lr / bias_correction1
-            # 16-bit parameters: the update in float32 (the states' dtype), rounded once
-            wide = self.state_dtype(p.dtype) != p.dtype
-            if wd != 0 and not wide:
-                p.mul_(1 - lr * wd)
-            p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
-            start = 0
-            for m_page, v_page in zip(state["exp_avg"].pages, state["exp_avg_sq"].pages):
-                self.pool._acquire((m_page, v_page))
-                m, v = m_page.data, v_page.data
-                stop = start + m_page.numel
-                # one page: skip making slices (Python time per param)
-                whole = stop - start == p_flat.numel()
-                g = g_flat if whole else g_flat[start:stop]
-                target = p_flat if whole else p_flat[start:stop]
-                if wide:
-                    g = g.to(m.dtype)
-                    target_wide = target.to(m.dtype)
-                    if wd != 0:
-                        target_wide.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-                if wide:
-                    target.copy_(target_wide.addcdiv_(m, denom, value=-step_size))
-                else:
-                    target.addcdiv_(m, denom, value=-step_size)
-                start = stop
+            if _KEYS_8[0] in state:
+                self._update_8bit(p, state, lr, beta1, beta2, eps, wd, step)
+            elif self.optim_bits == 8:
+                self._update_bnb_32bit(p, state, lr, beta1, beta2, eps, wd, step)
+            else:
+                self._update_torch(p, state, lr, beta1, beta2, eps, wd, step)
         return loss
 
+    def _update_torch(
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        wd: float,
+        step: float,
+    ) -> None:
+        """torch.optim.AdamW's single-tensor step, page by page."""
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_size = lr / bias_correction1
+        # 16-bit parameters: the update in float32 (the states' dtype), rounded once
+        wide = self.state_dtype(p.dtype) != p.dtype
+        if wd != 0 and not wide:
+            p.mul_(1 - lr * wd)
+        p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+        start = 0
+        for m_page, v_page in zip(state["exp_avg"].pages, state["exp_avg_sq"].pages):
+            self.pool._acquire((m_page, v_page))
+            m, v = m_page.data, v_page.data
+            stop = start + m_page.numel
+            # one page: skip making slices (Python time per param)
+            whole = stop - start == p_flat.numel()
+            g = g_flat if whole else g_flat[start:stop]
+            target = p_flat if whole else p_flat[start:stop]
+            if wide:
+                g = g.to(m.dtype)
+                target_wide = target.to(m.dtype)
+                if wd != 0:
+                    target_wide.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            if wide:
+                target.copy_(target_wide.addcdiv_(m, denom, value=-step_size))
+            else:
+                target.addcdiv_(m, denom, value=-step_size)
+            start = stop
+
+    def _update_bnb_32bit(
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        wd: float,
+        step: float,
+    ) -> None:
+        """bitsandbytes' CPU 32-bit Adam step (``_optimizer_update_32bit_cpu``, its
+        operations in its order), page by page: the step ``AdamW8bit`` takes for
+        parameters below ``min_8bit_size``."""
+        correction1 = 1.0 - beta1**step
+        correction2 = math.sqrt(1.0 - beta2**step)
+        step_size = -lr * correction2 / correction1
+        p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+        start = 0
+        for m_page, v_page in zip(state["exp_avg"].pages, state["exp_avg_sq"].pages):
+            self.pool._acquire((m_page, v_page))
+            m, v = m_page.data, v_page.data
+            stop = start + m_page.numel
+            target = p_flat[start:stop]
+            g = g_flat[start:stop].float()
+            p32 = target.float()  # the parameter itself when float32, as in bitsandbytes
+            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            if wd > 0.0:
+                p32.mul_(1.0 - lr * wd)
+            update = m / (v.sqrt() + eps * correction2)
+            p32.add_(update, alpha=step_size)
+            if p32 is not target:
+                target.copy_(p32)
+            start = stop
+
+    def _update_8bit(
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        wd: float,
+        step: float,
+    ) -> None:
+        """bitsandbytes' CPU 8-bit blockwise Adam step
+        (``_optimizer_update_8bit_blockwise_cpu``), page by page and, within a page, in
+        chunks of whole blocks whose float32 temporaries take at most ``page_bytes``."""
+        correction1 = 1.0 - beta1**step
+        correction2 = math.sqrt(1.0 - beta2**step)
+        signed = _default_code(str(p.device), True)
+        unsigned = _default_code(str(p.device), False)
+        m_codes, m_absmax, v_codes, v_absmax = (state[k] for k in _KEYS_8)
+        chunk = self._page_numel(4, STATE_BLOCKSIZE)
+        p_flat, g_flat = p.view(-1), p.grad.reshape(-1)
+        blocks_per_absmax_page = m_absmax.pages[0].numel if m_absmax.pages else 1
+        start = 0
+        for mc, vc in zip(m_codes.pages, v_codes.pages):
+            # this page's blocks lie in one absmax page (see _layout)
+            first = start // STATE_BLOCKSIZE
+            index, offset = divmod(first, blocks_per_absmax_page)
+            ma, va = m_absmax.pages[index], v_absmax.pages[index]
+            self.pool._acquire((mc, vc, ma, va))
+            for lo in range(0, mc.numel, chunk):
+                hi = min(lo + chunk, mc.numel)
+                b_lo = offset + lo // STATE_BLOCKSIZE
+                b_hi = offset + -(-hi // STATE_BLOCKSIZE)
+                codes = (mc.data[lo:hi], vc.data[lo:hi])
+                absmax = (ma.data[b_lo:b_hi], va.data[b_lo:b_hi])
+                m = dequantize_8bit(codes[0], absmax[0], signed, STATE_BLOCKSIZE)
+                v = dequantize_8bit(codes[1], absmax[1], unsigned, STATE_BLOCKSIZE)
+                target = p_flat[start + lo : start + hi]
+                g = g_flat[start + lo : start + hi].float()
+                p32 = target.float()  # the parameter itself when float32
+                m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = (v.sqrt() / correction2).add_(eps)
+                if wd > 0.0:
+                    p32.mul_(1.0 - lr * wd)
+                p32.addcdiv_(m, denom, value=-lr / correction1)
+                if p32 is not target:
+                    target.copy_(p32)
+                # requantize with each block's new absmax
+                for new, code, c_out, a_out in (
+                    (m, signed, codes[0], absmax[0]),
+                    (v, unsigned, codes[1], absmax[1]),
+                ):
+                    new_codes, new_absmax = quantize_8bit(new, code, STATE_BLOCKSIZE)
+                    c_out.copy_(new_codes)
+                    a_out.copy_(new_absmax)
+            start += mc.numel
+
     def state_dict(self) -> dict[str, Any]:
-        """As ``torch.optim.AdamW.state_dict()``: states gathered into ordinary tensors."""
+        """As ``torch.optim.AdamW.state_dict()``: states gathered into ordinary tensors
+        (8-bit states as their codes and absmax)."""
         sd = super().state_dict()
         sd["state"] = {
             key: {
@@ -659,8 +958,8 @@ class PagedAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load an ``AdamW``-format state dict (ours or torch's); states are copied into
-        the pool."""
+        """Load an ``AdamW``-format state dict (ours or torch's) or one of our 8-bit ones;
+        states are copied into the pool."""
         old = [
             v
             for s in self.state.values()
@@ -670,19 +969,27 @@ class PagedAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for v in old:
             self.pool.free(v)
-        # torch's loader casts states to the parameter's dtype; take them from
-        # state_dict instead, in the states' dtype (float32 for 16-bit parameters)
+        # torch's loader casts floating-point states (and uint8 codes) to the
+        # parameter's dtype; take them from state_dict instead, in the states' dtypes
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             s, saved = self.state.get(p), state_dict["state"].get(saved_id, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if s and isinstance(s.get(k), torch.Tensor):
-                    value = saved.get(k)
-                    value = value if isinstance(value, torch.Tensor) else s[k]
-                    s[k] = self.pool.from_tensor(
-                        value.to(device=p.device, dtype=self.state_dtype(p.dtype))
+            if not s:
+                continue
+            eight_bit = _KEYS_8[0] in s
+            for k, (shape, dtype, page_numel) in self._layout(p, eight_bit).items():
+                value = saved.get(k)
+                value = value if isinstance(value, torch.Tensor) else s.get(k)
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"state_dict's state of a parameter lacks {k!r}")
+                if value.shape != shape:
+                    raise ValueError(
+                        f"state_dict's {k!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
                     )
+                s[k] = self.pool.from_tensor(
+                    value.to(device=p.device, dtype=dtype), page_numel=page_numel
+                )
 
 
 def _default_pool(device: torch.device) -> PagePool:
