@@ -169,7 +169,7 @@ def test_missing_folder_and_weights_are_refused_naming_them(tmp_path, saved):
         ('{"peft_type": "LORA", "lora_alpha": 8, "target_modules": ["q_proj"]}', "'r'"),
         ('{"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}', "r must"),
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": "x", "target_modules": ["q_proj"]}', "lora_alpha"),
-        ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": true}', "use_dora"),
+        ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": "yes"}', "use_dora"),
         ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "all"}', "bias"),
     ],
 )
@@ -358,7 +358,6 @@ def _tiny_llama():
 
 # (field, LoraConfig settings, base model): adapters PEFT saves offline with each feature
 PEFT_SAVES = [
-    ("use_dora", dict(use_dora=True), Net),
     ("alora_invocation_tokens", dict(alora_invocation_tokens=[1, 2]), Net),
     ("rank_pattern", dict(rank_pattern={"q_proj": 2}), Net),
     ("alpha_pattern", dict(alpha_pattern={"q_proj": 2}), Net),

@@ -4,7 +4,9 @@ Explained in the chapter *LoRA* (book/chapters/lora.md).
 
 A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``;
 tensor keys are ``base_model.model.<module path>.lora_A.weight`` (r × in) and
-``...lora_B.weight`` (out × r). An adapter saved here loads with
+``...lora_B.weight`` (out × r). A DoRA adapter (``"use_dora": true``; the chapter *LoRA
+variants*, book/chapters/variants.md) adds ``...lora_magnitude_vector`` (out), the key
+PEFT writes (no ``.weight`` suffix). An adapter saved here loads with
 ``peft.PeftModel.from_pretrained`` and one saved by PEFT loads here.
 """
 
@@ -52,6 +54,7 @@ _HANDLED = frozenset(
         "lora_alpha",
         "lora_dropout",
         "use_rslora",
+        "use_dora",  # DoRA: a magnitude vector per layer (peftlab.dora)
         "target_modules",
         "task_type",  # read by "all-linear" (a SEQ_CLS head is left out, as in PEFT)
         "init_lora_weights",  # checked below (_INIT_ACCEPTED)
@@ -90,7 +93,6 @@ _UNSUPPORTED = {
     "loftq_config": {},
     "corda_config": None,
     "lora_ga_config": None,
-    "use_dora": False,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
@@ -119,6 +121,12 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def _keys(name: str) -> tuple[str, str]:
     return f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
+
+
+def _magnitude_key(name: str) -> str:
+    # PEFT saves the DoRA magnitude under its ModuleDict's name, the adapter name and the
+    # parameter ("weight") stripped (as checked against a PEFT 0.21.2 save).
+    return f"{_PREFIX}{name}.lora_magnitude_vector"
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
@@ -152,23 +160,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layer to save; call add_lora() first")
-    settings = {(m.r, m.alpha, m.rslora, _dropout_p(m)) for _, m in layers}
+    settings = {(m.r, m.alpha, m.rslora, _dropout_p(m), m.use_dora) for _, m in layers}
     if len(settings) != 1:
         raise ValueError(
-            f"all LoRA layers must share r, alpha, rslora and dropout to be saved; found {settings}"
+            "all LoRA layers must share r, alpha, rslora, dropout and use_dora to be saved; "
+            f"found {settings}"
         )
     merged = [n for n, m in layers if m.merged]
     if merged:
         raise ValueError(
             f"LoRA layers {merged[:3]} are merged; unmerge() them before saving"
         )
-    r, alpha, rslora, dropout = settings.pop()
+    r, alpha, rslora, dropout, use_dora = settings.pop()
     names = [n for n, _ in layers]
     tensors = {}
     for name, m in layers:
         key_a, key_b = _keys(name)
         tensors[key_a] = m.lora_A.detach().contiguous().cpu()
         tensors[key_b] = m.lora_B.detach().contiguous().cpu()
+        if use_dora:
+            magnitude = m.lora_magnitude_vector.detach().contiguous().cpu()
+            tensors[_magnitude_key(name)] = magnitude
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -180,6 +192,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "lora_alpha": alpha,
         "lora_dropout": dropout,
         "use_rslora": rslora,
+        "use_dora": use_dora,
         "target_modules": _target_modules(model, names),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -230,6 +243,10 @@ def _read_config(path: Path) -> dict:
         or not math.isfinite(alpha)
     ):
         raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise ValueError(
+            f"{path}: use_dora must be true or false, got {config['use_dora']!r}"
+        )
     for field, default in _UNSUPPORTED.items():
         value = config.get(field, default)
         if value != default and not (default is None and value in ({}, [], "")):
@@ -263,8 +280,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into ``model`` (in place) and return it.
 
     A model without LoRA layers is first wrapped per the config (``add_lora`` with its
-    ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``); an
-    already wrapped one must agree with the config and is filled.
+    ``target_modules``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+    ``use_dora``); an already wrapped one must agree with the config and is filled.
 
     Note: the adapter's keys must be exactly the model's LoRA layers and every shape must
     fit; otherwise ValueError, and the model is not touched. (PEFT only warns about
@@ -283,6 +300,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     r, alpha = config["r"], config["lora_alpha"]
     rslora = bool(config.get("use_rslora", False))
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    use_dora = config.get("use_dora", False)
 
     layers = _lora_layers(model)
     if layers:
@@ -296,6 +314,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 raise ValueError(
                     f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the adapter has r={r}, "
                     f"scaling={scaling:g}"
+                )
+            if m.use_dora != use_dora:
+                raise ValueError(
+                    f"LoRA layer {name!r} has use_dora={m.use_dora}; the adapter has "
+                    f"use_dora={use_dora}"
                 )
         targets = resolve_targets(
             model, config["target_modules"], config.get("task_type")
@@ -329,6 +352,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         key_a, key_b = _keys(n)
         expected[key_a] = (rank, fan_in)
         expected[key_b] = (fan_out, rank)
+        if use_dora:
+            expected[_magnitude_key(n)] = (fan_out,)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -349,10 +374,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if not layers:
         # the names found above ("all-linear" resolved), as an exact full-match regex
         exact = "|".join(re.escape(n) for n in names)
-        add_lora(model, exact, r, alpha, dropout, rslora)
+        add_lora(model, exact, r, alpha, dropout, rslora, use_dora)
     with torch.no_grad():
         for name, m in _lora_layers(model):
             key_a, key_b = _keys(name)
             m.lora_A.copy_(tensors[key_a])
             m.lora_B.copy_(tensors[key_b])
+            if use_dora:
+                # the trained magnitude replaces add_lora's initial ‖W0‖
+                m.lora_magnitude_vector.copy_(tensors[_magnitude_key(name)])
     return model

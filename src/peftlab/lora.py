@@ -7,7 +7,9 @@ The layer computes ``y = W0 x + scaling · B A x`` (Hu et al. 2021, §4.1) with 
 (r × in_features) and ``lora_B`` (out_features × r); ``scaling`` is ``alpha / r``, or
 ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023). Parameter names, initialisation,
 forward and merge follow Hugging Face PEFT, so that adapters cross between the two (see
-:mod:`peftlab.adapter_io`).
+:mod:`peftlab.adapter_io`). With ``use_dora=True`` the layer is DoRA (Liu et al. 2024): a
+trained magnitude per output on top of the LoRA-updated direction; its arithmetic is
+:mod:`peftlab.dora` (the chapter *LoRA variants*, book/chapters/variants.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from peftlab import dora
 
 __all__ = [
     "LLAMA_LINEARS",
@@ -68,7 +72,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def _check_hyperparameters(
-    r: object, alpha: object, dropout: object, rslora: object
+    r: object, alpha: object, dropout: object, rslora: object, use_dora: object = False
 ) -> None:
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be a positive int, got {type(r).__name__} {r!r}")
@@ -88,6 +92,10 @@ def _check_hyperparameters(
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout}")
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {type(rslora).__name__} {rslora!r}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(
+            f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}"
+        )
 
 
 def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
@@ -184,6 +192,21 @@ class LoRALinear(nn.Module):
 
     Note: merging is explicit (``merge()`` / ``unmerge()``), never a side effect of
     ``eval()``.
+
+    With ``use_dora=True`` the layer is DoRA (the chapter *LoRA variants*,
+    book/chapters/variants.md; the arithmetic is :mod:`peftlab.dora`): a trainable
+    ``lora_magnitude_vector`` (out_features, in the factors' dtype) starts at the row norms
+    of ``W0 + scaling · B A`` (= ‖W0‖, B being zero), and forward computes
+    ``m / ‖W0 + scaling · B A‖ ⊙ (W0 + scaling · B A) x + b`` as PEFT does, the norm
+    detached from autograd (the paper's §4.3). ``merge()`` writes that weight into the
+    base. A 4-bit base (:class:`peftlab.qlora.Linear4bit`) is dequantized for the norm, as
+    PEFT does for bitsandbytes' ``Linear4bit``; merging into it stays refused.
+
+    Note: PEFT computes the initial magnitude in the base's dtype before it upcasts the
+    adapter to float32, so for a float16/bfloat16 base its magnitude is the norm rounded
+    to 16 bits, and its DoRA layer does not start exactly at the base output. Here the
+    norm is computed in the factors' dtype (float32), from the same dense weight forward
+    uses: the layer starts at the base output exactly, for every base dtype.
     """
 
     def __init__(
@@ -193,6 +216,7 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         rslora: bool = False,
+        use_dora: bool = False,
     ):
         super().__init__()
         if not is_linear_like(base):
@@ -200,7 +224,12 @@ class LoRALinear(nn.Module):
                 "base must be an nn.Linear or a module whose class sets peftlab_linear = True, "
                 f"got {type(base).__name__}"
             )
-        _check_hyperparameters(r, alpha, dropout, rslora)
+        _check_hyperparameters(r, alpha, dropout, rslora, use_dora)
+        if use_dora and not dora.has_dense_weight(base):
+            raise TypeError(
+                f"use_dora=True needs the base weight as a dense matrix for its norm; a "
+                f"{type(base).__name__} is neither an nn.Linear nor has dequantize()"
+            )
         self.base = base
         self.base.requires_grad_(False)
         self.r = r
@@ -222,6 +251,21 @@ class LoRALinear(nn.Module):
         self.merged = False
         # Set by disable_adapter(): forward is the base layer's alone.
         self.disabled = False
+        self.use_dora = use_dora
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:
+            with torch.no_grad():
+                # PEFT's init: the row norms of W0 + scaling · B A, read from the same
+                # dense weight (cast to the factors' dtype) that forward's norm reads, so
+                # that m / norm is exactly 1 and the layer starts at the base output.
+                weight = dora.dense_weight(base).to(device=device, dtype=dtype)
+                magnitude = dora.weight_norm(
+                    weight, self.lora_B @ self.lora_A, self.scaling
+                )
+            self.lora_magnitude_vector = nn.Parameter(magnitude)
+            # W0's row norms at the last merge(): unmerge() needs them (the merged weight's
+            # rows have the norms m instead). Not saved: a merged layer is not saved.
+            self.register_buffer("dora_merge_norm", None, persistent=False)
 
     @property
     def weight(self):
@@ -250,9 +294,33 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if self.merged or self.disabled:
             return result
+        if self.use_dora:
+            return self._dora_forward(x, result)
         x_lora = self.dropout(x).to(self.lora_A.dtype)
         delta = LoRAFunction.apply(x_lora, self.lora_A, self.lora_B, self.scaling)
         # Note: add in the wider dtype, then round once (as PEFT does).
+        return (result + delta).to(x.dtype)
+
+    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # PEFT's order: cast to the factors' dtype, then dropout (the mask is drawn on
+        # the cast tensor, as PEFT's is).
+        x_lora = x.to(self.lora_A.dtype)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result  # reused: W0 x is the base output less its bias
+        else:
+            # PEFT's DoRA with active dropout: W0 x inside DoRA's term is recomputed on
+            # the dropped-out input (the base output outside it keeps the full input).
+            x_lora = self.dropout(x_lora)
+            base_result = None
+        delta = dora.dora_delta(
+            x_lora,
+            base_result,
+            self.base,
+            self.lora_A,
+            self.lora_B,
+            self.lora_magnitude_vector,
+            self.scaling,
+        )
         return (result + delta).to(x.dtype)
 
     def _merge_base_weight(self, sign: float, action: str) -> None:
@@ -264,15 +332,35 @@ class LoRALinear(nn.Module):
         weight = self.base.weight
         with torch.no_grad():
             dtype = torch.promote_types(weight.dtype, torch.float32)
-            new = (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(
-                weight.dtype
-            )
+            norm = None
+            if not self.use_dora:
+                new = (weight.to(dtype) + sign * self.delta_weight().to(dtype)).to(
+                    weight.dtype
+                )
+            elif sign > 0:
+                new, norm = self._dora_merged(weight.to(dtype))
+                new = new.to(weight.dtype)
+            else:
+                new = dora.dora_unmerged_weight(
+                    weight.to(dtype),
+                    self.delta_weight().to(dtype),
+                    self.lora_magnitude_vector,
+                    self.dora_merge_norm,
+                ).to(weight.dtype)
             if not torch.isfinite(new).all():
                 raise ValueError(
                     f"{action} would put non-finite values into the base weight; "
                     "left unchanged"
                 )
             weight.copy_(new)
+            if self.use_dora:
+                self.dora_merge_norm = norm  # kept for unmerge(), dropped by it
+
+    def _dora_merged(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DoRA's merged weight (unrounded) and norm from W0 in a float32-or-wider dtype."""
+        return dora.dora_merged_weight(
+            weight, self.delta_weight().to(weight.dtype), self.lora_magnitude_vector
+        )
 
     def merge(self) -> None:
         """Add ``scaling · B A`` into the base weight, so that forward is one plain linear
@@ -281,6 +369,11 @@ class LoRALinear(nn.Module):
         Note: the sum is formed in float32 (float64 for float64 weights) and checked for
         non-finite values before anything is written. ``unmerge()`` restores W0 to within
         one rounding of the merged weight.
+
+        With DoRA the base weight becomes ``m / ‖W0 + ΔW‖ ⊙ (W0 + ΔW)`` (PEFT's merge), and
+        the norm is kept for ``unmerge()``, which divides by ``m / norm`` and subtracts
+        ``ΔW`` (PEFT's unmerge): W0 comes back to within a rounding or two of the merged
+        weight's entries.
         """
         if self.merged:
             raise ValueError("this LoRALinear is already merged; call unmerge() first")
@@ -300,7 +393,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
+        dora_flag = ", use_dora=True" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}{dora_flag}, merged={self.merged}"
 
 
 def normalize_targets(target_modules: object) -> str | list[str]:
@@ -479,6 +573,7 @@ def add_lora(
     alpha: float,
     dropout: float = 0.0,
     rslora: bool = False,
+    use_dora: bool = False,
     *,
     exclude_modules: str | Iterable[str] | None = None,
 ) -> nn.Module:
@@ -489,15 +584,25 @@ def add_lora(
     equals it or ends with ``"." + name``; or one str, a regex that must match the whole
     qualified name (PEFT's rules); or ``"all-linear"``, every linear layer but the output
     head (PEFT's shorthand). ``exclude_modules``: names left out, matched the same way
-    (PEFT's field). Returns ``model``.
+    (PEFT's field). ``use_dora``: DoRA layers (PEFT's ``use_dora``; see
+    :class:`LoRALinear`). Returns ``model``.
     """
-    _check_hyperparameters(r, alpha, dropout, rslora)
+    _check_hyperparameters(r, alpha, dropout, rslora, use_dora)
     names = find_targets(model, target_modules, exclude_modules=exclude_modules)
+    if use_dora:
+        # every check before the first change to the model
+        refused = [n for n in names if not dora.has_dense_weight(model.get_submodule(n))]
+        if refused:
+            kind = type(model.get_submodule(refused[0])).__name__
+            raise TypeError(
+                f"use_dora=True needs dense base weights; {refused[:3]} ({kind}) are "
+                "neither nn.Linear nor have dequantize()"
+            )
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(
-            model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora)
-        )
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, r, alpha, dropout, rslora, use_dora)
+        _set_submodule(model, name, layer)
     return model
 
 
@@ -533,7 +638,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every :class:`LoRALinear` by a plain ``nn.Linear`` holding ``W0 + scaling ·
-    B A`` (in place).
+    B A`` (in place); for a DoRA layer, ``m / ‖W0 + scaling · B A‖ ⊙ (W0 + scaling · B A)``.
 
     Returns ``model`` (or the new ``nn.Linear`` if ``model`` itself is a LoRALinear).
     Note: the new weight is computed before anything is replaced; a non-finite result
@@ -567,9 +672,11 @@ def _merged_linear(layer: LoRALinear) -> nn.Linear:
             weight = base.weight.detach().clone()
         else:
             dtype = torch.promote_types(base.weight.dtype, torch.float32)
-            weight = (base.weight.to(dtype) + layer.delta_weight().to(dtype)).to(
-                base.weight.dtype
-            )
+            if layer.use_dora:
+                weight = layer._dora_merged(base.weight.to(dtype))[0]
+            else:
+                weight = base.weight.to(dtype) + layer.delta_weight().to(dtype)
+            weight = weight.to(base.weight.dtype)
         if not torch.isfinite(weight).all():
             raise ValueError(
                 "merging would put non-finite values into the weight; model left unchanged"
