@@ -38,6 +38,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
         (dict(alpha=0), "alpha"),
         (dict(lr=-1e-3), "lr"),
         (dict(eval_every=-1), "eval_every"),
+        (dict(use_dora=1), "use_dora"),
+        (dict(loraplus_ratio=0), "loraplus_ratio"),
+        (dict(optim_bits=4), "optim_bits"),
+        (dict(optim_bits=8), "optim_bits=8 needs optimizer='paged_adamw'"),
+        (dict(init="gaussian"), "init"),
+        (dict(init="loftq"), "init='loftq'"),
+        (dict(init="pissa", use_dora=True), "init must be 'zero'"),
         (dict(device="tpu"), "device must be 'cpu' or 'cuda"),
     ],
 )
@@ -382,3 +389,68 @@ def test_cuda_qlora_recipe_with_bnb_kernels_in_the_native_dtype():
                      progress=False)
     assert row["compute_dtype"] == str(compute_dtype("cuda")).removeprefix("torch.")
     assert row["held_out_loss"] < row["initial_held_out_loss"] and row["seconds_per_step"] > 0
+
+
+# ---- the variants (chapter: book/chapters/variants.md) -------------------------------------------
+
+def test_rows_recorded_before_the_variant_fields_keep_their_cache_keys():
+    from peftlab.harness import recorded
+
+    rows, _ = recorded.load_study("qlora-lora")
+    assert "use_dora" not in rows[0]  # recorded before the fields existed
+    assert [E.cache_key(E.config_of(row)) for row in rows] == [row["key"] for row in rows]
+    assert E.cache_key(E.RunConfig(use_dora=True)) != E.cache_key(E.RunConfig())
+
+
+def test_magnitude_direction_is_the_dora_papers_delta_m_and_delta_d():
+    w0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    w = torch.tensor([[6.0, 8.0], [0.0, 2.0]])  # row 0: norm 5 -> 10, same direction; row 1: 1 -> 2, turned 90°
+    dm, dd = E.magnitude_direction(w0, w)
+    assert dm == pytest.approx((5 + 1) / 2) and dd == pytest.approx((0 + 1) / 2)
+    with pytest.raises(ValueError, match="one shape"):
+        E.magnitude_direction(w0, w[:1])
+    with pytest.raises(TypeError, match="w0"):
+        E.magnitude_direction(w0[0], w)
+
+
+@pytest.mark.parametrize("variant", [dict(use_dora=True), dict(init="pissa"), dict(method="full")])
+def test_every_run_starts_with_zero_magnitude_and_direction_change_and_then_moves(variant):
+    row = E.finetune(E.RunConfig(**{**TINY, "eval_every": 3, **variant}), progress=False)
+    first, last = row["magnitude_direction"][0], row["magnitude_direction"][-1]
+    assert first[0] == 0 and last[0] == 3
+    assert all(abs(v) < 1e-6 for pairs in first[1].values() for pair in pairs for v in pair)
+    assert all(pair[0] > 0 and pair[1] > 0 for pairs in last[1].values() for pair in pairs)
+
+
+def test_pissa_run_starts_at_the_pretrained_loss_and_dora_keeps_its_magnitude_in_the_adapter():
+    base = E.finetune(E.RunConfig(**TINY), progress=False)
+    pissa = E.finetune(E.RunConfig(**TINY, init="pissa"), progress=False)
+    assert pissa["initial_held_out_loss"] == pytest.approx(base["initial_held_out_loss"], abs=1e-4)
+    dora = E.finetune(E.RunConfig(**TINY, use_dora=True), progress=False)
+    assert dora["initial_held_out_loss"] == pytest.approx(base["initial_held_out_loss"], abs=1e-5)
+    assert any(name.endswith("lora_magnitude_vector") for name in dora["adapter"])
+
+
+def test_loraplus_and_8bit_runs_use_those_optimizers(monkeypatch):
+    made = []
+    real = E._optimizer
+
+    def spy(config, model):
+        opt = real(config, model)
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(E, "_optimizer", spy)
+    E.finetune(E.RunConfig(**TINY, loraplus_ratio=16.0), progress=False)
+    lrs = sorted({group["lr"] for group in made[-1].param_groups if group["params"]})
+    assert lrs == [TINY.get("lr", E.RunConfig().lr), 16 * E.RunConfig().lr]
+    E.finetune(E.RunConfig(**TINY, optimizer="paged_adamw", optim_bits=8, r=32, targets="all"), progress=False)
+    assert any(made[-1].is_8bit(p) for group in made[-1].param_groups for p in group["params"])
+
+
+def test_loftq_run_starts_closer_to_the_float_model_than_qlora():
+    one = {**TINY, "steps": 1}
+    float_loss = E.finetune(E.RunConfig(**one), progress=False)["initial_held_out_loss"]
+    zero = E.finetune(E.RunConfig(**one, method="qlora", r=32), progress=False)
+    loftq = E.finetune(E.RunConfig(**one, method="qlora", r=32, init="loftq"), progress=False)
+    assert abs(loftq["initial_held_out_loss"] - float_loss) < abs(zero["initial_held_out_loss"] - float_loss)

@@ -356,6 +356,20 @@ class LoRALinear(nn.Module):
             if self.use_dora:
                 self.dora_merge_norm = norm  # kept for unmerge(), dropped by it
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight ``merge()`` would write, as a new float32-or-wider tensor, without
+        writing it: ``W0 + ΔW``, or DoRA's ``m / ‖W0 + ΔW‖ ⊙ (W0 + ΔW)``. For analyses
+        of what training changed, such as the DoRA paper's magnitude and direction (the
+        chapter *LoRA variants*)."""
+        if self.merged:
+            raise ValueError("this LoRALinear is merged: its base weight is the merged one")
+        with torch.no_grad():
+            weight = dora.dense_weight(self.base)
+            weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
+            if self.use_dora:
+                return self._dora_merged(weight)[0]
+            return weight + self.delta_weight().to(weight.dtype)
+
     def _dora_merged(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DoRA's merged weight (unrounded) and norm from W0 in a float32-or-wider dtype."""
         return dora.dora_merged_weight(

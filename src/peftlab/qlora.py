@@ -623,14 +623,19 @@ def prepare_qlora(
     rslora: bool = False,
     compute_dtype: torch.dtype | None = None,
     kernels: str = "torch",
+    use_dora: bool = False,
 ) -> nn.Module:
     """QLoRA's model, in place: the targeted linear layers stored in NF4 with double
-    quantization (frozen),
-    LoRA adapters on the same layers (trained). The paper's defaults: every linear layer
-    of the blocks,
-    r = 64, α = 16. Returns ``model``."""
+    quantization (frozen), LoRA adapters on the same layers (trained). The paper's
+    defaults: every linear layer of the blocks, r = 64, α = 16. ``use_dora``: DoRA
+    adapters (as PEFT allows on a 4-bit base; the chapter *LoRA variants*). Returns
+    ``model``."""
     targets = list(target_modules)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}")
     quantize_model(
         model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False
     )
-    return add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    return add_lora(
+        model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora, use_dora=use_dora
+    )

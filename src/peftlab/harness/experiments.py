@@ -39,9 +39,12 @@ from peftlab import _deprecated
 from peftlab.devices import Stopwatch, compute_dtype
 from peftlab.files import atomic_write
 from peftlab.harness import pretrained, textdata
+from peftlab.loftq import prepare_qlora_loftq
 from peftlab.lora import LLAMA_LINEARS, add_lora, count_parameters, lora_scaling
+from peftlab.loraplus import create_loraplus_optimizer
 from peftlab.memory import METHODS, Breakdown, measure_step
 from peftlab.paged import PagedAdamW
+from peftlab.pissa import apply_pissa, prepare_qlora_pissa
 from peftlab.qlora import prepare_qlora
 
 CACHE_VERSION = 4
@@ -60,6 +63,18 @@ linear layer of a block (QLoRA's choice; never ``lm_head``)."""
 OPTIMIZERS = ("adamw", "paged_adamw")
 """``torch.optim.AdamW``, or the package's :class:`peftlab.paged.PagedAdamW` (the QLoRA
 recipe's)."""
+
+INITS = ("zero", "pissa", "loftq")
+"""How the adapters start: LoRA's ``B = 0`` (``"zero"``), or from the frozen weight's top
+singular directions (``"pissa"``) or from its quantization error (``"loftq"``, QLoRA only),
+both with the base replaced by the residual (*LoRA variants*, book/chapters/variants.md)."""
+
+OPTIMIZER_BITS = (32, 8)
+"""Bits per optimizer state: float32, or bitsandbytes' blockwise 8-bit (``paged_adamw`` only)."""
+
+# Fields added after runs were first recorded: left out of a run's cache key while they hold
+# their default, so the runs recorded before them keep their keys.
+_LATER_FIELDS = {"use_dora": False, "loraplus_ratio": 1.0, "optim_bits": 32, "init": "zero"}
 
 PRECISIONS = ("float32", "16-bit")
 """What a LoRA or QLoRA run's frozen base computes in: float32, or the 16-bit dtype of
@@ -82,7 +97,10 @@ class RunConfig:
     gradient-norm clip, ``precision`` one of :data:`PRECISIONS`, ``kernels`` the 4-bit
     layer's (``"torch"`` or ``"bnb"``, QLoRA only). ``measure_memory`` adds the measured
     memory of one step (:func:`peftlab.memory.measure_step`, on a copy of the model) to
-    the row.
+    the row. The variants of the chapter *LoRA variants* (book/chapters/variants.md):
+    ``use_dora`` (DoRA's magnitude and direction), ``loraplus_ratio`` (LoRA+: B learns
+    this many times faster than A; 1 is plain LoRA), ``optim_bits`` (one of
+    :data:`OPTIMIZER_BITS`) and ``init`` (one of :data:`INITS`).
     """
 
     method: str = "lora"
@@ -106,6 +124,10 @@ class RunConfig:
     precision: str = "float32"
     kernels: str = "torch"
     measure_memory: bool = False
+    use_dora: bool = False
+    loraplus_ratio: float = 1.0
+    optim_bits: int = 32
+    init: str = "zero"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -114,6 +136,8 @@ class RunConfig:
             ("optimizer", OPTIMIZERS),
             ("precision", PRECISIONS),
             ("kernels", ("torch", "bnb")),
+            ("optim_bits", OPTIMIZER_BITS),
+            ("init", INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -134,7 +158,23 @@ class RunConfig:
             "cuda",
         ):
             raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
-        for name in ("alpha", "lr", "max_grad_norm"):
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
+        if self.optim_bits == 8 and self.optimizer != "paged_adamw":
+            raise ValueError(
+                "optim_bits=8 needs optimizer='paged_adamw' (8-bit states are the paged "
+                f"optimizer's), got optimizer={self.optimizer!r}"
+            )
+        if self.use_dora and self.init != "zero":
+            raise ValueError(
+                f"use_dora=True starts from B = 0 here: init must be 'zero', got {self.init!r}"
+            )
+        if self.init == "loftq" and self.method != "qlora":
+            raise ValueError(
+                "init='loftq' fits adapters to a 4-bit base's error: it needs "
+                f"method='qlora', got {self.method!r}"
+            )
+        for name in ("alpha", "lr", "max_grad_norm", "loraplus_ratio"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -166,11 +206,15 @@ class RunConfig:
                 targets="qv",
                 precision="float32",
                 kernels="torch",
+                use_dora=False,
+                loraplus_ratio=1.0,
+                init="zero",
             )
         kernels = self.kernels if self.method == "qlora" else "torch"
         return replace(
             self,
             alpha=float(self.alpha),
+            loraplus_ratio=float(self.loraplus_ratio),
             rslora=self.rslora and self.r > 1,
             kernels=kernels,
         )
@@ -259,15 +303,23 @@ def data_digest() -> str:
 
 
 def config_of(row: dict[str, Any]) -> RunConfig:
-    """The :class:`RunConfig` a row was run with (a row holds every field)."""
-    return RunConfig(**{f.name: row[f.name] for f in fields(RunConfig)})
+    """The :class:`RunConfig` a row was run with (a row holds every field; one recorded
+    before a field existed ran at that field's default)."""
+    return RunConfig(
+        **{f.name: row.get(f.name, _LATER_FIELDS.get(f.name)) for f in fields(RunConfig)}
+    )
 
 
 def cache_key(config: RunConfig) -> str:
     """A stable name for a run: hash of its settings, the checkpoint, the Python version
     (the texts)."""
+    settings = {
+        k: v
+        for k, v in asdict(config.normalized()).items()
+        if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])
+    }
     payload = {
-        "config": asdict(config.normalized()),
+        "config": settings,
         "checkpoint": checkpoint_digest(),
         "data": data_digest(),
         "python": platform.python_version(),
@@ -327,7 +379,12 @@ def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
             model.to(dtype)
             targets = list(TARGETS[config.targets])
             if config.method == "qlora":
-                prepare_qlora(
+                prepare = {
+                    "zero": prepare_qlora,
+                    "pissa": prepare_qlora_pissa,
+                    "loftq": prepare_qlora_loftq,
+                }[config.init]
+                prepare(
                     model,
                     targets,
                     r=config.r,
@@ -336,6 +393,7 @@ def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
                     rslora=config.rslora,
                     compute_dtype=dtype,
                     kernels=config.kernels,
+                    **({"use_dora": True} if config.use_dora else {}),
                 )
             else:
                 add_lora(
@@ -345,7 +403,10 @@ def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
                     config.alpha,
                     config.dropout,
                     rslora=config.rslora,
+                    use_dora=config.use_dora,
                 )
+                if config.init == "pissa":
+                    apply_pissa(model)
     return model.to(config.device).train(), dtype
 
 
@@ -368,9 +429,19 @@ def _step(
 
 
 def _optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
     kind = PagedAdamW if config.optimizer == "paged_adamw" else torch.optim.AdamW
-    return kind(params, lr=config.lr, weight_decay=0.0)
+    options: dict[str, Any] = {"optim_bits": 8} if config.optim_bits == 8 else {}
+    if config.loraplus_ratio != 1.0:
+        return create_loraplus_optimizer(
+            model,
+            kind,
+            lr=config.lr,
+            loraplus_lr_ratio=config.loraplus_ratio,
+            weight_decay=0.0,
+            **options,
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    return kind(params, lr=config.lr, weight_decay=0.0, **options)
 
 
 def _run(
@@ -412,6 +483,11 @@ def _run(
     row["initial_held_out_loss"] = _loss_on(model, held)
     row["initial_pretraining_loss"] = _loss_on(model, pre)
     row["initial_validation_loss"] = _loss_on(model, val)
+    # the DoRA paper's ΔM/ΔD along training, at every curve point (not for a 4-bit base,
+    # whose pretrained weight is no longer at hand)
+    track = config.method != "qlora"
+    start = _trained_weights(model, config.method) if track else {}
+    direction = [[0, _magnitude_direction_of(model, config.method, start)]] if track else []
     curve = [
         [
             0,
@@ -451,6 +527,10 @@ def _run(
                     _loss_on(model, val),
                 ]
             )
+            if track:
+                direction.append(
+                    [step + 1, _magnitude_direction_of(model, config.method, start)]
+                )
     row["seconds"] = watch.seconds
     row["seconds_per_step"] = watch.seconds / config.steps
     row["held_out_loss"] = _loss_on(model, held)
@@ -461,6 +541,9 @@ def _run(
     row["total"] = count.total
     last = [row["held_out_loss"], row["train_loss"], row["validation_loss"]]
     row["curve"] = curve + [[config.steps, *last]]
+    if track:
+        direction.append([config.steps, _magnitude_direction_of(model, config.method, start)])
+        row["magnitude_direction"] = direction
     norms = torch.stack(grad_norms).float().cpu()
     row["first_grad_norm"] = norms[0].item()
     row["mean_grad_norm"] = norms.mean().item()
@@ -470,9 +553,32 @@ def _run(
         adapter = {
             name: p.detach().to("cpu", copy=True).contiguous()
             for name, p in model.named_parameters()
-            if name.endswith(("lora_A", "lora_B"))
+            if name.endswith(("lora_A", "lora_B", "lora_magnitude_vector"))
         }
     return row, adapter
+
+
+def magnitude_direction(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """The DoRA paper's ΔM and ΔD (Liu et al. 2024, §3, Eq. 2–4) between a pretrained
+    weight ``w0`` and a finetuned ``w`` (both ``out_features × in_features``).
+
+    ΔM is the mean absolute change of the weight's per-output norms (its *magnitude*), ΔD
+    the mean ``1 − cos`` between each output's old and new weight vector (its
+    *direction*). Used by the chapter *LoRA variants* (book/chapters/variants.md).
+
+    Note: the paper's W is ``d × k`` and multiplies from the right, so its column norms
+    are the norms over each output's inputs: the rows of a PyTorch ``weight``, which is
+    also the vector DoRA's magnitude holds (PEFT: ``norm(weight, dim=1)``).
+    """
+    for name, value in (("w0", w0), ("w", w)):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D tensor")
+    if w0.shape != w.shape:
+        raise ValueError(f"w0 and w must have one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+    w0, w = w0.detach().double(), w.detach().double()
+    dm = (w.norm(dim=1) - w0.norm(dim=1)).abs().mean().item()
+    dd = (1 - torch.nn.functional.cosine_similarity(w, w0, dim=1)).mean().item()
+    return dm, dd
 
 
 def effective_rank(matrix: torch.Tensor) -> float:
@@ -487,6 +593,35 @@ def effective_rank(matrix: torch.Tensor) -> float:
     p = s / s.sum()
     p = p[p > 0]
     return math.exp(-(p * p.log()).sum().item())
+
+
+@torch.no_grad()
+def _trained_weights(model: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """The weights training changes, as they act now, by layer name: every adapted layer's
+    merged weight (:meth:`peftlab.lora.LoRALinear.merged_weight`), or for full
+    finetuning every linear layer of the blocks."""
+    from peftlab.lora import LoRALinear
+
+    if method == "full":
+        return _linear_weights(model)
+    return {
+        name: module.merged_weight().float()
+        for name, module in model.named_modules()
+        if isinstance(module, LoRALinear)
+    }
+
+
+def _magnitude_direction_of(
+    model: torch.nn.Module, method: str, start: dict[str, torch.Tensor]
+) -> dict[str, list[list[float]]]:
+    """ΔM and ΔD (:func:`magnitude_direction`) of every trained layer against its weight
+    at the start (W0; for PiSSA, the residual plus the starting adapter, which is W0
+    again), by module type, one ``[ΔM, ΔD]`` per block."""
+    out: dict[str, list[list[float]]] = {}
+    for name, weight in _trained_weights(model, method).items():
+        kind = name.rsplit(".", 1)[-1]
+        out.setdefault(kind, []).append(list(magnitude_direction(start[name], weight)))
+    return out
 
 
 def _linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -540,7 +675,9 @@ def finetune(
     ``effective_rank``, the mean :func:`effective_rank` of the trained update per module
     type, and ``update_norm``, its mean Frobenius norm; ``first_grad_norm`` and
     ``mean_grad_norm``, the trainable parameters' gradient norm before clipping at the
-    first step and over all steps; with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`);
+    first step and over all steps; ``magnitude_direction`` (not for QLoRA), the DoRA paper's
+    ΔM and ΔD of each trained layer at every curve point, as ``[step, {module type:
+    [[ΔM, ΔD] per block]}]`` (:func:`magnitude_direction`); with ``measure_memory``, ``memory`` (a :class:`peftlab.memory.Breakdown`);
     ``cached``. An adapted run's trained ``lora_A``/``lora_B`` are stored beside its row
     in ``cache_dir`` (or kept in the row under ``"adapter"`` without one): see
     :func:`load_run_adapter`.
