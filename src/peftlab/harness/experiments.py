@@ -702,9 +702,11 @@ def finetune(
         if path.is_file() and (
             config.method == "full" or path.with_suffix(".safetensors").is_file()
         ):
-            return _with_breakdown(
-                {**json.loads(path.read_text()), **asked, "cached": True}
-            )
+            cached = json.loads(path.read_text())
+            # A row cached before runs tracked ΔM/ΔD is the same run, measured less: run
+            # it again rather than return a row without them.
+            if "magnitude_direction" in cached or config.method == "qlora":
+                return _with_breakdown({**cached, **asked, "cached": True})
     measured, adapter = _run(config, progress)
     row = {**asdict(config), "scaling": config.scaling, "key": key, **measured}
     if folder is not None:

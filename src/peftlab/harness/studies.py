@@ -1,7 +1,8 @@
 """The book's recorded finetuning studies: which runs each one makes, stage by stage.
 
-Explained in the chapter *LoRA rank and alpha* (book/chapters/rank_alpha.md); recorded and
-re-checked by :mod:`peftlab.harness.recorded`.
+Explained in the chapters *LoRA rank and alpha* (book/chapters/rank_alpha.md) and *LoRA
+variants* (book/chapters/variants.md); recorded and re-checked by
+:mod:`peftlab.harness.recorded`.
 
 Each study is a list of stages. A stage is a function of the rows recorded so far that
 returns the next runs, so a study can first tune the learning rate on seed 0 and then
@@ -191,6 +192,86 @@ _STUDIES = (
 )
 
 
+# The variants of the chapter *LoRA variants* (book/chapters/variants.md).
+_VARIANTS = (
+    Study(
+        "dora",
+        "DoRA against LoRA (W_q, W_v, r = 8) and full finetuning, each at its own tuned "
+        "learning rate, three seeds, with the DoRA paper's magnitude and direction changes "
+        "along training",
+        (
+            lambda rows: [
+                replace(BASE, method=m, use_dora=d, lr=lr)
+                for m, d, lrs in (
+                    ("lora", False, (1e-3, 3e-3, 1e-2)),
+                    ("lora", True, (1e-3, 3e-3, 1e-2)),
+                    ("full", False, (1e-4, 3e-4)),
+                )
+                for lr in lrs
+            ],
+            _repeat_best(("method", "use_dora")),
+        ),
+    ),
+    Study(
+        "loraplus",
+        "LoRA+ (B's learning rate λ times A's) for λ = 1, 4, 16, each λ at its own tuned "
+        "learning rate, three seeds",
+        (
+            lambda rows: grid(
+                BASE, loraplus_ratio=[1.0, 4.0, 16.0], lr=[3e-4, 1e-3, 3e-3, 1e-2]
+            ),
+            _repeat_best(("loraplus_ratio",)),
+        ),
+    ),
+    Study(
+        "optim8",
+        "8-bit against 32-bit optimizer states (paged AdamW), for LoRA on every linear "
+        "layer at r = 32 and for full finetuning, at the learning rate tuned with 32-bit "
+        "states, three seeds, paired",
+        (
+            lambda rows: [
+                replace(OPTIM8[m], lr=lr)
+                for m, lrs in (("lora", (3e-3, 1e-2)), ("full", (1e-4, 3e-4)))
+                for lr in lrs
+            ],
+            lambda rows: [
+                replace(
+                    OPTIM8[m],
+                    lr=best_lr(rows, ("method",), seed=0, method=m)[(m,)],
+                    optim_bits=bits,
+                    seed=seed,
+                )
+                for m in OPTIM8
+                for bits in (32, 8)
+                for seed in SEEDS
+            ],
+        ),
+    ),
+    Study(
+        "init",
+        "QLoRA's adapters started at B = 0, with PiSSA and with LoftQ, on every linear "
+        "layer at r = 4 and r = 32, each at its own tuned learning rate, three seeds",
+        (
+            lambda rows: grid(
+                replace(BASE, method="qlora", targets="all", alpha=16.0),
+                init=["zero", "pissa", "loftq"],
+                r=[4, 32],
+                lr=[1e-3, 3e-3],
+            ),
+            _repeat_best(("init", "r")),
+        ),
+    ),
+)
+
+OPTIM8 = {
+    "lora": replace(BASE, targets="all", r=32, alpha=32.0, optimizer="paged_adamw"),
+    "full": replace(BASE, method="full", optimizer="paged_adamw"),
+}
+"""The two settings of the 8-bit-states study: LoRA at r = 32 on every linear layer (every
+factor has at least bitsandbytes' 4,096 values, so each gets 8-bit states) and full
+finetuning."""
+
+
 def _best_rows(rows: Rows, by: Sequence[str], wanted: list[tuple]) -> Rows:
     """The rows at their group's best learning rate whose ``by`` fields and seed match one
     of ``wanted``."""
@@ -205,12 +286,12 @@ def _best_rows(rows: Rows, by: Sequence[str], wanted: list[tuple]) -> Rows:
 
 def names() -> list[str]:
     """The studies' names."""
-    return [s.name for s in _STUDIES]
+    return [s.name for s in (*_STUDIES, *_VARIANTS)]
 
 
 def get(name: str) -> Study:
     """The study called ``name`` (``ValueError`` listing the names otherwise)."""
-    for study in _STUDIES:
+    for study in (*_STUDIES, *_VARIANTS):
         if study.name == name:
             return study
     raise ValueError(f"study must be one of {names()}, got {name!r}")
