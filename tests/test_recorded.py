@@ -115,13 +115,24 @@ def test_best_lr_picks_the_lowest_mean_validation_loss_and_a_diverged_run_loses(
 
 
 def test_every_study_is_named_described_and_starts_from_runs_of_its_own():
-    assert studies.names() == [s.name for s in studies._STUDIES]
+    assert studies.names() == [*studies.RANK_ALPHA, *studies.VARIANTS]
+    assert len(set(studies.names())) == len(studies.names())
     for name in studies.names():
         study = studies.get(name)
         first = study.stages[0]([])
         assert study.description and first and all(isinstance(c, E.RunConfig) for c in first)
     with pytest.raises(ValueError, match="study must be one of"):
         studies.get("nope")
+
+
+def test_every_factor_of_the_8bit_lora_setting_is_large_enough_for_8bit_states():
+    from peftlab.harness import pretrained
+    from peftlab.paged import MIN_8BIT_SIZE
+
+    config = pretrained.load_pretrained().config
+    r = studies.OPTIM8["lora"].r
+    smallest = r * min(config.hidden_size, config.intermediate_size)
+    assert studies.OPTIM8["lora"].targets == "all" and smallest >= MIN_8BIT_SIZE
 
 
 def test_placements_have_nearly_equal_trainable_parameters_per_block():

@@ -284,9 +284,16 @@ def _best_rows(rows: Rows, by: Sequence[str], wanted: list[tuple]) -> Rows:
     ]
 
 
+RANK_ALPHA = tuple(s.name for s in _STUDIES)
+"""The studies of the chapter *LoRA rank and alpha*."""
+
+VARIANTS = tuple(s.name for s in _VARIANTS)
+"""The studies of the chapter *LoRA variants*."""
+
+
 def names() -> list[str]:
     """The studies' names."""
-    return [s.name for s in (*_STUDIES, *_VARIANTS)]
+    return [*RANK_ALPHA, *VARIANTS]
 
 
 def get(name: str) -> Study:
