@@ -364,6 +364,17 @@ def test_measure_llama_agrees_with_its_estimate(method):
         measure_llama(cfg, "prefix")
 
 
+def test_measured_activations_do_not_depend_on_a_larger_4bit_workspace_left_by_earlier_layers():
+    from peftlab import qlora
+
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=1,
+                                   num_key_value_heads=1, num_hidden_layers=2, vocab_size=512)
+    qlora.free_workspaces()
+    fresh = measure_llama(cfg, "qlora", batch=2, seq=64, r=8, device="cpu")[0].activations
+    qlora._workspace(torch.Size([1024, 1024]), torch.float32, torch.device("cpu"))  # a larger model ran before
+    assert measure_llama(cfg, "qlora", batch=2, seq=64, r=8, device="cpu")[0].activations == fresh
+
+
 # ------------------------------------------------------------------------------------------- CUDA plumbing
 
 

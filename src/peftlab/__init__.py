@@ -4,7 +4,9 @@ The science, one idea per module, each explained by one chapter (its docstring n
 :mod:`~peftlab.lora` and :mod:`~peftlab.adapter_io` (LoRA, PEFT's files),
 :mod:`~peftlab.codebooks`, :mod:`~peftlab.nf4` and :mod:`~peftlab.double_quant` (4-bit
 NormalFloat and its constants), :mod:`~peftlab.paged` (the paged optimizer),
-:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), with
+:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), the
+variants :mod:`~peftlab.dora`, :mod:`~peftlab.loraplus`, :mod:`~peftlab.pissa` and
+:mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), with
 :mod:`~peftlab.devices` and :mod:`~peftlab.files` beneath them. Above them, the experiment
 harness (:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.book`).
 Import what you need from the module itself, e.g. ``from peftlab.lora import LoRALinear``.

@@ -642,6 +642,12 @@ def measure_step(
         raise TypeError(
             f"step must be a callable taking no arguments, got {type(step).__name__}"
         )
+    from peftlab.qlora import free_workspaces
+
+    # The 4-bit layers' shared dequantization buffer is as large as the largest weight any
+    # 4-bit layer of this thread has seen: freed here, so that the step measured holds the
+    # buffer of this model alone, whatever ran before.
+    free_workspaces()
     if warmup:
         step()
     model.zero_grad(set_to_none=True)
