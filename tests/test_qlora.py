@@ -404,3 +404,52 @@ def prepare_qlora_small(model):
     from peftlab.qlora import prepare_qlora
 
     return prepare_qlora(model, r=4, compute_dtype=torch.float32)
+
+
+# --- the dequantization workspace (chapter: book/chapters/qlora.md) -------------------------------------------
+
+def test_layers_share_one_workspace_as_large_as_the_largest_weight_and_equal_fresh_dequantization():
+    from peftlab.qlora import free_workspaces, workspace_nbytes
+
+    free_workspaces()
+    small = Linear4bit.from_linear(_linear(64, 128, seed=1))
+    large = Linear4bit.from_linear(_linear(256, 128, seed=2))
+    fresh = [Linear4bit.from_linear(_linear(*shape, seed=s), workspace=False) for shape, s in (((64, 128), 1),
+                                                                                                 ((256, 128), 2))]
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(small(x), fresh[0](x))
+        assert workspace_nbytes() == 64 * 128 * 4
+        assert torch.equal(large(x), fresh[1](x))
+        assert torch.equal(small(x), fresh[0](x))  # the smaller weight in the beginning of the larger buffer
+    assert workspace_nbytes() == 256 * 128 * 4  # one buffer, grown once, for both layers
+    free_workspaces()
+    assert workspace_nbytes() == 0
+
+
+def test_two_threads_running_4bit_layers_at_once_get_their_own_results():
+    import threading
+
+    layers = [Linear4bit.from_linear(_linear(128, 128, seed=s)) for s in (3, 4)]
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = [layer.dequantize() for layer in layers]
+    failures, barrier = [], threading.Barrier(2)
+
+    def run(layer, weight):
+        barrier.wait()  # both threads dequantize and multiply at the same time, many times
+        for _ in range(200):
+            xg = x.clone().requires_grad_(True)
+            y = layer(xg)
+            y.backward(torch.ones_like(y))
+            if not (torch.equal(y, F.linear(x, weight, layer.bias)) and
+                    torch.equal(xg.grad, torch.ones_like(y) @ weight)):
+                failures.append(threading.current_thread().name)
+                return
+
+    threads = [threading.Thread(target=run, args=(layer, w)) for layer, w in zip(layers, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
