@@ -139,7 +139,13 @@ def run_study(
                 results = (
                     f.result() for f in [pool.submit(_run_one, c, cache) for c in configs]
                 )
-            rows += [_stored_row(r) for r in tqdm(results, desc=desc, total=len(configs))]
+            seen = {row["key"] for row in rows}
+            # a later stage may ask again for a run an earlier one made: stored once
+            rows += [
+                _stored_row(r)
+                for r in tqdm(results, desc=desc, total=len(configs))
+                if r["key"] not in seen
+            ]
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
