@@ -362,7 +362,9 @@ class LoRALinear(nn.Module):
         of what training changed, such as the DoRA paper's magnitude and direction (the
         chapter *LoRA variants*)."""
         if self.merged:
-            raise ValueError("this LoRALinear is merged: its base weight is the merged one")
+            raise ValueError(
+                "this LoRALinear is merged: its base weight is the merged one"
+            )
         with torch.no_grad():
             weight = dora.dense_weight(self.base)
             weight = weight.to(torch.promote_types(weight.dtype, torch.float32))

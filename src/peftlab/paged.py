@@ -784,7 +784,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise TypeError("PagedAdamW does not support sparse gradients")
             if self.is_8bit(p) and not bool(torch.isfinite(p.grad).all()):
                 raise ValueError(
-                    "gradients of parameters with 8-bit states must be finite (a NaN or inf "
+                    "gradients of parameters with 8-bit states must be finite "
+                    "(a NaN or inf "
                     "would take its block's absmax); nothing was changed"
                 )
             largest = max(largest, self._update_bytes(p))

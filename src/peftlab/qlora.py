@@ -632,10 +632,18 @@ def prepare_qlora(
     ``model``."""
     targets = list(target_modules)
     if not isinstance(use_dora, bool):
-        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}")
+        raise TypeError(
+            f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}"
+        )
     quantize_model(
         model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False
     )
     return add_lora(
-        model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora, use_dora=use_dora
+        model,
+        targets,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        use_dora=use_dora,
     )

@@ -74,7 +74,12 @@ OPTIMIZER_BITS = (32, 8)
 
 # Fields added after runs were first recorded: left out of a run's cache key while they hold
 # their default, so the runs recorded before them keep their keys.
-_LATER_FIELDS = {"use_dora": False, "loraplus_ratio": 1.0, "optim_bits": 32, "init": "zero"}
+_LATER_FIELDS = {
+    "use_dora": False,
+    "loraplus_ratio": 1.0,
+    "optim_bits": 32,
+    "init": "zero",
+}
 
 PRECISIONS = ("float32", "16-bit")
 """What a LoRA or QLoRA run's frozen base computes in: float32, or the 16-bit dtype of
@@ -167,7 +172,8 @@ class RunConfig:
             )
         if self.use_dora and self.init != "zero":
             raise ValueError(
-                f"use_dora=True starts from B = 0 here: init must be 'zero', got {self.init!r}"
+                "use_dora=True starts from B = 0 here: init must be 'zero', "
+                f"got {self.init!r}"
             )
         if self.init == "loftq" and self.method != "qlora":
             raise ValueError(
@@ -487,7 +493,9 @@ def _run(
     # whose pretrained weight is no longer at hand)
     track = config.method != "qlora"
     start = _trained_weights(model, config.method) if track else {}
-    direction = [[0, _magnitude_direction_of(model, config.method, start)]] if track else []
+    direction = (
+        [[0, _magnitude_direction_of(model, config.method, start)]] if track else []
+    )
     curve = [
         [
             0,
@@ -542,7 +550,9 @@ def _run(
     last = [row["held_out_loss"], row["train_loss"], row["validation_loss"]]
     row["curve"] = curve + [[config.steps, *last]]
     if track:
-        direction.append([config.steps, _magnitude_direction_of(model, config.method, start)])
+        direction.append(
+            [config.steps, _magnitude_direction_of(model, config.method, start)]
+        )
         row["magnitude_direction"] = direction
     norms = torch.stack(grad_norms).float().cpu()
     row["first_grad_norm"] = norms[0].item()
@@ -574,7 +584,9 @@ def magnitude_direction(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             raise TypeError(f"{name} must be a 2-D tensor")
     if w0.shape != w.shape:
-        raise ValueError(f"w0 and w must have one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"w0 and w must have one shape, got {tuple(w0.shape)} and {tuple(w.shape)}"
+        )
     w0, w = w0.detach().double(), w.detach().double()
     dm = (w.norm(dim=1) - w0.norm(dim=1)).abs().mean().item()
     dd = (1 - torch.nn.functional.cosine_similarity(w, w0, dim=1)).mean().item()
