@@ -453,3 +453,39 @@ def test_two_threads_running_4bit_layers_at_once_get_their_own_results():
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_chunked_cpu_forward_equals_one_product_on_the_whole_weight_to_float_rounding(monkeypatch):
+    from peftlab import qlora
+
+    monkeypatch.setattr(qlora, "_CPU_CHUNK_BYTES", 64 * 128 * 4)  # chunks of 64 rows of a 256 × 128 layer
+    lin = _linear(256, 128, bias=True, seed=5)
+    layer = Linear4bit.from_linear(lin)
+    assert qlora._chunk_rows(layer, torch.float32) == 64
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    y = layer(x)
+    w = layer.dequantize(torch.float32)
+    expected = F.linear(x.detach(), w, lin.bias.detach())
+    assert y.shape == expected.shape and y.is_contiguous()
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones_like(y) @ w, rtol=1e-6, atol=1e-6)
+    # a layer without workspace, or rows that are not whole blocks, takes the one product
+    assert qlora._chunk_rows(Linear4bit.from_linear(lin, workspace=False), torch.float32) is None
+    assert qlora._chunk_rows(Linear4bit.from_linear(_linear(256, 100)), torch.float32) is None
+
+
+def test_a_chunk_of_rows_dequantizes_to_those_rows_of_the_whole_weight_bit_for_bit():
+    from peftlab.nf4 import absmax_values, dequantize_nf4, dequantize_nf4_rows
+
+    q = quantize_nf4(torch.randn(96, 128), double_quant=True)
+    whole = dequantize_nf4(q)
+    out = torch.empty(40, 128)
+    assert torch.equal(dequantize_nf4_rows(q, 50, 90, out, absmax_values(q)), whole[50:90])
+    with pytest.raises(ValueError, match="start < stop"):
+        dequantize_nf4_rows(q, 90, 50, out, absmax_values(q))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_nf4_rows(q, 0, 10, out, absmax_values(q))
+    with pytest.raises(ValueError, match="whole blocks"):
+        dequantize_nf4_rows(quantize_nf4(torch.randn(4, 100)), 0, 1, torch.empty(1, 100),
+                            absmax_values(quantize_nf4(torch.randn(4, 100))))

@@ -243,6 +243,52 @@ def dequantize_nf4(
     return out
 
 
+def absmax_values(q: NF4Tensor) -> torch.Tensor:
+    """``q``'s float32 block constants, with double quantization undone (once: a caller that
+    dequantizes ``q`` piece by piece passes them to :func:`dequantize_nf4_rows`)."""
+    if not q.double_quant:
+        return q.absmax
+    from peftlab.double_quant import dequantize_absmax
+
+    return dequantize_absmax(q.absmax)
+
+
+def dequantize_nf4_rows(
+    q: NF4Tensor, start: int, stop: int, out: torch.Tensor, absmax: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``start:stop`` of the 2-D weight ``q`` stands for, written into ``out`` (a
+    contiguous ``(stop - start) × in_features`` float tensor, returned), with ``absmax``
+    from :func:`absmax_values`.
+
+    For the 4-bit layer of the chapter *QLoRA end to end*, which dequantizes and multiplies
+    a few rows at a time so that they are still in cache when the product reads them.
+    Needs rows of whole blocks (``in_features`` a multiple of ``blocksize``: every LLaMA
+    layer); the values are those of :func:`dequantize_nf4`, bit for bit.
+    """
+    rows, cols = q.shape
+    if cols % q.blocksize:
+        raise ValueError(
+            f"rows must be whole blocks: in_features={cols} is not a multiple of "
+            f"blocksize={q.blocksize}"
+        )
+    if not 0 <= start < stop <= rows:
+        raise ValueError(f"need 0 <= start < stop <= {rows}, got {start} and {stop}")
+    if out.shape != (stop - start, cols) or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {stop - start} × {cols} tensor, got {tuple(out.shape)}"
+        )
+    row_bytes, row_blocks = cols // 2, cols // q.blocksize
+    _dequantize_4bit_into(
+        q.packed[start * row_bytes : stop * row_bytes],
+        absmax[start * row_blocks : stop * row_blocks],
+        get_code("nf4", q.device),
+        q.blocksize,
+        (stop - start) * cols,
+        out.view(-1),
+    )
+    return out
+
+
 def to_bnb(q: NF4Tensor) -> tuple[torch.Tensor, Any]:
     """``(packed, QuantState)`` as bitsandbytes' ``quantize_4bit(..., quant_type="nf4")``
     would return them.
