@@ -373,14 +373,14 @@ def _pair_table(code_key: tuple[int, ...], device: str) -> torch.Tensor:
     return pairs.view(torch.int64).reshape(256).to(device)
 
 
-# Bytes of packed codes per step when dequantizing on a CPU: 256 KiB of codes become 2 MiB of float32 values,
-# so a step's index, lookup and multiply run in the cores' caches and only the finished values go out to
-# memory. Measured on a quiet 2-core CPU (4096 x 4096, into a reused buffer, against bitsandbytes' native
-# kernel): 14 KiB steps 1.15x, 256 KiB 0.61x, 512 KiB 0.51x, 2 MiB 0.65x with two threads; 0.81x, 0.44x,
-# 0.44x, 0.50x with one. On a heavily loaded machine (load 5 on 2 cores) small steps, whose operations stay
-# on the calling thread, did better, since every hand-off to the thread pool waits for a core. A GPU wants
-# one launch per operation instead.
-_CPU_STEP_BYTES = 256 * 1024
+# Bytes of packed codes per step when dequantizing on a CPU: 1 MiB of codes become 8 MiB of float32 values,
+# so a step's index, lookup and multiply run in the last-level cache and only the finished values go out to
+# memory. Each step's operations are handed to the thread pool, and on a busy machine every hand-off waits for
+# a core: so few, large steps. Measured on a 2-core CPU with 32 MiB of cache (4096 x 4096, into a reused
+# buffer, against bitsandbytes' native kernel), quiet: 14 KiB steps 1.0-1.1x, 256 KiB 0.53-0.56x, 512 KiB
+# 0.48x, 1 MiB 0.51-0.80x, 2 MiB 0.68-0.77x; with both cores busy with other work: 256 KiB 2.6-9.5x,
+# 512 KiB 0.64-1.15x, 1 MiB 0.74-0.86x. A GPU wants one launch per operation instead.
+_CPU_STEP_BYTES = 1024 * 1024
 
 
 def dequantize_4bit(
@@ -446,7 +446,7 @@ def _dequantize_4bit_into(
     """:func:`dequantize_4bit` into the 1-D ``out``, for arguments already checked.
 
     Note: on a CPU the work runs in cache-sized steps (``_CPU_STEP_BYTES``): each step
-    looks up pairs of levels for 256 KiB of codes, then multiplies them by their blocks'
+    looks up pairs of levels for 1 MiB of codes, then multiplies them by their blocks'
     ``absmax`` straight into ``out`` (casting there), so ``out`` is written once and never
     read.
     """
