@@ -778,3 +778,19 @@ def test_exclude_modules_of_the_wrong_type_is_refused_naming_it():
         add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=3)
     with pytest.raises(TypeError, match="exclude_modules"):
         add_lora(Tiny(), ["q_proj"], r=2, alpha=2, exclude_modules=["q_proj", 1])
+
+
+def test_add_lora_layers_returns_the_layers_it_added_and_lora_layers_finds_them_all():
+    from peftlab.lora import add_lora_layers, lora_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        lora_layers(model, required=True)
+    assert lora_layers(model) == []
+    first = add_lora_layers(model, ["0"], r=2, alpha=2)
+    second = add_lora_layers(model, ["1"], r=2, alpha=2)
+    assert [n for n, _ in first] == ["0"] and [n for n, _ in second] == ["1"]
+    assert first[0][1] is model[0] and second[0][1] is model[1]
+    assert [n for n, _ in lora_layers(model)] == ["0", "1"]
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lora_layers("model")

@@ -489,3 +489,13 @@ def test_a_chunk_of_rows_dequantizes_to_those_rows_of_the_whole_weight_bit_for_b
     with pytest.raises(ValueError, match="whole blocks"):
         dequantize_nf4_rows(quantize_nf4(torch.randn(4, 100)), 0, 1, torch.empty(1, 100),
                             absmax_values(quantize_nf4(torch.randn(4, 100))))
+
+
+@pytest.mark.parametrize("kw,exc,match", [(dict(r=0), ValueError, "r must"), (dict(use_dora=1), TypeError, "use_dora")])
+def test_prepare_qlora_refuses_bad_lora_settings_before_quantizing_anything(kw, exc, match):
+    from peftlab.qlora import prepare_qlora
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(exc, match=match):
+        prepare_qlora(model, ["0"], **kw)
+    assert type(model[0]) is nn.Linear  # left as it was

@@ -29,6 +29,7 @@ from peftlab.lora import (
     normalize_excludes,
     add_lora,
     find_targets,
+    lora_layers,
     lora_scaling,
     matches_target,
     modules_outside_lora,
@@ -115,10 +116,6 @@ _INIT_ACCEPTED = (True, False, "gaussian", "orthogonal", "eva")
 _EMPTY = (None, False, {}, [], "")
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
 def _keys(name: str) -> tuple[str, str]:
     return f"{_PREFIX}{name}.lora_A.weight", f"{_PREFIX}{name}.lora_B.weight"
 
@@ -157,7 +154,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layer to save; call add_lora() first")
     settings = {(m.r, m.alpha, m.rslora, _dropout_p(m), m.use_dora) for _, m in layers}
@@ -302,7 +299,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     use_dora = config.get("use_dora", False)
 
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if layers:
         scaling = lora_scaling(alpha, r, rslora)
         for name, m in layers:
@@ -376,7 +373,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         exact = "|".join(re.escape(n) for n in names)
         add_lora(model, exact, r, alpha, dropout, rslora, use_dora)
     with torch.no_grad():
-        for name, m in _lora_layers(model):
+        for name, m in lora_layers(model):
             key_a, key_b = _keys(name)
             m.lora_A.copy_(tensors[key_a])
             m.lora_B.copy_(tensors[key_b])

@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, lora_scaling
+from peftlab.lora import (
+    LLAMA_LINEARS,
+    LoRALinear,
+    add_lora_layers,
+    lora_layers,
+    lora_scaling,
+)
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from peftlab.qlora import Linear4bit
 
@@ -192,15 +198,6 @@ def loftq_init(
     return _loftq(weight, r, scaling, num_iter, blocksize, double_quant)
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError("model has no LoRA layer; call peftlab.lora.add_lora() first")
-    return layers
-
-
 @torch.no_grad()
 def _apply_loftq(
     layers: list[tuple[str, LoRALinear]],
@@ -259,7 +256,12 @@ def apply_loftq(
     """
     num_iter = _check_num_iter(num_iter)
     _apply_loftq(
-        _lora_layers(model), num_iter, blocksize, double_quant, compute_dtype, kernels
+        lora_layers(model, required=True),
+        num_iter,
+        blocksize,
+        double_quant,
+        compute_dtype,
+        kernels,
     )
     return model
 
@@ -284,17 +286,9 @@ def prepare_qlora_loftq(
     ``model``, whose targeted linear layers must be float ``nn.Linear``.
     """
     num_iter = _check_num_iter(num_iter)
-    targets = (
-        list(target_modules) if not isinstance(target_modules, str) else target_modules
+    layers = add_lora_layers(
+        model, target_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora
     )
-    before = {id(m) for m in model.modules() if isinstance(m, LoRALinear)}
-    add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    # only the layers just added: LoRA layers the model already had are left alone
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, LoRALinear) and id(m) not in before
-    ]
     _apply_loftq(layers, num_iter, blocksize, double_quant, compute_dtype, kernels)
     return model
 
@@ -318,7 +312,7 @@ def replace_lora_weights_loftq(
         raise TypeError(
             f"weights must be a mapping of names to float weights, got {type(weights).__name__}"
         )
-    layers = _lora_layers(model)
+    layers = lora_layers(model, required=True)
     work = []
     for name, layer in layers:
         if not isinstance(layer.base, Linear4bit):

@@ -33,10 +33,13 @@ __all__ = [
     "ParameterCount",
     "ALL_LINEAR",
     "add_lora",
+    "add_lora_layers",
+    "check_lora_hyperparameters",
     "count_parameters",
     "disable_adapter",
     "find_targets",
     "is_linear_like",
+    "lora_layers",
     "merge_lora",
 ]
 
@@ -71,9 +74,11 @@ def is_linear_like(module: nn.Module) -> bool:
     )
 
 
-def _check_hyperparameters(
+def check_lora_hyperparameters(
     r: object, alpha: object, dropout: object, rslora: object, use_dora: object = False
 ) -> None:
+    """TypeError/ValueError naming the first bad LoRA setting; for callers that must check
+    them before changing a model (:func:`peftlab.qlora.prepare_qlora` quantizes first)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be a positive int, got {type(r).__name__} {r!r}")
     if r <= 0:
@@ -224,7 +229,7 @@ class LoRALinear(nn.Module):
                 "base must be an nn.Linear or a module whose class sets peftlab_linear = True, "
                 f"got {type(base).__name__}"
             )
-        _check_hyperparameters(r, alpha, dropout, rslora, use_dora)
+        check_lora_hyperparameters(r, alpha, dropout, rslora, use_dora)
         if use_dora and not dora.has_dense_weight(base):
             raise TypeError(
                 f"use_dora=True needs the base weight as a dense matrix for its norm; a "
@@ -582,6 +587,57 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def lora_layers(
+    model: nn.Module, *, required: bool = False
+) -> list[tuple[str, LoRALinear]]:
+    """Every :class:`LoRALinear` of ``model`` with its qualified name, in module order.
+
+    ``required``: a model without any is a ValueError (for functions that rewrite the
+    adapters, such as PiSSA's and LoftQ's in the chapter *LoRA variants*).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if required and not layers:
+        raise ValueError("model has no LoRA layer; call peftlab.lora.add_lora() first")
+    return layers
+
+
+def add_lora_layers(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    use_dora: bool = False,
+    *,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> list[tuple[str, LoRALinear]]:
+    """:func:`add_lora` (the same arguments), returning the layers it added with their
+    names: the ones an initialisation such as PiSSA or LoftQ then rewrites, leaving any
+    LoRA layers the model had before alone."""
+    check_lora_hyperparameters(r, alpha, dropout, rslora, use_dora)
+    names = find_targets(model, target_modules, exclude_modules=exclude_modules)
+    if use_dora:
+        # every check before the first change to the model
+        refused = [n for n in names if not dora.has_dense_weight(model.get_submodule(n))]
+        if refused:
+            kind = type(model.get_submodule(refused[0])).__name__
+            raise TypeError(
+                f"use_dora=True needs dense base weights; {refused[:3]} ({kind}) are "
+                "neither nn.Linear nor have dequantize()"
+            )
+    model.requires_grad_(False)
+    added = []
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, r, alpha, dropout, rslora, use_dora)
+        _set_submodule(model, name, layer)
+        added.append((name, layer))
+    return added
+
+
 def add_lora(
     model: nn.Module,
     target_modules: str | Iterable[str],
@@ -601,24 +657,19 @@ def add_lora(
     qualified name (PEFT's rules); or ``"all-linear"``, every linear layer but the output
     head (PEFT's shorthand). ``exclude_modules``: names left out, matched the same way
     (PEFT's field). ``use_dora``: DoRA layers (PEFT's ``use_dora``; see
-    :class:`LoRALinear`). Returns ``model``.
+    :class:`LoRALinear`). Returns ``model`` (:func:`add_lora_layers` returns the new
+    layers instead).
     """
-    _check_hyperparameters(r, alpha, dropout, rslora, use_dora)
-    names = find_targets(model, target_modules, exclude_modules=exclude_modules)
-    if use_dora:
-        # every check before the first change to the model
-        refused = [n for n in names if not dora.has_dense_weight(model.get_submodule(n))]
-        if refused:
-            kind = type(model.get_submodule(refused[0])).__name__
-            raise TypeError(
-                f"use_dora=True needs dense base weights; {refused[:3]} ({kind}) are "
-                "neither nn.Linear nor have dequantize()"
-            )
-    model.requires_grad_(False)
-    for name in names:
-        base = model.get_submodule(name)
-        layer = LoRALinear(base, r, alpha, dropout, rslora, use_dora)
-        _set_submodule(model, name, layer)
+    add_lora_layers(
+        model,
+        target_modules,
+        r,
+        alpha,
+        dropout,
+        rslora,
+        use_dora,
+        exclude_modules=exclude_modules,
+    )
     return model
 
 

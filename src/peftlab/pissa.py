@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, lora_scaling
+from peftlab.lora import (
+    LLAMA_LINEARS,
+    LoRALinear,
+    add_lora_layers,
+    lora_layers,
+    lora_scaling,
+)
 from peftlab.qlora import Linear4bit
 
 __all__ = ["PiSSAFactors", "apply_pissa", "pissa_init", "prepare_qlora_pissa"]
@@ -133,15 +139,6 @@ def pissa_init(
     return _pissa(weight, r, lora_scaling(alpha, r, rslora), niter)
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError("model has no LoRA layer; call peftlab.lora.add_lora() first")
-    return layers
-
-
 def apply_pissa(model: nn.Module, *, niter: int | None = None) -> nn.Module:
     """PiSSA for every :class:`~peftlab.lora.LoRALinear` of ``model`` (in place): its
     factors become PiSSA's and its base weight the residual. Returns ``model``.
@@ -151,7 +148,7 @@ def apply_pissa(model: nn.Module, *, niter: int | None = None) -> nn.Module:
     which decomposes the float weight and then quantizes the residual.
     """
     _check_niter(niter)
-    return _apply_pissa(_lora_layers(model), niter, model)
+    return _apply_pissa(lora_layers(model, required=True), niter, model)
 
 
 @torch.no_grad()
@@ -198,17 +195,9 @@ def prepare_qlora_pissa(
     instead of ``W0`` is what makes PiSSA's 4-bit model start closer to the float one.
     """
     _check_niter(niter)
-    targets = (
-        list(target_modules) if not isinstance(target_modules, str) else target_modules
+    layers = add_lora_layers(
+        model, target_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora
     )
-    before = {id(m) for m in model.modules() if isinstance(m, LoRALinear)}
-    add_lora(model, targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
-    # only the layers just added: LoRA layers the model already had are left alone
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, LoRALinear) and id(m) not in before
-    ]
     _apply_pissa(layers, niter, model)
     for _, layer in layers:
         layer.base = Linear4bit.from_linear(

@@ -23,7 +23,12 @@ from torch.autograd.function import once_differentiable
 
 from peftlab import _deprecated
 from peftlab.devices import compute_dtype as default_compute_dtype
-from peftlab.lora import LLAMA_LINEARS, add_lora, matches_target
+from peftlab.lora import (
+    LLAMA_LINEARS,
+    check_lora_hyperparameters,
+    add_lora,
+    matches_target,
+)
 from peftlab.nf4 import (
     NF4Tensor,
     absmax_values,
@@ -688,10 +693,8 @@ def prepare_qlora(
     adapters (as PEFT allows on a 4-bit base; the chapter *LoRA variants*). Returns
     ``model``."""
     targets = list(target_modules)
-    if not isinstance(use_dora, bool):
-        raise TypeError(
-            f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}"
-        )
+    # every LoRA setting checked before the model is quantized, not after
+    check_lora_hyperparameters(r, alpha, dropout, rslora, use_dora)
     quantize_model(
         model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False
     )
