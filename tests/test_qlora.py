@@ -458,7 +458,7 @@ def test_two_threads_running_4bit_layers_at_once_get_their_own_results():
 def test_chunked_cpu_forward_equals_one_product_on_the_whole_weight_to_float_rounding(monkeypatch):
     from peftlab import qlora
 
-    monkeypatch.setattr(qlora, "_CPU_CHUNK_BYTES", 64 * 128 * 4)  # chunks of 64 rows of a 256 × 128 layer
+    monkeypatch.setattr(qlora, "CPU_CHUNK_BYTES", 64 * 128 * 4)  # chunks of 64 rows of a 256 × 128 layer
     lin = _linear(256, 128, bias=True, seed=5)
     layer = Linear4bit.from_linear(lin)
     assert qlora._chunk_rows(layer, torch.float32) == 64

@@ -110,7 +110,7 @@ def free_workspaces() -> None:
 # cache (LLaMA-7B's q_proj, float32, 4 × 128 tokens, against the same product on the whole
 # dequantized weight): 1 MiB chunks 1.2× slower (small products), 4 MiB 0.95×, 8 MiB 0.93×,
 # 16 MiB 0.85–1.0× (noisy); a single token 0.7×.
-_CPU_CHUNK_BYTES = 8 * 2**20
+CPU_CHUNK_BYTES = 8 * 2**20
 
 
 def _chunk_rows(layer: Linear4bit, dtype: torch.dtype) -> int | None:
@@ -120,7 +120,7 @@ def _chunk_rows(layer: Linear4bit, dtype: torch.dtype) -> int | None:
     q = layer.weight
     if q.device.type != "cpu" or not layer.workspace or q.shape[1] % q.blocksize:
         return None
-    rows = max(1, _CPU_CHUNK_BYTES // (q.shape[1] * dtype.itemsize))
+    rows = max(1, CPU_CHUNK_BYTES // (q.shape[1] * dtype.itemsize))
     return rows if rows < q.shape[0] else None
 
 
