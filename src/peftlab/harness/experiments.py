@@ -69,6 +69,11 @@ INITS = ("zero", "pissa", "loftq")
 singular directions (``"pissa"``) or from its quantization error (``"loftq"``, QLoRA only),
 both with the base replaced by the residual (*LoRA variants*, book/chapters/variants.md)."""
 
+SCHEDULES = ("constant", "cosine")
+"""How the learning rate moves over a run: held at ``lr`` (``"constant"``), or warmed up
+linearly over the first ``warmup_ratio`` of the steps and then decayed to zero along a
+cosine by the last step (``"cosine"``, the usual recipe; :func:`lr_factor`)."""
+
 OPTIMIZER_BITS = (32, 8)
 """Bits per optimizer state: float32, or bitsandbytes' blockwise 8-bit (``paged_adamw`` only)."""
 
@@ -79,6 +84,8 @@ _LATER_FIELDS = {
     "loraplus_ratio": 1.0,
     "optim_bits": 32,
     "init": "zero",
+    "schedule": "constant",
+    "warmup_ratio": 0.0,
 }
 
 PRECISIONS = ("float32", "16-bit")
@@ -133,6 +140,8 @@ class RunConfig:
     loraplus_ratio: float = 1.0
     optim_bits: int = 32
     init: str = "zero"
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -143,6 +152,7 @@ class RunConfig:
             ("kernels", ("torch", "bnb")),
             ("optim_bits", OPTIMIZER_BITS),
             ("init", INITS),
+            ("schedule", SCHEDULES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -189,6 +199,14 @@ class RunConfig:
             ):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if (
+            isinstance(self.warmup_ratio, bool)
+            or not isinstance(self.warmup_ratio, (int, float))
+            or not 0 <= self.warmup_ratio < 1
+        ):
+            raise ValueError(
+                f"warmup_ratio must be a number in [0, 1), got {self.warmup_ratio!r}"
+            )
+        if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))
             or not 0 <= self.dropout < 1
@@ -215,12 +233,14 @@ class RunConfig:
                 use_dora=False,
                 loraplus_ratio=1.0,
                 init="zero",
+                warmup_ratio=float(self.warmup_ratio),
             )
         kernels = self.kernels if self.method == "qlora" else "torch"
         return replace(
             self,
             alpha=float(self.alpha),
             loraplus_ratio=float(self.loraplus_ratio),
+            warmup_ratio=float(self.warmup_ratio),
             rslora=self.rslora and self.r > 1,
             kernels=kernels,
         )
@@ -258,6 +278,24 @@ def qlora_recipe(method: str, **settings: Any) -> RunConfig:
         lr=5e-4 if method == "full" else 2e-3,
     )
     return RunConfig(method=method, **{**defaults, **settings})
+
+
+def lr_factor(config: RunConfig, step: int) -> float:
+    """The multiple of ``config.lr`` that update ``step`` (0, 1, …, ``steps - 1``) uses.
+
+    Warm-up climbs linearly to 1 over the first ``ceil(warmup_ratio · steps)`` updates
+    (the first update already moves: ``1 / warmup``). A ``"cosine"`` schedule then falls
+    along half a cosine and reaches exactly zero one update after the last, so a run ends
+    at a learning rate close to zero: its loss has stopped moving because the steps have
+    become small, the usual recipe's way of ending a run.
+    """
+    warmup = math.ceil(config.warmup_ratio * config.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def sixteen_bit_dtype(device: str | torch.device) -> torch.dtype:
@@ -451,7 +489,7 @@ def _optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimiz
 
 
 def _run(
-    config: RunConfig, progress: bool
+    config: RunConfig, progress: bool, stop_after: int | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     texts = _texts(config.train_bytes)
     device = torch.device(config.device)
@@ -485,6 +523,8 @@ def _run(
         ).as_dict()
         del probe, probe_opt
     opt = _optimizer(config, model)
+    # each group's own peak rate (LoRA+ gives B a larger one), scaled by the schedule
+    peaks = [group["lr"] for group in opt.param_groups]
     gen = torch.Generator().manual_seed(config.seed)
     row["initial_held_out_loss"] = _loss_on(model, held)
     row["initial_pretraining_loss"] = _loss_on(model, pre)
@@ -504,7 +544,8 @@ def _run(
             row["initial_validation_loss"],
         ]
     ]
-    steps = range(config.steps)
+    last_step = config.steps if stop_after is None else stop_after
+    steps = range(last_step)
     if progress:
         steps = tqdm(
             steps,
@@ -519,13 +560,16 @@ def _run(
         x, y = textdata.random_batch(
             texts["train"], config.batch_size, config.seq_len, gen
         )
+        factor = lr_factor(config, step)
+        for group, peak in zip(opt.param_groups, peaks):
+            group["lr"] = peak * factor
         with watch:
             norm = _step(model, opt, (x.to(device), y.to(device)), config.max_grad_norm)
         grad_norms.append(norm)
         if (
             config.eval_every
             and (step + 1) % config.eval_every == 0
-            and step + 1 < config.steps
+            and step + 1 < last_step
         ):
             curve.append(
                 [
@@ -540,7 +584,7 @@ def _run(
                     [step + 1, _magnitude_direction_of(model, config.method, start)]
                 )
     row["seconds"] = watch.seconds
-    row["seconds_per_step"] = watch.seconds / config.steps
+    row["seconds_per_step"] = watch.seconds / last_step
     row["held_out_loss"] = _loss_on(model, held)
     row["train_loss"] = _loss_on(model, train_eval)
     row["pretraining_loss"] = _loss_on(model, pre)
@@ -548,10 +592,10 @@ def _run(
     row["trainable"] = count.trainable
     row["total"] = count.total
     last = [row["held_out_loss"], row["train_loss"], row["validation_loss"]]
-    row["curve"] = curve + [[config.steps, *last]]
+    row["curve"] = curve + [[last_step, *last]]
     if track:
         direction.append(
-            [config.steps, _magnitude_direction_of(model, config.method, start)]
+            [last_step, _magnitude_direction_of(model, config.method, start)]
         )
         row["magnitude_direction"] = direction
     norms = torch.stack(grad_norms).float().cpu()
@@ -671,9 +715,17 @@ def _update_statistics(
 
 
 def finetune(
-    config: RunConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True
+    config: RunConfig,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or load from ``cache_dir``) one finetuning; return its row.
+
+    ``stop_after`` ends training after that many of ``config.steps`` updates, with the
+    learning-rate schedule still laid over all of them: the first ``stop_after`` steps of
+    the full run, exactly, which is how a recorded run is re-checked by a short one
+    (:func:`peftlab.harness.recorded.verify`). Such a partial run is never cached.
 
     The row holds every field of ``config``, plus ``scaling``; the losses in nats/byte on
     the downstream held-out text before and after (``initial_held_out_loss``,
@@ -704,6 +756,17 @@ def finetune(
     asked = asdict(config)
     config = config.normalized()
     key = cache_key(config)
+    if stop_after is not None:
+        if (
+            isinstance(stop_after, bool)
+            or not isinstance(stop_after, int)
+            or not 1 <= stop_after <= config.steps
+        ):
+            raise ValueError(
+                f"stop_after must be an int in [1, steps={config.steps}], got {stop_after!r}"
+            )
+        measured, _ = _run(config, progress, stop_after)
+        return _with_breakdown({**asdict(config), "key": key, **measured, **asked})
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir)

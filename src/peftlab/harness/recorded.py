@@ -18,9 +18,10 @@ losses come out the same: exactly when torch and the CPU's instruction set match
 record (each run uses one thread, so its arithmetic is deterministic), else within
 :data:`CROSS_MACHINE_TOLERANCE`.
 
-Note: the learning rate is constant (no schedule) and a run's batches come from its own
-seeded generator, so the first ``k`` steps of a run are exactly a run of ``k`` steps: a
-short re-run checks a long one.
+Note: a run's batches come from its own seeded generator and its learning-rate schedule is
+a function of the step and the run's length, so a run stopped after ``k`` of its steps
+(``finetune(..., stop_after=k)``) repeats exactly the first ``k`` steps of the recorded
+one: a short re-run checks a long one.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def run_study(
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    # the rows of the study this one follows: seen by the stages, not stored again
+    before = load_study(study.after, out_dir)[0] if study.after else []
     threads = torch.get_num_threads()
     # one worker runs in this process; more run in fresh ones ("spawn": no forked torch)
     pool = (
@@ -131,21 +134,29 @@ def run_study(
     )
     try:
         for index, stage in enumerate(study.stages):
-            configs = stage(rows)
             desc = f"{name} stage {index + 1}/{len(study.stages)}"
-            if pool is None:
-                results = (_run_one(c, cache) for c in configs)
-            else:
-                results = (
-                    f.result() for f in [pool.submit(_run_one, c, cache) for c in configs]
-                )
-            seen = {row["key"] for row in rows}
-            # a later stage may ask again for a run an earlier one made: stored once
-            rows += [
-                _stored_row(r)
-                for r in tqdm(results, desc=desc, total=len(configs))
-                if r["key"] not in seen
-            ]
+            # a stage is asked again after its runs finish, until it wants nothing new
+            # (tuning widens its grid this way); a run asked for twice is stored once
+            while True:
+                seen = {row["key"] for row in rows}
+                configs, keys = [], set()
+                for config in stage(before + rows):
+                    key = experiments.cache_key(config)
+                    if key not in seen and key not in keys:
+                        configs.append(config)
+                        keys.add(key)
+                if not configs:
+                    break
+                if pool is None:
+                    results = (_run_one(c, cache) for c in configs)
+                else:
+                    results = (
+                        f.result()
+                        for f in [pool.submit(_run_one, c, cache) for c in configs]
+                    )
+                rows += [
+                    _stored_row(r) for r in tqdm(results, desc=desc, total=len(configs))
+                ]
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
@@ -252,8 +263,10 @@ def verify(
     try:
         for row in sample_rows(pool, sample):
             step, recorded = row["curve"][1][0], row["curve"][1][1]
-            config = replace(experiments.config_of(row), steps=step, measure_memory=False)
-            again = experiments.finetune(config, progress=False)["held_out_loss"]
+            config = replace(experiments.config_of(row), measure_memory=False)
+            again = experiments.finetune(config, progress=False, stop_after=step)[
+                "held_out_loss"
+            ]
             check = {
                 "study": row["study"],
                 "key": row["key"],

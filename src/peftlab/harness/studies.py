@@ -1,14 +1,24 @@
-"""The book's recorded finetuning studies: which runs each one makes, stage by stage.
+"""The book's recorded finetuning studies: which runs each one makes, and how each setting's
+learning rate is tuned.
 
 Explained in the chapters *LoRA rank and alpha* (book/chapters/rank_alpha.md) and *LoRA
 variants* (book/chapters/variants.md); recorded and re-checked by
 :mod:`peftlab.harness.recorded`.
 
-Each study is a list of stages. A stage is a function of the rows recorded so far that
-returns the next runs, so a study can first tune the learning rate on seed 0 and then
-repeat the best one on more seeds. Learning rates are always chosen on the downstream
-*validation* headers (:data:`peftlab.harness.textdata.DOWNSTREAM_EVERY`), never
-on the held-out text the chapters report.
+A study compares *arms*: settings that differ in what the study asks about (a rank, a
+placement, a method) and each get their own learning rate. Every arm is tuned the same
+way, on :data:`TUNING_SEED` alone: a few rates on a geometric lattice
+(:func:`lr_lattice`) around a first guess, then one more rate beyond whichever end of the
+tried range is best, until the best rate has a worse one on each side (:func:`tune`).
+Rates are compared by the loss on the downstream *validation* text
+(:data:`peftlab.harness.textdata.DOWNSTREAM_EVERY`), never on the held-out text the
+chapters report. The tuned rate is then run on :data:`SEEDS`, which never include the
+tuning seed, so the reported runs are not the ones that won the tuning
+(:func:`repeat_tuned`).
+
+A study is a list of stages. A stage is a function of the rows recorded so far that
+returns runs to make; the recorder calls it again after they finish, until it asks for
+nothing new, which is how tuning widens its grid.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from peftlab.harness.experiments import RunConfig, config_of, grid
+from peftlab.harness.experiments import RunConfig, config_of
 
 Rows = list[dict[str, Any]]
 Stage = Callable[[Rows], list[RunConfig]]
@@ -32,13 +42,23 @@ BASE = RunConfig(
     seq_len=64,
     eval_windows=128,
     eval_every=75,
+    schedule="cosine",
+    warmup_ratio=0.05,
 )
 """Every study's starting point: 300 steps of 8 × 64 bytes (153,600 training bytes, about
-a third of the downstream train text), evaluated on 128 windows of 64 bytes of each text
-every 75 steps."""
+a third of the downstream train text), the learning rate warmed up over the first 5 % of
+the steps and decayed to zero along a cosine, evaluated on 128 windows of 64 bytes of each
+text every 75 steps."""
 
-SEEDS = (0, 1, 2)
-"""Seeds of every repeated setting."""
+TUNING_SEED = 0
+"""The seed every learning rate is tuned on."""
+
+SEEDS = (1, 2, 3)
+"""Seeds of every reported run: apart from :data:`TUNING_SEED`, so the run that won the
+tuning is not among the runs reported."""
+
+LR_UNIT = 1e-3
+"""Every tuned learning rate is ``LR_UNIT · 2^k`` for an integer ``k``."""
 
 PLACEMENTS = (("q", 16), ("qv", 8), ("qkvo", 4), ("all", 2))
 """Target sets and ranks with (nearly) equal trainable parameters, as in the LoRA paper's
@@ -46,245 +66,353 @@ Table 5: W_q at 4r, W_q,W_v at 2r, attention at r, and every linear layer at the
 closest to the same budget."""
 
 
-@dataclass(frozen=True)
-class Study:
-    """A named study: what it asks, and its stages. ``keep_adapters`` picks the rows whose
-    trained ``lora_A``/``lora_B`` are stored beside the rows (for analyses of the adapters
-    themselves, such as the LoRA paper's subspace similarity)."""
-
-    name: str
-    description: str
-    stages: tuple[Stage, ...]
-    keep_adapters: Callable[[Rows], list[dict[str, Any]]] = lambda rows: []
+def lr_lattice(k: int) -> float:
+    """The learning rate ``LR_UNIT · 2^k``, rounded to 6 significant digits so that a rate
+    reached from either side of the lattice is the same float."""
+    return float(f"{LR_UNIT * 2.0**k:.6g}")
 
 
-def best_lr(rows: Rows, by: Sequence[str], **where: Any) -> dict[tuple, float]:
-    """For each group of rows sharing the ``by`` fields (among rows matching ``where``),
-    the learning rate with the lowest mean validation loss; diverged runs lose.
+def lattice_index(lr: float) -> int:
+    """The ``k`` of a learning rate on the lattice (``ValueError`` for a rate off it)."""
+    k = round(math.log2(lr / LR_UNIT))
+    if lr_lattice(k) != lr:
+        raise ValueError(f"lr must be LR_UNIT · 2^k, got {lr!r}")
+    return k
 
-    The studies tune on seed 0 alone (pass ``seed=0``): the repeats on other seeds exist
-    only at the chosen rate, and averaging them in would favour or penalise it."""
-    scores: dict[tuple, dict[float, list[float]]] = {}
+
+def _is_run_of(row: dict[str, Any], arm: RunConfig) -> bool:
+    """Whether a row is a run of ``arm`` (at any learning rate and seed)."""
+    config = config_of(row)
+    return (
+        replace(config, measure_memory=False).normalized()
+        == replace(arm, lr=config.lr, seed=config.seed, measure_memory=False).normalized()
+    )
+
+
+def tuning_curve(rows: Rows, arm: RunConfig) -> dict[float, float]:
+    """An arm's validation loss at each learning rate tried on :data:`TUNING_SEED`
+    (``math.inf`` for a run that diverged), by rate, in increasing order."""
+    out = {}
     for row in rows:
-        if any(row.get(k) != v for k, v in where.items()):
-            continue
-        loss = row.get("validation_loss")
-        value = loss if loss is not None and math.isfinite(loss) else math.inf
-        key = tuple(row[k] for k in by)
-        scores.setdefault(key, {}).setdefault(row["lr"], []).append(value)
-    return {
-        key: min(per_lr, key=lambda lr: sum(per_lr[lr]) / len(per_lr[lr]))
-        for key, per_lr in scores.items()
-    }
+        if row["seed"] == TUNING_SEED and _is_run_of(row, arm):
+            loss = row.get("validation_loss")
+            out[row["lr"]] = loss if loss is not None and math.isfinite(loss) else math.inf
+    return dict(sorted(out.items()))
 
 
-def _repeat_best(by: Sequence[str], **where: Any) -> Stage:
-    """A stage repeating, on every seed of :data:`SEEDS`, each group's best seed-0 run."""
+def tuned_lr(rows: Rows, arm: RunConfig) -> float:
+    """The learning rate with the lowest validation loss on the tuning seed
+    (``ValueError`` when the arm has no tuning runs)."""
+    curve = tuning_curve(rows, arm)
+    if not curve:
+        raise ValueError(f"no tuning runs recorded for {arm}")
+    return min(curve, key=curve.get)
+
+
+def is_interior(rows: Rows, arm: RunConfig) -> bool:
+    """Whether the arm's tuned rate has a strictly worse rate tried on each side of it."""
+    curve = tuning_curve(rows, arm)
+    best = tuned_lr(rows, arm)
+    lrs = list(curve)
+    return lrs[0] < best < lrs[-1]
+
+
+def tune(arms: Sequence[RunConfig], first: Sequence[int]) -> Stage:
+    """A stage that tunes each arm's learning rate on :data:`TUNING_SEED`.
+
+    ``first[i]`` is the lattice index (:func:`lr_lattice`) of arm ``i``'s first guess;
+    the first call tries it and its two neighbours, each later call one more rate past
+    whichever end is best, until every arm's best is interior (:func:`is_interior`).
+    """
+    if len(arms) != len(first):
+        raise ValueError(f"first must give one index per arm, got {len(first)} for {len(arms)}")
 
     def stage(rows: Rows) -> list[RunConfig]:
         configs = []
-        for row in rows:
-            if any(row.get(k) != v for k, v in where.items()) or row["seed"] != 0:
-                continue
-            best = best_lr(rows, by, seed=0, **where)[tuple(row[k] for k in by)]
-            if row["lr"] == best:
-                base = config_of(row)
-                configs += [replace(base, seed=s) for s in SEEDS if s != 0]
+        for arm, k in zip(arms, first):
+            curve = tuning_curve(rows, arm)
+            if not curve:
+                ks = [k - 1, k, k + 1]
+            else:
+                best = lattice_index(tuned_lr(rows, arm))
+                lo, hi = (lattice_index(lr) for lr in (min(curve), max(curve)))
+                ks = [best - 1] if best == lo else [best + 1] if best == hi else []
+            configs += [replace(arm, lr=lr_lattice(i), seed=TUNING_SEED) for i in ks]
         return configs
 
     return stage
 
 
+def repeat_tuned(arms: Sequence[RunConfig], seeds: Sequence[int] = SEEDS) -> Stage:
+    """A stage running each arm at its tuned learning rate on every one of ``seeds``."""
+
+    def stage(rows: Rows) -> list[RunConfig]:
+        return [
+            replace(arm, lr=tuned_lr(rows, arm), seed=s) for arm in arms for s in seeds
+        ]
+
+    return stage
+
+
+def reported_runs(rows: Rows, arm: RunConfig, seeds: Sequence[int] = SEEDS) -> Rows:
+    """The arm's rows at its tuned learning rate on ``seeds``, in seed order."""
+    best = tuned_lr(rows, arm)
+    by_seed = {r["seed"]: r for r in rows if r["lr"] == best and _is_run_of(r, arm)}
+    missing = [s for s in seeds if s not in by_seed]
+    if missing:
+        raise ValueError(f"seeds {missing} not recorded at lr={best} for {arm}")
+    return [by_seed[s] for s in seeds]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named study: what it asks, the arms it tunes, and its stages. ``keep_adapters``
+    picks the rows whose trained ``lora_A``/``lora_B`` are stored beside the rows (for
+    analyses of the adapters themselves, such as the LoRA paper's subspace similarity).
+    ``seeds`` are the seeds its arms are reported on. A study that names another in
+    ``after`` sees that study's recorded rows as well as its own (a longer re-run of its
+    tuned arms reads their rates from there); it stores only its own."""
+
+    name: str
+    description: str
+    arms: tuple[RunConfig, ...]
+    stages: tuple[Stage, ...]
+    seeds: tuple[int, ...] = SEEDS
+    keep_adapters: Callable[[Rows], Rows] = lambda rows: []
+    after: str | None = None
+
+
+def _nearest(lr: float) -> int:
+    return round(math.log2(lr / LR_UNIT))
+
+
+def _tuned_study(
+    name: str,
+    description: str,
+    arms: Sequence[RunConfig],
+    guesses: Sequence[float],
+    seeds: Sequence[int] = SEEDS,
+    keep_adapters: Callable[[Rows], Rows] = lambda rows: [],
+) -> Study:
+    """A study that tunes every arm from a first-guess rate and repeats it on ``seeds``."""
+    arms = tuple(arms)
+    return Study(
+        name,
+        description,
+        arms,
+        (tune(arms, [_nearest(g) for g in guesses]), repeat_tuned(arms, seeds)),
+        tuple(seeds),
+        keep_adapters,
+    )
+
+
+def _alpha_guess(arm: RunConfig, at_base: float = 4e-3) -> float:
+    """The first-guess rate of an adapter arm: ``at_base`` scaled by
+    ``sqrt(scaling(BASE) / scaling(arm))``, the rate that keeps ``scaling · lr²`` fixed (the
+    trade between α and the rate under Adam that the chapter *LoRA rank and alpha*
+    derives)."""
+    return at_base * math.sqrt(BASE.scaling / arm.scaling)
+
+
+ALPHAS = (1.0, 4.0, 16.0, 64.0, 256.0)
+"""α of the α/learning-rate map at r = 8: steps of 4, so the rate that keeps α · lr² fixed
+moves one lattice step (×2) per α."""
+
+_ALPHA_ARMS = tuple(replace(BASE, alpha=a) for a in ALPHAS)
+
+RANKS = (1, 4, 16, 64)
+"""Ranks of the rank study."""
+
+_RANK_ARMS = tuple(
+    replace(BASE, r=r, rslora=rs) for rs in (False, True) for r in RANKS if r > 1 or not rs
+)
+
+_PLACEMENT_ARMS = tuple(replace(BASE, targets=t, r=r, alpha=2.0 * r) for t, r in PLACEMENTS)
+
+QLORA_LORA_SEEDS = tuple(range(1, 11))
+"""Seeds of the QLoRA-against-LoRA comparison: ten, enough for its interval to be narrower
+than the equivalence margin it is tested against."""
+
+_ALL_LORA = replace(BASE, targets="all")
+_FULL = replace(BASE, method="full")
+
 _STUDIES = (
     Study(
         "alpha-lr",
-        "final loss over alpha and learning rate at r = 8: the two trade against each "
-        "other, and both sides of the best setting show",
+        "validation loss over α and learning rate at r = 8, each α tuned: α and the rate "
+        "trade against each other",
+        _ALPHA_ARMS,
         (
-            # both axes in steps of 4, so a diagonal of the grid holds one value of α · lr
-            lambda rows: grid(
-                BASE, alpha=[2, 8, 32, 128, 512], lr=[1.25e-4, 5e-4, 2e-3, 8e-3, 3.2e-2]
-            ),
+            # five rates per α, centred where α · lr² equals BASE's at 4e-3
+            lambda rows: [
+                replace(arm, lr=lr_lattice(_nearest(_alpha_guess(arm)) + k), seed=TUNING_SEED)
+                for arm in _ALPHA_ARMS
+                for k in (-2, -1, 0, 1, 2)
+            ],
+            tune(_ALPHA_ARMS, [_nearest(_alpha_guess(a)) for a in _ALPHA_ARMS]),
         ),
+        seeds=(),
     ),
-    Study(
+    _tuned_study(
         "rank-lr",
-        "rank at fixed alpha = 16, with and without rsLoRA, each at its own tuned "
+        "rank at fixed α = 16, with α/r and with rsLoRA's α/√r, each at its own tuned "
         "learning rate, three seeds",
-        (
-            lambda rows: grid(
-                BASE,
-                r=[1, 4, 16, 64],
-                rslora=[False, True],
-                lr=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-            ),
-            _repeat_best(("r", "rslora")),
-        ),
+        _RANK_ARMS,
+        [_alpha_guess(a) for a in _RANK_ARMS],
         # the LoRA paper's §7.2 compares a small and a large rank's adapters, trained from
         # different seeds (one seed would start both A's with the same first rows)
-        lambda rows: _best_rows(rows, ("r", "rslora"), [(16, False, 0), (64, False, 1)]),
+        keep_adapters=lambda rows: [
+            reported_runs(rows, replace(BASE, r=16))[0],
+            reported_runs(rows, replace(BASE, r=64))[1],
+        ],
     ),
-    Study(
+    _tuned_study(
         "placement",
         "where the adapters go, at (nearly) equal trainable parameters, each at its own "
         "tuned learning rate, three seeds",
-        (
-            lambda rows: [
-                replace(BASE, targets=t, r=r, alpha=2.0 * r, lr=lr)
-                for t, r in PLACEMENTS
-                for lr in (3e-3, 1e-2, 3e-2)
-            ],
-            _repeat_best(("targets",)),
-        ),
+        _PLACEMENT_ARMS,
+        [4e-3] * len(_PLACEMENT_ARMS),
     ),
     Study(
         "qlora-lora",
         "QLoRA (NF4 + double-quantized base) against LoRA on the float32 base, all "
-        "linear layers, r = 8, at LoRA's tuned learning rate, five seeds",
+        "linear layers, r = 8, at LoRA's tuned learning rate, ten seeds, paired",
+        (_ALL_LORA,),
         (
-            lambda rows: grid(replace(BASE, targets="all"), lr=[3e-3, 1e-2, 3e-2]),
-            lambda rows: grid(
-                replace(
-                    BASE,
-                    targets="all",
-                    lr=best_lr(rows, ("method",), seed=0, method="lora")[("lora",)],
-                ),
-                method=["lora", "qlora"],
-                seed=[0, 1, 2, 3, 4],
-            ),
+            tune((_ALL_LORA,), [_nearest(4e-3)]),
+            lambda rows: [
+                replace(_ALL_LORA, method=m, lr=tuned_lr(rows, _ALL_LORA), seed=s)
+                for m in ("lora", "qlora")
+                for s in QLORA_LORA_SEEDS
+            ],
         ),
+        seeds=QLORA_LORA_SEEDS,
     ),
-    Study(
+    _tuned_study(
         "full",
         "full finetuning at its own tuned learning rate, three seeds: the reference for "
-        "the update's effective rank and for forgetting",
-        (
-            lambda rows: grid(replace(BASE, method="full"), lr=[3e-4, 1e-3, 3e-3]),
-            _repeat_best(("method",)),
-        ),
+        "the update's effective rank, for forgetting and for LoRA's best learning rate",
+        (_FULL,),
+        [2.5e-4],
     ),
-    Study(
+    _tuned_study(
         "scratch",
         "LoRA (W_q, W_v, r = 8) and full finetuning from the untrained initialisation of "
         "the same network, each at its own tuned learning rate, three seeds",
-        (
-            lambda rows: [
-                replace(BASE, method=m, pretrained=False, lr=lr)
-                for m, lrs in (("lora", (3e-3, 1e-2, 3e-2)), ("full", (3e-4, 1e-3, 3e-3)))
-                for lr in lrs
-            ],
-            _repeat_best(("method",)),
-        ),
+        (replace(BASE, pretrained=False), replace(_FULL, pretrained=False)),
+        [8e-3, 1e-3],
     ),
-    Study(
+    _tuned_study(
         "small-data",
         "LoRA (W_q, W_v, r = 8) and full finetuning on only 4,096 training bytes, about "
         "37 passes over them, each at its own tuned learning rate, three seeds",
-        (
-            lambda rows: [
-                replace(BASE, method=m, train_bytes=4096, lr=lr)
-                for m, lrs in (("lora", (1e-3, 3e-3, 1e-2)), ("full", (1e-4, 3e-4, 1e-3)))
-                for lr in lrs
-            ],
-            _repeat_best(("method",)),
-        ),
+        (replace(BASE, train_bytes=4096), replace(_FULL, train_bytes=4096)),
+        [1e-3, 1.25e-4],
     ),
 )
 
 
+OPTIM8 = {
+    "lora": replace(BASE, targets="all", r=32, alpha=32.0, optimizer="paged_adamw"),
+    "full": replace(_FULL, optimizer="paged_adamw"),
+}
+"""The two settings of the 8-bit-states study: LoRA at r = 32 on every linear layer (every
+factor has at least bitsandbytes' 4,096 values, so each gets 8-bit states) and full
+finetuning."""
+
+_DORA_ARMS = (BASE, replace(BASE, use_dora=True), _FULL)
+_LORAPLUS_ARMS = tuple(replace(BASE, loraplus_ratio=lam) for lam in (1.0, 4.0, 16.0))
+_INIT_ARMS = tuple(
+    replace(BASE, method="qlora", targets="all", init=i, r=r)
+    for i in ("zero", "pissa", "loftq")
+    for r in (4, 32)
+)
+
+LONGER = 4
+"""How many times longer the budget of a study's check at a larger budget is."""
+
+
+def _longer(name: str, after: str, arms: Sequence[RunConfig]) -> Study:
+    """Study ``after``'s tuned ``arms`` again on :data:`SEEDS` at :data:`LONGER` times the
+    steps, at the same tuned rate and the same schedule stretched over the longer run:
+    whether a conclusion about capacity survives a budget at which the runs have levelled
+    off further."""
+
+    def stage(rows: Rows) -> list[RunConfig]:
+        return [
+            replace(
+                arm,
+                lr=tuned_lr(rows, arm),
+                steps=LONGER * arm.steps,
+                eval_every=LONGER * arm.eval_every,
+                seed=s,
+            )
+            for arm in arms
+            for s in SEEDS
+        ]
+
+    longer = tuple(
+        replace(a, steps=LONGER * a.steps, eval_every=LONGER * a.eval_every) for a in arms
+    )
+    return Study(
+        name,
+        f"the tuned arms of {after!r} at {LONGER} × the steps, three seeds",
+        longer,
+        (stage,),
+        after=after,
+    )
+
+
+_LONGER_STUDIES = (
+    _longer("rank-lr-long", "rank-lr", [a for a in _RANK_ARMS if not a.rslora]),
+    _longer("placement-long", "placement", _PLACEMENT_ARMS),
+    _longer("full-long", "full", (_FULL,)),
+    _longer("small-data-long", "small-data", (replace(BASE, train_bytes=4096), replace(_FULL, train_bytes=4096))),
+)
+
 # The variants of the chapter *LoRA variants* (book/chapters/variants.md).
 _VARIANTS = (
-    Study(
+    _tuned_study(
         "dora",
         "DoRA against LoRA (W_q, W_v, r = 8) and full finetuning, each at its own tuned "
         "learning rate, three seeds, with the DoRA paper's magnitude and direction changes "
         "along training",
-        (
-            lambda rows: [
-                replace(BASE, method=m, use_dora=d, lr=lr)
-                for m, d, lrs in (
-                    ("lora", False, (1e-3, 3e-3, 1e-2)),
-                    ("lora", True, (1e-3, 3e-3, 1e-2)),
-                    ("full", False, (1e-4, 3e-4)),
-                )
-                for lr in lrs
-            ],
-            _repeat_best(("method", "use_dora")),
-        ),
+        _DORA_ARMS,
+        [4e-3, 4e-3, 2.5e-4],
     ),
-    Study(
+    _tuned_study(
         "loraplus",
         "LoRA+ (B's learning rate λ times A's) for λ = 1, 4, 16, each λ at its own tuned "
         "learning rate, three seeds",
-        (
-            lambda rows: grid(
-                BASE, loraplus_ratio=[1.0, 4.0, 16.0], lr=[3e-4, 1e-3, 3e-3, 1e-2]
-            ),
-            _repeat_best(("loraplus_ratio",)),
-        ),
+        _LORAPLUS_ARMS,
+        [4e-3, 2e-3, 1e-3],
     ),
     Study(
         "optim8",
         "8-bit against 32-bit optimizer states (paged AdamW), for LoRA on every linear "
         "layer at r = 32 and for full finetuning, at the learning rate tuned with 32-bit "
         "states, three seeds, paired",
+        tuple(OPTIM8.values()),
         (
+            tune(tuple(OPTIM8.values()), [_nearest(2e-3), _nearest(2.5e-4)]),
             lambda rows: [
-                replace(OPTIM8[m], lr=lr)
-                for m, lrs in (("lora", (3e-3, 1e-2)), ("full", (1e-4, 3e-4)))
-                for lr in lrs
-            ],
-            lambda rows: [
-                replace(
-                    OPTIM8[m],
-                    lr=best_lr(rows, ("method",), seed=0, method=m)[(m,)],
-                    optim_bits=bits,
-                    seed=seed,
-                )
-                for m in OPTIM8
+                replace(arm, lr=tuned_lr(rows, arm), optim_bits=bits, seed=seed)
+                for arm in OPTIM8.values()
                 for bits in (32, 8)
                 for seed in SEEDS
             ],
         ),
     ),
-    Study(
+    _tuned_study(
         "init",
         "QLoRA's adapters started at B = 0, with PiSSA and with LoftQ, on every linear "
         "layer at r = 4 and r = 32, each at its own tuned learning rate, three seeds",
-        (
-            lambda rows: grid(
-                replace(BASE, method="qlora", targets="all", alpha=16.0),
-                init=["zero", "pissa", "loftq"],
-                r=[4, 32],
-                lr=[1e-3, 3e-3],
-            ),
-            _repeat_best(("init", "r")),
-        ),
+        _INIT_ARMS,
+        [2e-3] * len(_INIT_ARMS),
     ),
 )
 
-OPTIM8 = {
-    "lora": replace(BASE, targets="all", r=32, alpha=32.0, optimizer="paged_adamw"),
-    "full": replace(BASE, method="full", optimizer="paged_adamw"),
-}
-"""The two settings of the 8-bit-states study: LoRA at r = 32 on every linear layer (every
-factor has at least bitsandbytes' 4,096 values, so each gets 8-bit states) and full
-finetuning."""
-
-
-def _best_rows(rows: Rows, by: Sequence[str], wanted: list[tuple]) -> Rows:
-    """The rows at their group's best learning rate whose ``by`` fields and seed match one
-    of ``wanted``."""
-    best = best_lr(rows, by, seed=0)
-    return [
-        row
-        for row in rows
-        if (*(row[k] for k in by), row["seed"]) in wanted
-        and row["lr"] == best[tuple(row[k] for k in by)]
-    ]
-
-
-RANK_ALPHA = tuple(s.name for s in _STUDIES)
+RANK_ALPHA = tuple(s.name for s in (*_STUDIES, *_LONGER_STUDIES))
 """The studies of the chapter *LoRA rank and alpha*."""
 
 VARIANTS = tuple(s.name for s in _VARIANTS)
@@ -298,7 +426,7 @@ def names() -> list[str]:
 
 def get(name: str) -> Study:
     """The study called ``name`` (``ValueError`` listing the names otherwise)."""
-    for study in (*_STUDIES, *_VARIANTS):
+    for study in (*_STUDIES, *_LONGER_STUDIES, *_VARIANTS):
         if study.name == name:
             return study
     raise ValueError(f"study must be one of {names()}, got {name!r}")
