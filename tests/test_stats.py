@@ -69,3 +69,27 @@ def test_equivalence_needs_the_whole_interval_inside_the_margin():
 def test_bad_input_is_refused_with_a_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_detectable_difference_is_the_t_sum_times_the_standard_error():
+    diffs = [0.01, -0.02, 0.015, 0.0, 0.005, -0.01]
+    iv = stats.mean_interval(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    expected = (stats.t_quantile(0.975, 5) + stats.t_quantile(0.8, 5)) * se
+    assert stats.detectable_difference(iv) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="power"):
+        stats.detectable_difference(iv, power=1.0)
+
+
+def test_a_comparison_says_only_what_its_intervals_allow():
+    base = [1.00, 1.02, 0.99, 1.01, 1.00, 1.03]
+    far = stats.compare([x - 0.2 for x in base], base, paired=False, margin=0.01)
+    assert far.different and not far.equivalent and far.verdict() == "lower"
+    noise = [0.001, -0.001, 0.0005, -0.0005, 0.0, 0.0002]
+    near = stats.compare([x + d for x, d in zip(base, noise)], base, paired=True, margin=0.01)
+    assert near.equivalent and near.verdict().startswith("equivalent within ±0.010")
+    wide = stats.compare([1.0, 1.2, 0.8], [1.1, 0.9, 1.0], paired=True, margin=0.01)
+    assert not wide.different and not wide.equivalent and wide.verdict().startswith("undetermined (±")
+    assert wide.tost.confidence == 0.90 and wide.interval.confidence == 0.95
+    with pytest.raises(ValueError, match="margin must be positive"):
+        stats.compare(base, base, paired=True, margin=0.0)

@@ -12,8 +12,4 @@ harness (:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.boo
 Import what you need from the module itself, e.g. ``from peftlab.lora import LoRALinear``.
 """
 
-from peftlab import _deprecated
-
 __version__ = "0.1.0"
-
-_deprecated.install_module_aliases()

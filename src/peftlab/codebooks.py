@@ -15,7 +15,6 @@ from functools import lru_cache
 
 import torch
 
-from peftlab import _deprecated
 
 __all__ = [
     "BLOCKSIZES",
@@ -500,12 +499,3 @@ def roundtrip(
         .to(w.dtype)
         .reshape(w.shape)
     )
-
-
-__getattr__ = _deprecated.renamed(
-    __name__,
-    {
-        "quantize_blockwise": "peftlab.codebooks.quantize_4bit",
-        "dequantize_blockwise": "peftlab.codebooks.dequantize_4bit",
-    },
-)

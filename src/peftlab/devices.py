@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -24,6 +25,7 @@ __all__ = [
     "median_seconds",
     "native_bf16",
     "synchronize",
+    "torch_threads",
 ]
 
 
@@ -169,3 +171,21 @@ def make_deterministic() -> None:
     # Why: two clean builds must draw the same figures; warn_only keeps ops that have no
     # deterministic variant usable instead of failing a reader's run.
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's CPU kernels on ``n`` threads, and restore the count
+    after it, so a setting made for one measurement does not outlive it.
+
+    One thread makes float32 arithmetic run in one fixed order (a recorded run re-runs
+    bit for bit) and keeps tiny matrices from paying for a thread pool they cannot use.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

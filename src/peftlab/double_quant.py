@@ -22,7 +22,6 @@ from typing import Literal
 
 import torch
 
-from peftlab import _deprecated
 from peftlab.checks import positive_int
 from peftlab.codebooks import (
     BLOCKSIZES,
@@ -533,12 +532,3 @@ def overhead_bits(blocksize: int = 64, blocksize2: int | None = 256) -> float:
         return 32 / blocksize
     blocksize2 = check_blocksize(blocksize2, "blocksize2")
     return 8 / blocksize + 32 / (blocksize * blocksize2)
-
-
-__getattr__ = _deprecated.renamed(
-    __name__,
-    {
-        "quantize_blockwise": _deprecated.quantize_blockwise_8bit,
-        "dequantize_blockwise": _deprecated.dequantize_blockwise_8bit,
-    },
-)

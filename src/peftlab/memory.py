@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from peftlab import _deprecated
 from peftlab.checks import positive_int
 from peftlab.lora import LLAMA_LINEARS
 from peftlab.paged import DEFAULT_PAGE_BYTES, state_bytes
@@ -65,14 +64,6 @@ GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
 """Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000,
 A100/H100 80GB) has
 24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no estimate here counts."""
-
-__getattr__ = _deprecated.renamed(
-    __name__,
-    {
-        "LINEAR_NAMES": "peftlab.lora.LLAMA_LINEARS",
-        "PAGE_BYTES": "peftlab.paged.DEFAULT_PAGE_BYTES",
-    },
-)
 
 
 @dataclass(frozen=True)
@@ -238,8 +229,6 @@ def quantized_bytes(
     blocksize: int = 64,
     double_quant: bool = True,
     blocksize2: int = 256,
-    *,
-    dq_blocksize: int | None = None,
 ) -> tuple[int, int]:
     """(packed 4-bit codes, quantization constants) in bytes for one tensor of ``numel``
     elements.
@@ -251,9 +240,6 @@ def quantized_bytes(
     constants and not counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is
     below a rounding error here.
     """
-    blocksize2 = _deprecated.keyword(
-        "dq_blocksize", dq_blocksize, "blocksize2", blocksize2
-    )
     for value, name in (
         (numel, "numel"),
         (blocksize, "blocksize"),
@@ -365,7 +351,6 @@ def estimate(
     blocksize: int = 64,
     double_quant: bool = True,
     blocksize2: int = 256,
-    dq_blocksize: int | None = None,
     lora_dropout: float = 0.0,
     target_modules: Iterable[str] = LLAMA_LINEARS,
     n_gpus: int = 1,
@@ -410,9 +395,6 @@ def estimate(
     parameter before activations, the count behind the paper's "more than 780 GB" for
     65B; ``master_weights=True`` gives the 16 of mixed-precision training.
     """
-    blocksize2 = _deprecated.keyword(
-        "dq_blocksize", dq_blocksize, "blocksize2", blocksize2
-    )
     shape = _shape(model)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")

@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from peftlab import _deprecated
 from peftlab.checks import positive_int
 from peftlab.double_quant import _default_code, dequantize_8bit, quantize_8bit
 
@@ -998,12 +997,3 @@ def _default_pool(device: torch.device) -> PagePool:
         free, _ = torch.cuda.mem_get_info(device)
         return PagePool(free, device)
     return PagePool(2**62, device)  # effectively unlimited: nothing is paged
-
-
-__getattr__ = _deprecated.renamed(
-    __name__,
-    {
-        "SavedBytes": "peftlab.memory.SavedBytes",
-        "count_saved_bytes": "peftlab.memory.count_saved_bytes",
-    },
-)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from peftlab import _deprecated
 from peftlab.devices import compute_dtype as default_compute_dtype
 from peftlab.lora import (
     LLAMA_LINEARS,
@@ -50,16 +49,6 @@ __all__ = [
 ]
 
 KERNELS = ("torch", "bnb")
-
-__getattr__ = _deprecated.renamed(
-    __name__,
-    {
-        "ALL_LINEARS": "peftlab.lora.LLAMA_LINEARS",
-        "FINETUNE_METHODS": "peftlab.memory.METHODS",
-        "finetune": _deprecated.qlora_finetune,
-        "finetune_compute_dtype": "peftlab.harness.experiments.sixteen_bit_dtype",
-    },
-)
 
 
 # Each thread's dequantization buffer, by (dtype, device): as large as the largest weight

@@ -29,19 +29,21 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from peftlab.devices import torch_threads
 from peftlab.files import atomic_write_all
 from peftlab.harness import experiments, studies
+from peftlab.harness.config import RunConfig, cache_key, checkpoint_digest
+from peftlab.harness.results import RunResult
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "data" / "runs"
 """Where recorded studies live: package data, so the rows travel with the package."""
@@ -66,7 +68,7 @@ def _provenance(study: str, argv: Sequence[str], workers: int, seconds: float) -
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(),
-        "checkpoint_sha256": experiments.checkpoint_digest(),
+        "checkpoint_sha256": checkpoint_digest(),
         "threads_per_run": 1,
         "workers": workers,
         "wall_seconds": round(seconds, 1),
@@ -75,26 +77,29 @@ def _provenance(study: str, argv: Sequence[str], workers: int, seconds: float) -
     }
 
 
-def _finite(value: Any) -> Any:
-    """JSON without NaN: a diverged run's non-finite losses become None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+def _run_one(config: RunConfig, cache_dir: str) -> RunResult:
+    with torch_threads(1):  # deterministic arithmetic, and one run per core
+        return experiments.finetune(config, cache_dir, progress=False)
 
 
-def _stored_row(row: dict[str, Any]) -> dict[str, Any]:
-    keep = {k: v for k, v in row.items() if k not in ("adapter", "memory", "cached")}
-    keep["diverged"] = not math.isfinite(row["held_out_loss"])
-    return _finite(keep)
+@dataclass(frozen=True)
+class RecordedStudy:
+    """A recorded study as a chapter reads it: its runs and where they came from."""
 
+    name: str
+    description: str
+    provenance: Mapping[str, Any]
+    runs: tuple[RunResult, ...]
 
-def _run_one(config: experiments.RunConfig, cache_dir: str) -> dict[str, Any]:
-    torch.set_num_threads(1)  # deterministic arithmetic, and one run per core
-    return experiments.finetune(config, cache_dir, progress=False)
+    def same_machine(self) -> bool:
+        """Whether this machine's torch, CPU instruction set and checkpoint match the
+        recording's, so that a re-run must reproduce it exactly."""
+        return (
+            self.provenance["torch"] == torch.__version__
+            and self.provenance["cpu_capability"]
+            == torch.backends.cpu.get_cpu_capability()
+            and self.provenance["checkpoint_sha256"] == checkpoint_digest()
+        )
 
 
 def run_study(
@@ -122,10 +127,9 @@ def run_study(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    # the rows of the study this one follows: seen by the stages, not stored again
-    before = load_study(study.after, out_dir)[0] if study.after else []
-    threads = torch.get_num_threads()
+    rows: list[RunResult] = []
+    # the runs of the study this one follows: seen by the stages, not stored again
+    before = list(load_study(study.after, out_dir).runs) if study.after else []
     # one worker runs in this process; more run in fresh ones ("spawn": no forked torch)
     pool = (
         None
@@ -138,10 +142,10 @@ def run_study(
             # a stage is asked again after its runs finish, until it wants nothing new
             # (tuning widens its grid this way); a run asked for twice is stored once
             while True:
-                seen = {row["key"] for row in rows}
+                seen = {run.key for run in rows}
                 configs, keys = [], set()
                 for config in stage(before + rows):
-                    key = experiments.cache_key(config)
+                    key = cache_key(config)
                     if key not in seen and key not in keys:
                         configs.append(config)
                         keys.add(key)
@@ -154,17 +158,14 @@ def run_study(
                         f.result()
                         for f in [pool.submit(_run_one, c, cache) for c in configs]
                     )
-                rows += [
-                    _stored_row(r) for r in tqdm(results, desc=desc, total=len(configs))
-                ]
+                rows += list(tqdm(results, desc=desc, total=len(configs)))
     finally:
-        torch.set_num_threads(threads)
         if pool is not None:
             pool.shutdown()
     record = {
         "provenance": _provenance(name, argv, workers, time.perf_counter() - start),
         "description": study.description,
-        "rows": rows,
+        "rows": [replace(run, cached=False).to_json() for run in rows],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n"
@@ -174,9 +175,9 @@ def run_study(
         from safetensors.torch import save_file
 
         tensors = {
-            f"{row['key']}/{param}": value
-            for row in kept
-            for param, value in experiments.load_run_adapter(row, cache).items()
+            f"{run.key}/{param}": value
+            for run in kept
+            for param, value in experiments.load_run_adapter(run, cache).items()
         }
         writers[out_dir / f"{name}.adapters.safetensors"] = lambda tmp: save_file(
             tensors, tmp
@@ -186,7 +187,7 @@ def run_study(
 
 
 def load_study_adapter(
-    name: str, row: dict[str, Any], folder: str | os.PathLike = RUNS_DIR
+    name: str, run: RunResult, folder: str | os.PathLike = RUNS_DIR
 ) -> dict[str, torch.Tensor]:
     """The trained ``lora_A``/``lora_B`` of a recorded row whose adapter the study kept
     (``Study.keep_adapters``), by parameter name."""
@@ -195,21 +196,20 @@ def load_study_adapter(
     path = Path(folder) / f"{name}.adapters.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"study {name!r} kept no adapters ({path} not found)")
-    prefix = f"{row['key']}/"
+    prefix = f"{run.key}/"
     found = {
         k[len(prefix) :]: v
         for k, v in load_file(str(path)).items()
         if k.startswith(prefix)
     }
     if not found:
-        raise ValueError(f"study {name!r} kept no adapter for run {row['key']}")
+        raise ValueError(f"study {name!r} kept no adapter for run {run.key}")
     return found
 
 
-def load_study(
-    name: str, folder: str | os.PathLike = RUNS_DIR
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of recorded study ``name`` and its provenance.
+def load_study(name: str, folder: str | os.PathLike = RUNS_DIR) -> RecordedStudy:
+    """Recorded study ``name``: its runs (:class:`peftlab.harness.results.RunResult`) and
+    provenance.
 
     A missing file raises ``FileNotFoundError`` saying which command records it.
     """
@@ -221,71 +221,80 @@ def load_study(
             f"'python -m peftlab.harness.recorded run {name}'"
         )
     record = json.loads(path.read_text())
-    return record["rows"], record["provenance"]
+    return RecordedStudy(
+        name,
+        record["description"],
+        record["provenance"],
+        tuple(RunResult.from_json(row) for row in record["rows"]),
+    )
 
 
-def sample_rows(rows: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """``n`` rows spread evenly over the rows sorted by cache key: a deterministic sample
-    that every build draws the same way. Diverged rows are skipped."""
+def sample_runs(runs: Sequence[RunResult], n: int) -> list[RunResult]:
+    """``n`` runs spread evenly over the runs sorted by cache key: a deterministic sample
+    that every build draws the same way. Diverged runs are skipped."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    ordered = sorted((r for r in rows if not r["diverged"]), key=lambda r: r["key"])
+    ordered = sorted((r for r in runs if not r.diverged), key=lambda r: r.key)
     if not ordered:
-        raise ValueError("no finite rows to sample")
+        raise ValueError("no finite runs to sample")
     step = len(ordered) / min(n, len(ordered))
     return [ordered[int(i * step)] for i in range(min(n, len(ordered)))]
 
 
+@dataclass(frozen=True)
+class Check:
+    """One re-run of a recorded run's first steps: the held-out loss recorded at ``step``,
+    the loss the re-run measured there, and the tolerance that applied (0.0: exact)."""
+
+    study: str
+    key: str
+    step: int
+    recorded: float
+    rerun: float
+    tolerance: float
+
+    @property
+    def difference(self) -> float:
+        return abs(self.rerun - self.recorded)
+
+
 def verify(
     names: str | Sequence[str], sample: int = 3, folder: str | os.PathLike = RUNS_DIR
-) -> list[dict]:
-    """Re-run ``sample`` rows drawn from the recorded studies ``names`` (one name or
-    several) up to their first curve point; raise ``AssertionError`` unless each
-    reproduces its recorded held-out loss there.
-
-    Returns one dict per checked row: its study and key, the step, the recorded and
-    re-run losses, their difference and the tolerance that applied (0.0: exact).
-    """
+) -> list[Check]:
+    """Re-run ``sample`` runs drawn from the recorded studies ``names`` (one name or
+    several) up to their first curve point after step 0; raise ``AssertionError`` unless
+    each reproduces its recorded held-out loss there (exactly on the recording machine's
+    torch and CPU, else within :data:`CROSS_MACHINE_TOLERANCE`)."""
     names = [names] if isinstance(names, str) else list(names)
-    pool, tolerance = [], {}
+    pool: list[tuple[str, RunResult]] = []
+    tolerance = {}
     for name in names:
-        rows, prov = load_study(name, folder)
-        same_machine = (
-            prov["torch"] == torch.__version__
-            and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-            and prov["checkpoint_sha256"] == experiments.checkpoint_digest()
-        )
-        tolerance[name] = 0.0 if same_machine else CROSS_MACHINE_TOLERANCE
-        pool += [{**row, "study": name} for row in rows]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+        study = load_study(name, folder)
+        tolerance[name] = 0.0 if study.same_machine() else CROSS_MACHINE_TOLERANCE
+        pool += [(name, run) for run in study.runs]
+    study_of = {run.key: name for name, run in pool}
     checks = []
-    try:
-        for row in sample_rows(pool, sample):
-            step, recorded = row["curve"][1][0], row["curve"][1][1]
-            config = replace(experiments.config_of(row), measure_memory=False)
-            again = experiments.finetune(config, progress=False, stop_after=step)[
-                "held_out_loss"
-            ]
-            check = {
-                "study": row["study"],
-                "key": row["key"],
-                "step": step,
-                "recorded": recorded,
-                "rerun": again,
-                "difference": abs(again - recorded),
-                "tolerance": tolerance[row["study"]],
-            }
+    with torch_threads(1):
+        for run in sample_runs([run for _, run in pool], sample):
+            point = run.curve[1]
+            config = replace(run.config, measure_memory=False)
+            again = experiments.finetune(config, progress=False, stop_after=point.step)
+            check = Check(
+                study_of[run.key],
+                run.key,
+                point.step,
+                point.held_out,
+                again.held_out_loss,
+                tolerance[study_of[run.key]],
+            )
             checks.append(check)
-            if not check["difference"] <= check["tolerance"]:
+            if not check.difference <= check.tolerance:
                 raise AssertionError(
-                    f"study {row['study']!r}: run {row['key']} gave held-out loss "
-                    f"{again!r} at step {step}, recorded {recorded!r} (tolerance "
-                    f"{check['tolerance']}); re-record the study if the training loop "
-                    "changed on purpose"
+                    f"study {check.study!r}: run {run.key} gave held-out loss "
+                    f"{check.rerun!r} at step {check.step}, recorded {check.recorded!r} "
+                    f"(tolerance {check.tolerance}); re-record the study if the training "
+                    "loop changed on purpose"
                 )
-    finally:
-        torch.set_num_threads(threads)
     return checks
 
 
@@ -312,12 +321,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
     elif args.action == "verify":
         for c in verify(args.study, args.sample):
-            print(json.dumps(c))
+            print(json.dumps({**asdict(c), "difference": c.difference}))
     else:
         for name in studies.names():
             try:
-                rows, prov = load_study(name)
-                state = f"{len(rows)} runs recorded {prov['date']}"
+                study = load_study(name)
+                state = f"{len(study.runs)} runs recorded {study.provenance['date']}"
             except FileNotFoundError:
                 state = "not recorded"
             print(f"{name}: {state} - {studies.get(name).description}")

@@ -83,6 +83,8 @@ class Interval:
     high: float
     n: int
     confidence: float
+    df: float = math.inf
+    """The t distribution's degrees of freedom behind the interval."""
 
     @property
     def half_width(self) -> float:
@@ -114,7 +116,7 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     v = _values(values, "values")
     m, var = _mean_var(v)
     half = t_quantile(0.5 + confidence / 2, len(v) - 1) * math.sqrt(var / len(v))
-    return Interval(m, m - half, m + half, len(v), confidence)
+    return Interval(m, m - half, m + half, len(v), confidence, len(v) - 1)
 
 
 def difference_interval(
@@ -126,13 +128,13 @@ def difference_interval(
     se2 = sa / len(va) + sb / len(vb)
     if se2 == 0:
         d = ma - mb
-        return Interval(d, d, d, len(va) + len(vb), confidence)
+        return Interval(d, d, d, len(va) + len(vb), confidence, len(va) + len(vb) - 2)
     df = se2**2 / (
         (sa / len(va)) ** 2 / (len(va) - 1) + (sb / len(vb)) ** 2 / (len(vb) - 1)
     )
     half = t_quantile(0.5 + confidence / 2, df) * math.sqrt(se2)
     d = ma - mb
-    return Interval(d, d - half, d + half, len(va) + len(vb), confidence)
+    return Interval(d, d - half, d + half, len(va) + len(vb), confidence, df)
 
 
 def paired_interval(
@@ -151,3 +153,85 @@ def equivalent(interval: Interval, margin: float) -> bool:
     if not margin > 0:
         raise ValueError(f"margin must be positive, got {margin!r}")
     return -margin < interval.low and interval.high < margin
+
+
+def detectable_difference(
+    interval: Interval, power: float = 0.8, confidence: float = 0.95
+) -> float:
+    """The smallest true difference a comparison of this precision detects with
+    probability ``power`` in a two-sided test at ``confidence``:
+    ``(t_{(1+confidence)/2} + t_{power}) · SE``, the standard error read back from the
+    interval (its half-width over its own t quantile), at the interval's degrees of
+    freedom."""
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    df = interval.df
+    if interval.half_width == 0:
+        return 0.0
+    se = interval.half_width / t_quantile(0.5 + interval.confidence / 2, df)
+    return (t_quantile(0.5 + confidence / 2, df) + t_quantile(power, df)) * se
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A difference between two methods over seeds, read three ways: its 95 % interval
+    (is it different from zero?), its 90 % interval against an equivalence ``margin``
+    fixed before the data (two one-sided tests at 5 %), and the smallest difference it
+    could have detected (:func:`detectable_difference`, 80 % power)."""
+
+    interval: Interval
+    tost: Interval
+    margin: float | None = None
+
+    @property
+    def estimate(self) -> float:
+        return self.interval.estimate
+
+    @property
+    def half_width(self) -> float:
+        return self.interval.half_width
+
+    @property
+    def detectable(self) -> float:
+        return detectable_difference(self.interval)
+
+    @property
+    def different(self) -> bool:
+        """Whether the 95 % interval excludes zero."""
+        return self.interval.low > 0 or self.interval.high < 0
+
+    @property
+    def equivalent(self) -> bool:
+        """Whether the 90 % interval lies inside ±margin (``False`` without a margin)."""
+        return self.margin is not None and equivalent(self.tost, self.margin)
+
+    def verdict(
+        self, lower: str = "lower", higher: str = "higher", unit: str = "nats/byte"
+    ) -> str:
+        """The comparison in words, only as strong as its intervals: ``lower``/``higher``
+        where the 95 % interval excludes zero, "equivalent within ±margin" where the
+        90 % interval lies inside the margin, else "undetermined (±half-width)"."""
+        if self.different:
+            word = lower if self.interval.high < 0 else higher
+            if self.equivalent:
+                return f"{word}, yet within the ±{self.margin:.3f} {unit} margin"
+            return word
+        if self.equivalent:
+            return f"equivalent within ±{self.margin:.3f} {unit}"
+        return f"undetermined (±{self.half_width:.3f} {unit})"
+
+
+def compare(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    paired: bool,
+    margin: float | None = None,
+) -> Comparison:
+    """mean(a) − mean(b) as a :class:`Comparison`: paired by position (the same seeds)
+    or Welch's two-sample interval. ``margin``, if given, must have been fixed before the
+    data were seen; the chapters state it, with its reason, before the result."""
+    if margin is not None and not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin!r}")
+    interval = paired_interval if paired else difference_interval
+    return Comparison(interval(a, b, 0.95), interval(a, b, 0.90), margin)

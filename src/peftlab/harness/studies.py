@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from peftlab.harness.experiments import RunConfig, config_of
+from peftlab.harness.config import RunConfig
+from peftlab.harness.results import RunResult
 
-Rows = list[dict[str, Any]]
+Rows = Sequence[RunResult]
 Stage = Callable[[Rows], list[RunConfig]]
 
 BASE = RunConfig(
@@ -80,9 +81,9 @@ def lattice_index(lr: float) -> int:
     return k
 
 
-def _is_run_of(row: dict[str, Any], arm: RunConfig) -> bool:
-    """Whether a row is a run of ``arm`` (at any learning rate and seed)."""
-    config = config_of(row)
+def _is_run_of(run: RunResult, arm: RunConfig) -> bool:
+    """Whether ``run`` is a run of ``arm`` (at any learning rate and seed)."""
+    config = run.config
     return (
         replace(config, measure_memory=False).normalized()
         == replace(arm, lr=config.lr, seed=config.seed, measure_memory=False).normalized()
@@ -93,10 +94,10 @@ def tuning_curve(rows: Rows, arm: RunConfig) -> dict[float, float]:
     """An arm's validation loss at each learning rate tried on :data:`TUNING_SEED`
     (``math.inf`` for a run that diverged), by rate, in increasing order."""
     out = {}
-    for row in rows:
-        if row["seed"] == TUNING_SEED and _is_run_of(row, arm):
-            loss = row.get("validation_loss")
-            out[row["lr"]] = loss if loss is not None and math.isfinite(loss) else math.inf
+    for run in rows:
+        if run.config.seed == TUNING_SEED and _is_run_of(run, arm):
+            loss = run.validation_loss
+            out[run.config.lr] = loss if math.isfinite(loss) else math.inf
     return dict(sorted(out.items()))
 
 
@@ -154,10 +155,15 @@ def repeat_tuned(arms: Sequence[RunConfig], seeds: Sequence[int] = SEEDS) -> Sta
     return stage
 
 
-def reported_runs(rows: Rows, arm: RunConfig, seeds: Sequence[int] = SEEDS) -> Rows:
-    """The arm's rows at its tuned learning rate on ``seeds``, in seed order."""
+def reported_runs(
+    rows: Rows, arm: RunConfig, seeds: Sequence[int] = SEEDS
+) -> list[RunResult]:
+    """The arm's runs at its tuned learning rate on ``seeds``, in seed order: the runs a
+    chapter reports for it."""
     best = tuned_lr(rows, arm)
-    by_seed = {r["seed"]: r for r in rows if r["lr"] == best and _is_run_of(r, arm)}
+    by_seed = {
+        r.config.seed: r for r in rows if r.config.lr == best and _is_run_of(r, arm)
+    }
     missing = [s for s in seeds if s not in by_seed]
     if missing:
         raise ValueError(f"seeds {missing} not recorded at lr={best} for {arm}")
@@ -178,7 +184,7 @@ class Study:
     arms: tuple[RunConfig, ...]
     stages: tuple[Stage, ...]
     seeds: tuple[int, ...] = SEEDS
-    keep_adapters: Callable[[Rows], Rows] = lambda rows: []
+    keep_adapters: Callable[[Rows], list[RunResult]] = lambda rows: []
     after: str | None = None
 
 
@@ -192,7 +198,7 @@ def _tuned_study(
     arms: Sequence[RunConfig],
     guesses: Sequence[float],
     seeds: Sequence[int] = SEEDS,
-    keep_adapters: Callable[[Rows], Rows] = lambda rows: [],
+    keep_adapters: Callable[[Rows], list[RunResult]] = lambda rows: [],
 ) -> Study:
     """A study that tunes every arm from a first-guess rate and repeats it on ``seeds``."""
     arms = tuple(arms)
