@@ -239,6 +239,17 @@ QLORA_LORA_SEEDS = tuple(range(1, 11))
 """Seeds of the QLoRA-against-LoRA comparison: ten, enough for its interval to be narrower
 than the equivalence margin it is tested against."""
 
+QLORA_LORA_MARGIN = 0.01
+"""nats/byte: how far QLoRA's held-out loss may sit from LoRA's, paired by seed, for the two
+to count as equivalent. Fixed before the ten-seed study was recorded, below the whole
+starting penalty of the 4-bit base (its held-out loss before any training exceeds the
+float base's by about 0.02 on this model), so the test fails if training recovers less
+than about half of that penalty."""
+
+LORA_FULL_LR_RATIO = 10.0
+"""The ratio of LoRA's best learning rate to full finetuning's that Schulman et al. (2025,
+*LoRA Without Regret*) report at scale, set beside the ratio measured here."""
+
 _ALL_LORA = replace(BASE, targets="all")
 _FULL = replace(BASE, method="full")
 
