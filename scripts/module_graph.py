@@ -1,17 +1,21 @@
 """Print the import graph of the peftlab package, function-level imports included, and any cycle in it.
 
     python scripts/module_graph.py            # one line per module: what it imports from peftlab
-    python scripts/module_graph.py --check    # exit 1 if there is a cycle or a layer imports above itself
+    python scripts/module_graph.py --check    # exit 1 on a cycle, a layer importing above itself, a private name
+                                              # imported from another module, or an import the graph cannot see
 
 The package has three layers (see the README's *Layout*): the science modules, the experiment harness
 (``peftlab.harness``), and the book's own machinery (``peftlab.book``). Science imports neither of the other
-two; the harness does not import the book.
+two; the harness does not import the book. A string that names a peftlab module (``"peftlab.harness.x"``) counts
+as an import of it, since code can load it from there; ``importlib.import_module`` or ``__import__`` with a name
+computed at run time is refused, since nothing could see what it imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -33,13 +37,47 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+DOTTED = re.compile(r"peftlab(\.[A-Za-z_]\w*)+")
+DYNAMIC = {"import_module", "__import__"}
+
+
+def problems(path: Path, modules: set[str]) -> list[str]:
+    """What the graph cannot vouch for in ``path``: private names imported from another peftlab module, and
+    imports whose target is computed at run time."""
+    return problems_in(path.read_text(), module_name(path), modules)
+
+
+def problems_in(source: str, this: str, modules: set[str]) -> list[str]:
+    """:func:`problems` of module ``this`` given its source text."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("peftlab") and node.module != this:
+            for alias in node.names:
+                if alias.name.startswith("_") and f"{node.module}.{alias.name}" not in modules:
+                    out.append(f"private import: {this} imports {alias.name} from {node.module}")
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in DYNAMIC and not (node.args and isinstance(node.args[0], ast.Constant)):
+                out.append(f"hidden import: {this} line {node.lineno} calls {name} with a computed name")
+    return out
+
+
 def imports(path: Path, modules: set[str]) -> set[str]:
-    """The peftlab modules ``path`` imports, at any depth (``from peftlab import x`` counts as ``peftlab.x``)."""
-    found = set()
+    """The peftlab modules ``path`` imports, at any depth (``from peftlab import x`` counts as ``peftlab.x``),
+    including those named in a string (what ``importlib`` could load)."""
     this = module_name(path)
     package = this if path.name == "__init__.py" else this.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
+    return imports_in(path.read_text(), this, package, modules)
+
+
+def imports_in(source: str, this: str, package: str, modules: set[str]) -> set[str]:
+    """:func:`imports` of module ``this`` (in ``package``) given its source text."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and DOTTED.fullmatch(node.value):
+            names = [node.value]
+        elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -84,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail on cycles and on imports up the layers")
     args = parser.parse_args(argv)
     g = graph()
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    hidden = [line for p in paths for line in problems(p, modules)]
     for module in sorted(g):
         print(f"{module:<28} -> {', '.join(sorted(g[module])) or '(nothing in peftlab)'}")
     found = cycles(g)
@@ -92,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         print("cycle:", " -> ".join(c + c[:1]))
     for a, b in sorted(upward):
         print(f"layering: {a} (layer {layer(a)}) imports {b} (layer {layer(b)})")
-    if not found and not upward:
-        print("no cycles; every module imports only from its own layer and those below")
-    return 1 if args.check and (found or upward) else 0
+    for line in hidden:
+        print(line)
+    if not found and not upward and not hidden:
+        print("no cycles; every module imports only from its own layer and those below, no private name crosses a "
+              "module, and no import is hidden")
+    return 1 if args.check and (found or upward or hidden) else 0
 
 
 if __name__ == "__main__":

@@ -194,6 +194,22 @@ def test_module_graph_finds_a_cycle_and_an_import_up_the_layers():
     assert graph.layer("peftlab.lora") < graph.layer("peftlab.harness.experiments") < graph.layer("peftlab.book.claims")
 
 
+def test_module_graph_sees_imports_hidden_in_strings_and_refuses_private_and_computed_ones():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("module_graph", ROOT / "scripts" / "module_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    modules = {"peftlab.lora", "peftlab.harness.experiments", "peftlab.qlora"}
+    source = ('import importlib\nTARGET = "peftlab.harness.experiments.finetune"\n'
+              'from peftlab.qlora import _private\nimportlib.import_module(TARGET)\n')
+    assert graph.imports_in(source, "peftlab.lora", "peftlab", modules) >= {"peftlab.harness.experiments"}
+    found = graph.problems_in(source, "peftlab.lora", modules)
+    assert any("private import" in line and "_private" in line for line in found)
+    assert any("hidden import" in line and "import_module" in line for line in found)
+    assert graph.problems_in("import importlib\nimportlib.import_module('json')\n", "peftlab.lora", modules) == []
+
+
 PAGE_WIDTH = 90  # characters a code block shows on the book's page before it scrolls sideways
 LISTING = re.compile(r"^```\{literalinclude\}\s+(\S+)\n((?::[\w-]+:.*\n)*)", re.M)
 

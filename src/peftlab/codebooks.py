@@ -293,14 +293,14 @@ def quantize_4bit(
     w = check_float_tensor(w, "w")
     code = _check_code(code)
     blocksize = check_blocksize(blocksize)
-    return _quantize_4bit(w, code, blocksize)
+    return quantize_4bit_unchecked(w, code, blocksize)
 
 
-def _quantize_4bit(
+def quantize_4bit_unchecked(
     w: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_4bit` for arguments already checked (the public functions check
-    them once)."""
+    """:func:`quantize_4bit` for arguments already checked: the public functions of
+    :mod:`peftlab.nf4` check them once and call this, so the checks are not repeated."""
     # a copy for bf16/fp16; a view (no copy) for contiguous float32
     flat = w.reshape(-1).float()
     n = flat.numel()
@@ -430,11 +430,11 @@ def dequantize_4bit(
         raise ValueError(
             f"out must be a 1-D float tensor of {numel} values, got {getattr(out, 'shape', out)!r}"
         )
-    _dequantize_4bit_into(packed.reshape(-1), absmax, code, blocksize, numel, out)
+    dequantize_4bit_into(packed.reshape(-1), absmax, code, blocksize, numel, out)
     return out
 
 
-def _dequantize_4bit_into(
+def dequantize_4bit_into(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     code: torch.Tensor,

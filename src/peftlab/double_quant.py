@@ -86,7 +86,9 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def _default_code(device: str, signed: bool = True) -> torch.Tensor:
+def cached_dynamic_map(device: str, signed: bool = True) -> torch.Tensor:
+    """:func:`dynamic_map` on ``device``, built once per device and sign and shared (do not
+    modify it): the 8-bit states of the paged optimizer look it up at every step."""
     return dynamic_map(signed).to(device)
 
 
@@ -106,7 +108,7 @@ def _lut_for(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         return _default_lut(str(device))
     code = _check_code(code, device)
     for signed in (True, False):
-        if torch.equal(code, _default_code(str(device), signed)):
+        if torch.equal(code, cached_dynamic_map(str(device), signed)):
             return _default_lut(str(device), signed)
     return _build_lut(code).to(device)
 
@@ -125,7 +127,7 @@ def _build_lut(code: torch.Tensor) -> torch.Tensor:
 
 def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if code is None:
-        return _default_code(str(device))
+        return cached_dynamic_map(str(device))
     if not isinstance(code, torch.Tensor):
         raise TypeError(f"code must be a torch.Tensor or None, got {type(code).__name__}")
     if code.dtype != torch.float32 or code.shape != (256,):
@@ -468,7 +470,7 @@ def dequantize_absmax(state: DoubleQuantState) -> torch.Tensor:
         state.codes,
         state.absmax2,
         state.blocksize2,
-        _default_code(str(state.device)),
+        cached_dynamic_map(str(state.device)),
         torch.float32,
         offset=state.offset,
     )

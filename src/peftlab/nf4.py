@@ -20,8 +20,8 @@ import torch
 # the unchecked cores: quantize_nf4 and dequantize_nf4 check their input
 from peftlab.codebooks import (
     FLOAT_DTYPES,
-    _dequantize_4bit_into,
-    _quantize_4bit,
+    dequantize_4bit_into,
+    quantize_4bit_unchecked,
     check_blocksize,
     check_float_tensor,
     get_code,
@@ -170,7 +170,7 @@ def quantize_nf4(
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    packed, absmax = _quantize_4bit(w, get_code("nf4", w.device), blocksize)
+    packed, absmax = quantize_4bit_unchecked(w, get_code("nf4", w.device), blocksize)
     constants: Any = absmax
     if double_quant:
         from peftlab.double_quant import quantize_absmax
@@ -237,7 +237,7 @@ def dequantize_nf4(
         from peftlab.double_quant import dequantize_absmax
 
         absmax = dequantize_absmax(absmax)
-    _dequantize_4bit_into(
+    dequantize_4bit_into(
         q.packed, absmax, get_code("nf4", q.device), q.blocksize, q.numel, out.view(-1)
     )
     return out
@@ -278,7 +278,7 @@ def dequantize_nf4_rows(
             f"out must be a contiguous {stop - start} × {cols} tensor, got {tuple(out.shape)}"
         )
     row_bytes, row_blocks = cols // 2, cols // q.blocksize
-    _dequantize_4bit_into(
+    dequantize_4bit_into(
         q.packed[start * row_bytes : stop * row_bytes],
         absmax[start * row_blocks : stop * row_blocks],
         get_code("nf4", q.device),

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from peftlab.checks import positive_int
-from peftlab.double_quant import _default_code, dequantize_8bit, quantize_8bit
+from peftlab.double_quant import cached_dynamic_map, dequantize_8bit, quantize_8bit
 
 __all__ = [
     "DEFAULT_PAGE_BYTES",
@@ -902,8 +902,8 @@ class PagedAdamW(torch.optim.Optimizer):
         chunks of whole blocks whose float32 temporaries take at most ``page_bytes``."""
         correction1 = 1.0 - beta1**step
         correction2 = math.sqrt(1.0 - beta2**step)
-        signed = _default_code(str(p.device), True)
-        unsigned = _default_code(str(p.device), False)
+        signed = cached_dynamic_map(str(p.device), True)
+        unsigned = cached_dynamic_map(str(p.device), False)
         m_codes, m_absmax, v_codes, v_absmax = (state[k] for k in _KEYS_8)
         chunk = self._page_numel(4, STATE_BLOCKSIZE)
         p_flat, g_flat = p.view(-1), p.grad.reshape(-1)

@@ -118,6 +118,23 @@ def is_interior(rows: Rows, arm: RunConfig) -> bool:
     return lrs[0] < best < lrs[-1]
 
 
+def refined_lr(rows: Rows, arm: RunConfig) -> tuple[float, float, float]:
+    """The arm's best learning rate between lattice points: the vertex of the parabola
+    through the validation losses at the tuned rate and its two neighbours, in log2 of the
+    rate, with the bracket ``(tuned / 2, tuned · 2)`` that holds it when the loss has one
+    minimum (an interior tuned rate has a worse rate on each side). Returns
+    ``(low, estimate, high)``; ``ValueError`` unless the tuned rate is interior."""
+    if not is_interior(rows, arm):
+        raise ValueError(f"the tuned rate of {arm} is on its grid's edge")
+    curve = tuning_curve(rows, arm)
+    best = tuned_lr(rows, arm)
+    k = lattice_index(best)
+    y0, y1, y2 = (curve.get(lr_lattice(i), math.inf) for i in (k - 1, k, k + 1))
+    curvature = y0 - 2 * y1 + y2
+    shift = 0.0 if not math.isfinite(curvature) or curvature <= 0 else 0.5 * (y0 - y2) / curvature
+    return best / 2, best * 2.0 ** max(-1.0, min(1.0, shift)), best * 2
+
+
 def tune(arms: Sequence[RunConfig], first: Sequence[int]) -> Stage:
     """A stage that tunes each arm's learning rate on :data:`TUNING_SEED`.
 
@@ -168,6 +185,18 @@ def reported_runs(
     if missing:
         raise ValueError(f"seeds {missing} not recorded at lr={best} for {arm}")
     return [by_seed[s] for s in seeds]
+
+
+def arms_in(rows: Rows) -> list[RunConfig]:
+    """The distinct arms among ``rows`` (each run's settings with the learning rate and seed
+    left out), in the order they first appear: how a chapter names the arms of a study
+    recorded under an older definition."""
+    seen: list[RunConfig] = []
+    for run in rows:
+        arm = replace(run.config, lr=LR_UNIT, seed=TUNING_SEED, measure_memory=False).normalized()
+        if arm not in seen:
+            seen.append(arm)
+    return seen
 
 
 @dataclass(frozen=True)
