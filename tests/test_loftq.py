@@ -20,15 +20,16 @@ from torch import nn
 from peftlab.lora import LoRALinear, add_lora, lora_scaling
 from peftlab.loftq import (
     apply_loftq,
+    apply_loftq_to_layers,
     loftq_init,
     low_rank_factors,
-    prepare_qlora_loftq,
     replace_lora_weights_loftq,
 )
 from peftlab.nf4 import dequantize_nf4, quantize_nf4, to_bnb
-from peftlab.qlora import Linear4bit, prepare_qlora
+from peftlab.prepare import prepare_qlora
+from peftlab.qlora import Linear4bit
 
-peft = pytest.importorskip("peft")
+import peft
 import peft.tuners.lora.layer as peft_layer  # noqa: E402
 import peft.utils.loftq_utils as peft_loftq  # noqa: E402
 
@@ -86,7 +87,7 @@ def test_loftq_init_equals_peft_loftq_init_exactly(shape, num_iter):
     assert torch.equal(ours.lora_A, lora_A) and torch.equal(ours.lora_B, lora_B)
 
 
-def test_a_peft_loftq_model_equals_prepare_qlora_loftq(monkeypatch):
+def test_a_peft_loftq_model_equals_prepare_qlora_with_loftq_init(monkeypatch):
     """The whole model: PEFT's LoraConfig(init_lora_weights="loftq") on a tiny LLaMA (with its
     LoftQ run on the CPU) and ours: every layer's factors, and our 4-bit base dequantized is
     PEFT's base weight (PEFT keeps deq(Q) as a float weight, to be quantized again on loading).
@@ -101,8 +102,8 @@ def test_a_peft_loftq_model_equals_prepare_qlora_loftq(monkeypatch):
     theirs = {n.removeprefix("base_model.model."): m
               for n, m in peft.get_peft_model(_tiny_llama(), cfg).named_modules()
               if isinstance(m, peft_layer.LoraLayer)}
-    ours = _our_layers(prepare_qlora_loftq(_tiny_llama(), "all-linear", r=8, alpha=8, num_iter=2,
-                                           double_quant=False))
+    ours = _our_layers(prepare_qlora(_tiny_llama(), "all-linear", r=8, alpha=8, init="loftq",
+                                     num_iter=2, double_quant=False))
     assert ours.keys() == theirs.keys() and len(ours) == 14
     for name, layer in ours.items():
         t = theirs[name]
@@ -186,14 +187,14 @@ def test_loftq_model_starts_closer_to_the_float_model_than_qlora():
     with torch.no_grad():
         expected = ref(ids).logits
         plain = prepare_qlora(_pretrained(), r=16, alpha=16)(ids).logits
-        loftq = prepare_qlora_loftq(_pretrained(), r=16, alpha=16)(ids).logits
-        loftq5 = prepare_qlora_loftq(_pretrained(), r=16, alpha=16, num_iter=5)(ids).logits
+        loftq = prepare_qlora(_pretrained(), r=16, alpha=16, init="loftq")(ids).logits
+        loftq5 = prepare_qlora(_pretrained(), r=16, alpha=16, init="loftq", num_iter=5)(ids).logits
     plain_err = (plain - expected).norm()
     assert (loftq - expected).norm() < 0.9 * plain_err
     assert (loftq5 - expected).norm() < 0.9 * plain_err
 
 
-def test_apply_loftq_equals_prepare_qlora_loftq_and_keeps_bias_and_layer_settings():
+def test_apply_loftq_equals_loftq_init_and_keeps_bias_and_layer_settings():
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
     holder = nn.Module()
@@ -246,7 +247,11 @@ def test_bad_inputs_name_what_is_wrong():
     with pytest.raises(ValueError, match="num_iter"):
         apply_loftq(add_lora(_tiny_llama(), ["q_proj"], r=4, alpha=4), num_iter=0)
     with pytest.raises(ValueError, match="num_iter"):
-        prepare_qlora_loftq(_tiny_llama(), num_iter=-1)
+        prepare_qlora(_tiny_llama(), init="loftq", num_iter=-1)
+    with pytest.raises(TypeError, match=r"layers must be \(name, LoRALinear\) pairs"):
+        apply_loftq_to_layers([("q_proj", nn.Linear(8, 8))])
+    with pytest.raises(ValueError, match="layers must not be empty"):
+        apply_loftq_to_layers([])
     with pytest.raises(ValueError, match="already 4-bit"):
         apply_loftq(prepare_qlora(_tiny_llama(), r=4, alpha=4))
     with pytest.raises(ValueError, match="add_lora"):

@@ -9,10 +9,11 @@ from torch import nn
 
 from peftlab.lora import LoRALinear, add_lora
 from peftlab.nf4 import quantize_nf4
-from peftlab.pissa import apply_pissa, pissa_init, prepare_qlora_pissa
-from peftlab.qlora import Linear4bit, bnb_linear4bit, prepare_qlora
+from peftlab.pissa import apply_pissa, apply_pissa_to_layers, pissa_init
+from peftlab.prepare import prepare_qlora
+from peftlab.qlora import Linear4bit, bnb_linear4bit
 
-peft = pytest.importorskip("peft")
+import peft
 import peft.tuners.lora.layer as peft_layer  # noqa: E402
 
 
@@ -145,8 +146,8 @@ def test_qlora_pissa_is_bitsandbytes_nf4_of_peft_residual(double_quant):
     theirs = _peft_layers(peft.get_peft_model(
         _tiny_llama(), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                        init_lora_weights="pissa")))
-    ours = _our_layers(prepare_qlora_pissa(_tiny_llama(), "all-linear", r=8, alpha=16,
-                                           double_quant=double_quant))
+    ours = _our_layers(prepare_qlora(_tiny_llama(), "all-linear", r=8, alpha=16, init="pissa",
+                                     double_quant=double_quant))
     for name, layer in ours.items():
         t = theirs[name]
         assert isinstance(layer.base, Linear4bit)
@@ -163,7 +164,7 @@ def test_qlora_pissa_starts_closer_to_the_float_model_than_qlora():
     with torch.no_grad():
         expected = ref(ids).logits
         plain = prepare_qlora(_pretrained(), r=16, alpha=16)(ids).logits
-        pissa = prepare_qlora_pissa(_pretrained(), r=16, alpha=16)(ids).logits
+        pissa = prepare_qlora(_pretrained(), r=16, alpha=16, init="pissa")(ids).logits
     assert (pissa - expected).norm() < 0.8 * (plain - expected).norm()
 
 
@@ -183,6 +184,10 @@ def test_bad_inputs_name_what_is_wrong():
         apply_pissa(_tiny_llama())
     with pytest.raises(ValueError, match="niter"):
         apply_pissa(add_lora(_tiny_llama(), ["q_proj"], r=4, alpha=4), niter=-1)
+    with pytest.raises(TypeError, match=r"layers must be \(name, LoRALinear\) pairs"):
+        apply_pissa_to_layers([("q_proj", nn.Linear(8, 8))])
+    with pytest.raises(ValueError, match="layers must not be empty"):
+        apply_pissa_to_layers([])
     with pytest.raises(TypeError, match="weight"):
         pissa_init(quantize_nf4(torch.randn(8, 64)), 2, 2)
     with pytest.raises(TypeError, match=r"\.weight"):

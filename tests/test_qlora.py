@@ -111,7 +111,7 @@ def test_lora_merge_refuses_a_4bit_base_saying_to_dequantize_first():
 
 
 def _tiny_llama(seed=0):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4,
                                    num_key_value_heads=4, num_hidden_layers=2, vocab_size=256, use_cache=False)
     torch.manual_seed(seed)
@@ -129,7 +129,7 @@ def test_quantize_model_replaces_the_blocks_linears_but_not_lm_head():
 
 
 def test_qlora_model_equals_peft_lora_on_the_dequantized_weights():
-    peft = pytest.importorskip("peft")
+    import peft
     model = quantize_model(_tiny_llama(), progress=False)
     add_lora(model, ALL_LINEARS, r=4, alpha=8)
     torch.manual_seed(1)
@@ -401,7 +401,7 @@ def test_adapter_files_hold_only_the_adapters(tmp_path):
 
 
 def prepare_qlora_small(model):
-    from peftlab.qlora import prepare_qlora
+    from peftlab.prepare import prepare_qlora
 
     return prepare_qlora(model, r=4, compute_dtype=torch.float32)
 
@@ -493,7 +493,7 @@ def test_a_chunk_of_rows_dequantizes_to_those_rows_of_the_whole_weight_bit_for_b
 
 @pytest.mark.parametrize("kw,exc,match", [(dict(r=0), ValueError, "r must"), (dict(use_dora=1), TypeError, "use_dora")])
 def test_prepare_qlora_refuses_bad_lora_settings_before_quantizing_anything(kw, exc, match):
-    from peftlab.qlora import prepare_qlora
+    from peftlab.prepare import prepare_qlora
 
     model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(exc, match=match):

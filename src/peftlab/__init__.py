@@ -6,9 +6,11 @@ The science, one idea per module, each explained by one chapter (its docstring n
 NormalFloat and its constants), :mod:`~peftlab.paged` (the paged optimizer),
 :mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), the
 variants :mod:`~peftlab.dora`, :mod:`~peftlab.loraplus`, :mod:`~peftlab.pissa` and
-:mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), with
-:mod:`~peftlab.devices` and :mod:`~peftlab.files` beneath them. Above them, the experiment
-harness (:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.book`).
+:mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), and
+:mod:`~peftlab.prepare` (one entry point that makes a model ready for QLoRA, the adapters
+started at zero, from PiSSA or from LoftQ), with :mod:`~peftlab.devices` and
+:mod:`~peftlab.files` beneath them. Above them, the experiment harness
+(:mod:`peftlab.harness`) and the book's own machinery (:mod:`peftlab.book`).
 Import what you need from the module itself, e.g. ``from peftlab.lora import LoRALinear``.
 """
 

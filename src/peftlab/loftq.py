@@ -26,7 +26,8 @@ singular values (``√S`` into each factor) follow Hugging Face PEFT's ``loftq_i
 (``peft/utils/loftq_utils.py``), which is what ours equals with ``double_quant=False`` and
 ``s = 1``. Unlike PEFT, the LoRA scaling ``s`` is divided out of the factors, so that the
 *scaled* adapter, the one the layer adds, is the SVD's approximation (PEFT leaves it out:
-huggingface/peft#1982; there LoftQ is exact only for ``lora_alpha = r``).
+huggingface/peft#1982; there LoftQ is exact only for ``lora_alpha = r``). The 4-bit model
+with LoftQ's start is :func:`peftlab.prepare.prepare_qlora` with ``init="loftq"``.
 """
 
 from __future__ import annotations
@@ -40,22 +41,17 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import (
-    LLAMA_LINEARS,
-    LoRALinear,
-    add_lora_layers,
-    lora_layers,
-    lora_scaling,
-)
+from peftlab.lora import LoRALinear, lora_layers, lora_scaling
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from peftlab.qlora import Linear4bit
 
 __all__ = [
     "LoftQFactors",
     "apply_loftq",
+    "apply_loftq_to_layers",
+    "check_num_iter",
     "loftq_init",
     "low_rank_factors",
-    "prepare_qlora_loftq",
     "replace_lora_weights_loftq",
 ]
 
@@ -100,7 +96,9 @@ def _check_weight(weight: object, name: str = "weight") -> torch.Tensor:
     return weight
 
 
-def _check_num_iter(num_iter: object) -> int:
+def check_num_iter(num_iter: object) -> int:
+    """``num_iter`` if it is an int >= 1 (LoftQ's alternations); TypeError/ValueError
+    naming it otherwise."""
     if isinstance(num_iter, bool) or not isinstance(num_iter, int):
         raise TypeError(
             f"num_iter must be an int >= 1, got {type(num_iter).__name__} {num_iter!r}"
@@ -177,7 +175,8 @@ def loftq_init(
     Returns :class:`LoftQFactors` ``(quantized, lora_A, lora_B)``:
     ``deq(quantized) + s · lora_B @ lora_A`` approximates ``weight``. Build the layer with
     ``LoRALinear(Linear4bit(quantized, bias), r, alpha)`` and copy the factors in, or let
-    :func:`apply_loftq` / :func:`prepare_qlora_loftq` do it for a model.
+    :func:`apply_loftq` / :func:`peftlab.prepare.prepare_qlora` (``init="loftq"``) do it
+    for a model.
 
     Raises TypeError for a weight that is not a float tensor (a 4-bit weight included:
     LoftQ needs ``W0``), ValueError for a weight that is not 2-D, ``r`` above
@@ -193,20 +192,36 @@ def loftq_init(
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {type(rslora).__name__}")
-    num_iter = _check_num_iter(num_iter)
+    num_iter = check_num_iter(num_iter)
     scaling = _check_scaling(lora_scaling(alpha, r, rslora))
     return _loftq(weight, r, scaling, num_iter, blocksize, double_quant)
 
 
 @torch.no_grad()
-def _apply_loftq(
-    layers: list[tuple[str, LoRALinear]],
-    num_iter: int,
-    blocksize: int,
-    double_quant: bool,
-    compute_dtype: torch.dtype | None,
-    kernels: str,
+def apply_loftq_to_layers(
+    layers: Iterable[tuple[str, LoRALinear]],
+    *,
+    num_iter: int = 1,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    kernels: str = "torch",
 ) -> None:
+    """:func:`apply_loftq` for the ``(name, layer)`` pairs ``layers`` only, e.g. those
+    :func:`peftlab.lora.add_lora_layers` just added, leaving any other LoRA layer of the
+    model alone; the same arguments and checks, all before the first layer changes."""
+    num_iter = check_num_iter(num_iter)
+    layers = list(layers)
+    if not all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], LoRALinear)
+        for pair in layers
+    ):
+        raise TypeError(
+            "layers must be (name, LoRALinear) pairs, as peftlab.lora.add_lora_layers "
+            "returns them"
+        )
+    if not layers:
+        raise ValueError("layers must not be empty: there is no LoRA layer to start")
     for name, layer in layers:  # every check before the first layer changes
         if isinstance(layer.base, Linear4bit):
             raise ValueError(
@@ -254,42 +269,14 @@ def apply_loftq(
     layers before any is changed; a 4-bit base is a ValueError (LoftQ needs ``W0``: see
     :func:`replace_lora_weights_loftq` for a model that is already 4-bit).
     """
-    num_iter = _check_num_iter(num_iter)
-    _apply_loftq(
+    apply_loftq_to_layers(
         lora_layers(model, required=True),
-        num_iter,
-        blocksize,
-        double_quant,
-        compute_dtype,
-        kernels,
+        num_iter=num_iter,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        kernels=kernels,
     )
-    return model
-
-
-def prepare_qlora_loftq(
-    model: nn.Module,
-    target_modules: Iterable[str] = LLAMA_LINEARS,
-    *,
-    r: int = 64,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    num_iter: int = 1,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
-    kernels: str = "torch",
-) -> nn.Module:
-    """QLoRA with LoftQ's start, in place: :func:`peftlab.qlora.prepare_qlora`'s model
-    (targeted layers in NF4 with double quantization, LoRA on them; the same arguments and
-    defaults) but with each ``Q`` and ``A``, ``B`` from :func:`loftq_init`. Returns
-    ``model``, whose targeted linear layers must be float ``nn.Linear``.
-    """
-    num_iter = _check_num_iter(num_iter)
-    layers = add_lora_layers(
-        model, target_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora
-    )
-    _apply_loftq(layers, num_iter, blocksize, double_quant, compute_dtype, kernels)
     return model
 
 
@@ -318,8 +305,8 @@ def replace_lora_weights_loftq(
         if not isinstance(layer.base, Linear4bit):
             raise ValueError(
                 f"layer {name!r} has a {type(layer.base).__name__} base: "
-                "replace_lora_weights_loftq needs a 4-bit model (prepare_qlora); for a float "
-                "model use apply_loftq"
+                "replace_lora_weights_loftq needs a 4-bit model "
+                "(peftlab.prepare.prepare_qlora); for a float model use apply_loftq"
             )
         key = f"{name}.weight"
         if key not in weights:

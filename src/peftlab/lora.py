@@ -78,7 +78,8 @@ def check_lora_hyperparameters(
     r: object, alpha: object, dropout: object, rslora: object, use_dora: object = False
 ) -> None:
     """TypeError/ValueError naming the first bad LoRA setting; for callers that must check
-    them before changing a model (:func:`peftlab.qlora.prepare_qlora` quantizes first)."""
+    them before changing a model (:func:`peftlab.prepare.prepare_qlora` quantizes
+    first)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be a positive int, got {type(r).__name__} {r!r}")
     if r <= 0:

@@ -13,6 +13,8 @@ directions, so it has smaller outliers and quantizes with less error than ``W0``
 The factors, the split of the singular values and the residual follow Hugging Face PEFT's
 ``init_lora_weights="pissa"`` / ``"pissa_niter_k"`` (``LoraLayer.pissa_init`` in
 ``peft/tuners/lora/layer.py``) operation for operation, so they are PEFT's bit for bit.
+The 4-bit model with PiSSA's start is :func:`peftlab.prepare.prepare_qlora` with
+``init="pissa"``.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import (
-    LLAMA_LINEARS,
-    LoRALinear,
-    add_lora_layers,
-    lora_layers,
-    lora_scaling,
-)
-from peftlab.qlora import Linear4bit
+from peftlab.lora import LoRALinear, lora_layers, lora_scaling
 
-__all__ = ["PiSSAFactors", "apply_pissa", "pissa_init", "prepare_qlora_pissa"]
+__all__ = [
+    "PiSSAFactors",
+    "apply_pissa",
+    "apply_pissa_to_layers",
+    "check_niter",
+    "pissa_init",
+]
 
 _PISSA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,7 +75,9 @@ def _check_weight(weight: object, r: int) -> torch.Tensor:
     return weight
 
 
-def _check_niter(niter: object) -> None:
+def check_niter(niter: object) -> None:
+    """ValueError naming ``niter`` unless it is None (the exact SVD) or an int >= 0 (the
+    subspace iterations of the randomized SVD)."""
     if niter is not None and (
         isinstance(niter, bool) or not isinstance(niter, int) or niter < 0
     ):
@@ -135,7 +138,7 @@ def pissa_init(
         raise TypeError(f"alpha must be a real number, got {type(alpha).__name__}")
     if not math.isfinite(alpha) or alpha == 0:
         raise ValueError(f"alpha must be finite and non-zero, got {alpha}")
-    _check_niter(niter)
+    check_niter(niter)
     return _pissa(weight, r, lora_scaling(alpha, r, rslora), niter)
 
 
@@ -144,22 +147,39 @@ def apply_pissa(model: nn.Module, *, niter: int | None = None) -> nn.Module:
     factors become PiSSA's and its base weight the residual. Returns ``model``.
 
     Every layer must have a float ``nn.Linear`` base and be unmerged; this is checked for
-    all layers before any is changed. For a 4-bit model use :func:`prepare_qlora_pissa`,
-    which decomposes the float weight and then quantizes the residual.
+    all layers before any is changed. For a 4-bit model use
+    :func:`peftlab.prepare.prepare_qlora` with ``init="pissa"``, which decomposes the
+    float weight and then quantizes the residual.
     """
-    _check_niter(niter)
-    return _apply_pissa(lora_layers(model, required=True), niter, model)
+    apply_pissa_to_layers(lora_layers(model, required=True), niter=niter)
+    return model
 
 
 @torch.no_grad()
-def _apply_pissa(
-    layers: list[tuple[str, LoRALinear]], niter: int | None, model: nn.Module
-) -> nn.Module:
+def apply_pissa_to_layers(
+    layers: Iterable[tuple[str, LoRALinear]], *, niter: int | None = None
+) -> None:
+    """:func:`apply_pissa` for the ``(name, layer)`` pairs ``layers`` only, e.g. those
+    :func:`peftlab.lora.add_lora_layers` just added, leaving any other LoRA layer of the
+    model alone; the same checks, all before the first layer changes."""
+    check_niter(niter)
+    layers = list(layers)
+    if not all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], LoRALinear)
+        for pair in layers
+    ):
+        raise TypeError(
+            "layers must be (name, LoRALinear) pairs, as peftlab.lora.add_lora_layers "
+            "returns them"
+        )
+    if not layers:
+        raise ValueError("layers must not be empty: there is no LoRA layer to start")
     for name, layer in layers:
         if not isinstance(layer.base, nn.Linear):
             raise ValueError(
                 f"layer {name!r} has a {type(layer.base).__name__} base: PiSSA needs the "
-                "float weight W0; apply it before quantizing (prepare_qlora_pissa)"
+                "float weight W0; apply it before quantizing "
+                "(peftlab.prepare.prepare_qlora with init='pissa')"
             )
         if layer.merged:
             raise ValueError(f"layer {name!r} is merged; unmerge() it first")
@@ -169,42 +189,3 @@ def _apply_pissa(
         layer.base.weight.copy_(factors.residual)
         layer.lora_A.copy_(factors.lora_A)  # into the factors' own dtype and device
         layer.lora_B.copy_(factors.lora_B)
-    return model
-
-
-def prepare_qlora_pissa(
-    model: nn.Module,
-    target_modules: Iterable[str] = LLAMA_LINEARS,
-    *,
-    r: int = 64,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    niter: int | None = None,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
-    kernels: str = "torch",
-) -> nn.Module:
-    """QLoRA with PiSSA's start, in place: LoRA on the targeted float layers
-    (:func:`peftlab.lora.add_lora`), PiSSA's factors (:func:`apply_pissa`), then each
-    residual quantized to NF4 (:meth:`peftlab.qlora.Linear4bit.from_linear`). Returns
-    ``model``; :func:`peftlab.qlora.prepare_qlora`'s arguments and defaults.
-
-    Note: the order matters: PiSSA needs the float ``W0``, and quantizing the residual
-    instead of ``W0`` is what makes PiSSA's 4-bit model start closer to the float one.
-    """
-    _check_niter(niter)
-    layers = add_lora_layers(
-        model, target_modules, r=r, alpha=alpha, dropout=dropout, rslora=rslora
-    )
-    _apply_pissa(layers, niter, model)
-    for _, layer in layers:
-        layer.base = Linear4bit.from_linear(
-            layer.base,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            kernels=kernels,
-        )
-    return model

@@ -5,7 +5,9 @@ Explained in the chapter *QLoRA end to end* (book/chapters/qlora.md).
 
 Storage and compute are separate (Dettmers et al. 2023, §3, Eq. 5–6): weights are stored
 in NF4 with double-quantized constants and dequantized to the compute dtype for every
-matmul; only LoRA adapters on top (:func:`peftlab.lora.add_lora`) get gradients.
+matmul; only LoRA adapters on top (:func:`peftlab.lora.add_lora`) get gradients. The
+whole preparation of a model, these layers plus adapters started at zero, from PiSSA or
+from LoftQ, is :func:`peftlab.prepare.prepare_qlora`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from peftlab.devices import compute_dtype as default_compute_dtype
-from peftlab.lora import (
-    LLAMA_LINEARS,
-    check_lora_hyperparameters,
-    add_lora,
-    matches_target,
-)
+from peftlab.lora import matches_target
 from peftlab.nf4 import (
     NF4Tensor,
     absmax_values,
@@ -38,17 +35,20 @@ from peftlab.nf4 import (
 )
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "KERNELS",
     "Linear4bit",
     "bnb_cpu_skip_modules",
     "bnb_linear4bit",
     "free_workspaces",
-    "prepare_qlora",
     "quantize_model",
     "workspace_nbytes",
 ]
 
 KERNELS = ("torch", "bnb")
+
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes a :class:`Linear4bit` dequantizes to and multiplies in."""
 
 
 # Each thread's dequantization buffer, by (dtype, device): as large as the largest weight
@@ -233,7 +233,7 @@ class Linear4bit(nn.Module):
             if compute_dtype is None
             else compute_dtype
         )
-        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if compute_dtype not in COMPUTE_DTYPES:
             raise TypeError(
                 f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype!r}"
             )
@@ -662,37 +662,3 @@ def quantize_model(
         )
         setattr(parent, child, layer)
     return model
-
-
-def prepare_qlora(
-    model: nn.Module,
-    target_modules: Iterable[str] = LLAMA_LINEARS,
-    *,
-    r: int = 64,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    kernels: str = "torch",
-    use_dora: bool = False,
-) -> nn.Module:
-    """QLoRA's model, in place: the targeted linear layers stored in NF4 with double
-    quantization (frozen), LoRA adapters on the same layers (trained). The paper's
-    defaults: every linear layer of the blocks, r = 64, α = 16. ``use_dora``: DoRA
-    adapters (as PEFT allows on a 4-bit base; the chapter *LoRA variants*). Returns
-    ``model``."""
-    targets = list(target_modules)
-    # every LoRA setting checked before the model is quantized, not after
-    check_lora_hyperparameters(r, alpha, dropout, rslora, use_dora)
-    quantize_model(
-        model, targets, compute_dtype=compute_dtype, kernels=kernels, progress=False
-    )
-    return add_lora(
-        model,
-        targets,
-        r=r,
-        alpha=alpha,
-        dropout=dropout,
-        rslora=rslora,
-        use_dora=use_dora,
-    )

@@ -22,6 +22,7 @@ from peftlab.devices import compute_dtype
 from peftlab.harness import pretrained, textdata
 from peftlab.lora import LLAMA_LINEARS, lora_scaling
 from peftlab.memory import METHODS
+from peftlab.prepare import INITS  # how the adapters start: B = 0, PiSSA or LoftQ
 
 CACHE_VERSION = 4
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
@@ -39,11 +40,6 @@ linear layer of a block (QLoRA's choice; never ``lm_head``)."""
 OPTIMIZERS = ("adamw", "paged_adamw")
 """``torch.optim.AdamW``, or the package's :class:`peftlab.paged.PagedAdamW` (the QLoRA
 recipe's)."""
-
-INITS = ("zero", "pissa", "loftq")
-"""How the adapters start: LoRA's ``B = 0`` (``"zero"``), or from the frozen weight's top
-singular directions (``"pissa"``) or from its quantization error (``"loftq"``, QLoRA only),
-both with the base replaced by the residual (*LoRA variants*, book/chapters/variants.md)."""
 
 SCHEDULES = ("constant", "cosine")
 """How the learning rate moves over a run: held at ``lr`` (``"constant"``), or warmed up
@@ -76,7 +72,7 @@ class RunConfig:
     ``method`` is one of :data:`peftlab.memory.METHODS`: ``"full"`` (every parameter
     trained; the LoRA fields are then ignored and normalised away), ``"lora"``, or
     ``"qlora"`` (the same adapters on an NF4 + double-quantized base,
-    :func:`peftlab.qlora.prepare_qlora`). ``targets`` names a set in :data:`TARGETS`.
+    :func:`peftlab.prepare.prepare_qlora`). ``targets`` names a set in :data:`TARGETS`.
     ``train_bytes`` keeps only the first bytes of the downstream train split (``None``:
     all of it). ``pretrained=False`` starts from the same architecture untrained.
     ``eval_every`` > 0 records a learning curve (held-out and train loss every

@@ -37,13 +37,12 @@ from peftlab.harness.config import (
     sixteen_bit_dtype,
 )
 from peftlab.harness.results import RunResult
-from peftlab.loftq import prepare_qlora_loftq
 from peftlab.lora import add_lora, count_parameters
 from peftlab.loraplus import create_loraplus_optimizer
 from peftlab.memory import measure_step
 from peftlab.paged import PagedAdamW
-from peftlab.pissa import apply_pissa, prepare_qlora_pissa
-from peftlab.qlora import prepare_qlora
+from peftlab.pissa import apply_pissa
+from peftlab.prepare import prepare_qlora
 
 
 @lru_cache(maxsize=2)
@@ -85,21 +84,17 @@ def _prepare(config: RunConfig) -> tuple[torch.nn.Module, torch.dtype]:
             model.to(dtype)
             targets = list(TARGETS[config.targets])
             if config.method == "qlora":
-                prepare = {
-                    "zero": prepare_qlora,
-                    "pissa": prepare_qlora_pissa,
-                    "loftq": prepare_qlora_loftq,
-                }[config.init]
-                prepare(
+                prepare_qlora(
                     model,
                     targets,
                     r=config.r,
                     alpha=config.alpha,
                     dropout=config.dropout,
                     rslora=config.rslora,
+                    use_dora=config.use_dora,
+                    init=config.init,
                     compute_dtype=dtype,
                     kernels=config.kernels,
-                    **({"use_dora": True} if config.use_dora else {}),
                 )
             else:
                 add_lora(
