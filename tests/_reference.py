@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb
 bnbF = bnb.functional
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

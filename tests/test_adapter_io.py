@@ -15,7 +15,7 @@ from peftlab import adapter_io
 from peftlab.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from peftlab.lora import LoRALinear, add_lora
 
-peft = pytest.importorskip("peft")
+import peft
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),

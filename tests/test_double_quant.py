@@ -280,7 +280,7 @@ def test_roundtrip_absmax_dynamic_is_quantize_then_dequantize_absmax() -> None:
 
 @pytest.mark.parametrize("n_scaler_blocks", [1, 4])
 def test_roundtrip_int8_matches_torchao(n_scaler_blocks: int) -> None:
-    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as nf4
     W = torch.randn(64 * 256 * n_scaler_blocks, generator=torch.Generator().manual_seed(n_scaler_blocks))
     q, factor, mean = nf4.NF4Tensor.double_quantize_scalers(W, 64, 256)
     ref = (q.view(-1, 256) / factor[:, None]).flatten() + mean

@@ -15,7 +15,7 @@ from peftlab.harness import experiments as E
 from peftlab.harness import pretrained, textdata
 from peftlab.lora import add_lora
 
-peft = pytest.importorskip("peft")
+import peft
 
 TINY = dict(steps=3, batch_size=2, seq_len=16, eval_windows=4, eval_every=0)
 

@@ -18,7 +18,7 @@ from peftlab.lora import (
     merge_lora,
 )
 
-peft = pytest.importorskip("peft")
+import peft
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (in_features, out_features, leading batch shape of x)

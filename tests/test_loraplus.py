@@ -11,7 +11,7 @@ from peftlab.lora import LoRALinear, add_lora
 from peftlab.loraplus import GROUP_NAMES, create_loraplus_optimizer, loraplus_param_groups
 from peftlab.paged import PagedAdamW
 
-peft = pytest.importorskip("peft")
+import peft
 from peft.optimizers import create_loraplus_optimizer as peft_create_loraplus_optimizer  # noqa: E402
 
 LR, RATIO = 1e-3, 16.0

@@ -24,7 +24,7 @@ from peftlab.memory import (
     quantized_bytes,
 )
 
-transformers = pytest.importorskip("transformers")
+import transformers
 ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 PAPER_LLAMA = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
                "llama-33b": 32_528_943_616, "llama-65b": 65_285_660_672}
@@ -54,7 +54,7 @@ def test_parameter_counts_match_transformers_and_the_llama_paper(name):
 @pytest.mark.parametrize("name, millions", [("llama-7b", 159.9), ("llama-13b", 250.3),
                                             ("llama-33b", 487.6), ("llama-65b", 799.5)])
 def test_lora_weights_match_peft_on_all_linear_layers(name, millions):
-    peft = pytest.importorskip("peft")
+    import peft
     shape = LLAMA[name]
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(_config(shape))

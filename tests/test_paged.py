@@ -146,7 +146,7 @@ def test_float16_params_stay_finite_with_ordinary_gradients(scale):
 def test_16bit_params_match_bitsandbytes_32bit_adamw_on_cpu(dtype, which):
     # bitsandbytes 0.50.2 on a CPU: float32 states, update in float32 rounded back to the
     # parameter's dtype (backends/cpu/ops.py); its paged optimizer falls back to unpaged.
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     init = [p.to(dtype) for p in _params(torch.float32)] + [torch.randn(150_000, generator=torch.Generator().manual_seed(7)).to(dtype)]
     theirs = [p.clone().requires_grad_() for p in init]
     ours = [p.clone().requires_grad_() for p in init]

@@ -11,7 +11,7 @@ import torch
 from peftlab.harness import pretrained, textdata
 from peftlab.lora import LLAMA_LINEARS
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

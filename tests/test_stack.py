@@ -12,8 +12,8 @@ from torch import nn
 
 from _reference import bnb, bnbF  # skips this module without bitsandbytes
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft
+import transformers
 
 from peftlab.adapter_io import load_adapter, save_adapter  # noqa: E402
 from peftlab.harness import pretrained  # noqa: E402
