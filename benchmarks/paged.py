@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from peftlab.paged import DEFAULT_PAGE_BYTES, PagedAdamW, PagePool
+from peftlab.paged import PagedAdamW
+from peftlab.pages import DEFAULT_PAGE_BYTES, PagePool
 from _timing import alternate, alternate_all, report  # benchmarks/_timing.py
 
 TARGETS = {"step, nothing paged": 1.3, "paging the states out and back vs a plain copy": None}

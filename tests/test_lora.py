@@ -14,9 +14,9 @@ from peftlab.lora import (
     ParameterCount,
     add_lora,
     count_parameters,
-    find_targets,
     merge_lora,
 )
+from peftlab.targets import find_targets
 
 import peft
 

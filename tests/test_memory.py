@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peftlab.lora import LLAMA_LINEARS
+from peftlab.measure import _LiveTensors, measure_llama, measure_step
 from peftlab.memory import (
     COMPONENTS,
     GPUS,
@@ -16,13 +16,11 @@ from peftlab.memory import (
     METHODS,
     Breakdown,
     LlamaShape,
-    _LiveTensors,
     activation_bytes,
     estimate,
-    measure_llama,
-    measure_step,
     quantized_bytes,
 )
+from peftlab.targets import LLAMA_LINEARS
 
 import transformers
 ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
@@ -277,7 +275,7 @@ def _tiny(method, L, ckpt=False, dtype=torch.float32, dropout=0.0, d=128, f=352,
                                                     ("lora", torch.float32, 0.1)])
 def test_per_block_activations_equal_what_autograd_saves(method, dtype, dropout):
     """One more block must add exactly the estimate's per-block bytes to what autograd saves."""
-    from peftlab.memory import count_saved_bytes
+    from peftlab.measure import count_saved_bytes
 
     saved = []
     for L in (2, 3):
@@ -379,7 +377,7 @@ def test_measured_activations_do_not_depend_on_a_larger_4bit_workspace_left_by_e
 
 
 def test_cuda_peak_names_the_models_device_and_synchronizes_before_reading(monkeypatch):
-    from peftlab.memory import _cuda_peak_above_start
+    from peftlab.measure import _cuda_peak_above_start
 
     calls = []
     counters = {"allocated": 1000, "peak": 0}

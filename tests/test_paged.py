@@ -1,4 +1,4 @@
-"""Tests of peftlab.paged against torch.optim.AdamW (and bitsandbytes' PagedAdamW on CUDA)."""
+"""Tests of peftlab.pages and peftlab.paged against torch.optim.AdamW (and bitsandbytes' PagedAdamW on CUDA)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
-from peftlab.paged import (
-    DEFAULT_PAGE_BYTES,
-    PagedAdamW,
-    PagedTensor,
-    PagePool,
-    PoolMemoryError,
-)
-from peftlab.memory import count_saved_bytes
+from peftlab.measure import count_saved_bytes
+from peftlab.paged import PagedAdamW
+from peftlab.pages import DEFAULT_PAGE_BYTES, PagedTensor, PagePool, PoolMemoryError
 
 SHAPES = [(37,), (64, 33), (5, 7, 3), (1000,), (0,)]
 
@@ -289,7 +284,7 @@ def test_pages_split_exactly_and_round_trip(dtype, numel, page_bytes):
 def test_reserve_evicts_least_recently_used_first():
     pool = PagePool(3 * 400, page_bytes=400)
     a, b, c = (pool.zeros((100,)) for _ in range(3))  # one 400-byte page each; pool full
-    pool._acquire(a.pages)  # a is now the most recently used; b the least
+    pool.make_resident(a.pages)  # a is now the most recently used; b the least
     with pool.reserve(400):
         assert [t.pages[0].data is None for t in (a, b, c)] == [False, True, False]
         with pool.reserve(400):
@@ -314,7 +309,7 @@ def test_stats_count_the_bytes_moved_and_the_timeline_records_each_event_in_orde
     pool.mark("step 0")
     with pool.reserve(500, label="long sequence"):
         pass
-    pool._acquire(t.pages)
+    pool.make_resident(t.pages)
     s = pool.stats
     assert (s.paged_out_bytes, s.paged_in_bytes, s.page_outs, s.page_ins) == (300, 300, 3, 3)
     assert s.peak_device_bytes == 1000 and s.device_bytes == 800 and s.host_bytes == 0
@@ -515,7 +510,7 @@ def test_reserve_refuses_non_int_and_negative_nbytes(nbytes, exc):
 def test_pool_is_on_the_cpu_unless_told_even_with_cuda_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU is present, but not asked for
     pool = PagePool(1024)
-    assert pool.device == torch.device("cpu") and not pool._async
+    assert pool.device == torch.device("cpu") and not pool.non_blocking
     opt = PagedAdamW([torch.nn.Parameter(torch.randn(10))], pool=pool)  # CPU parameters fit a default pool
     assert opt.pool is pool
 
@@ -524,7 +519,7 @@ def test_cpu_pool_times_its_copies_by_the_clock():
     pool = PagePool(256, page_bytes=128)
     t = pool.from_tensor(torch.arange(64, dtype=torch.float32))  # two pages: the pool is full
     pool.evict_all()
-    pool._acquire(t.pages)
+    pool.make_resident(t.pages)
     s = pool.stats
     assert s.page_outs == 2 and s.page_ins == 2 and s.paging_seconds > 0
 
@@ -556,7 +551,7 @@ class _FakeEvent:
 
 
 def test_cuda_copy_timer_uses_events_on_the_current_stream_and_waits_only_when_read(monkeypatch):
-    from peftlab.paged import _CudaCopyTimer
+    from peftlab.pages import _CudaCopyTimer
 
     _FakeEvent.log = []
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
@@ -601,7 +596,7 @@ def test_cuda_eviction_frees_device_memory():
     torch.cuda.synchronize()
     assert before - torch.cuda.memory_allocated() == 8 * 2**20
     assert torch.equal(t.to_tensor(), torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))
-    pool._acquire(t.pages)
+    pool.make_resident(t.pages)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before == 0
     assert torch.equal(t.to_tensor(), torch.arange(8 * 2**18, dtype=torch.float32, device="cuda"))
@@ -671,7 +666,7 @@ def test_page_in_and_out_are_real_copies():
     page = t.pages[0]
     pool.evict_all()
     host = page.host
-    pool._acquire([page])
+    pool.make_resident([page])
     assert page.data.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
     page.data.add_(1)  # an update on the device copy ...
     assert torch.equal(host, torch.arange(100, dtype=torch.float32))  # ... leaves the host copy stale until paged out
@@ -723,7 +718,7 @@ def test_cuda_paging_on_a_side_stream_keeps_the_values_and_times_the_copies():
         pool.evict_all()  # copies out on the side stream; the freed blocks must wait for them
     scratch = [torch.full((2**18,), float("nan"), device="cuda") for _ in range(8)]  # reuse freed blocks
     torch.cuda.current_stream().wait_stream(side)
-    pool._acquire(t.pages)
+    pool.make_resident(t.pages)
     torch.cuda.synchronize()
     assert torch.equal(t.to_tensor(), values)
     stats = pool.stats

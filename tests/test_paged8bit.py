@@ -20,15 +20,8 @@ import torch
 
 from _reference import bnb  # tests/_reference.py: skips this module without bitsandbytes
 from peftlab.memory import LlamaShape, estimate
-from peftlab.paged import (
-    DEFAULT_PAGE_BYTES,
-    MIN_8BIT_SIZE,
-    STATE_BLOCKSIZE,
-    PagedAdamW,
-    PagedTensor,
-    PagePool,
-    state_bytes,
-)
+from peftlab.paged import MIN_8BIT_SIZE, STATE_BLOCKSIZE, PagedAdamW, state_bytes
+from peftlab.pages import DEFAULT_PAGE_BYTES, PagedTensor, PagePool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,7 +310,7 @@ def test_a_step_with_non_finite_gradients_is_refused_before_anything_changes(bad
 
 
 def test_a_step_that_cannot_fit_one_page_of_each_8bit_state_is_refused():
-    from peftlab.paged import PoolMemoryError
+    from peftlab.pages import PoolMemoryError
 
     p = torch.zeros(8192, requires_grad=True)
     pool = PagePool(4096, page_bytes=2048)  # codes pages of 2048 bytes: two of them fill the pool

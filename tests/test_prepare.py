@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from peftlab.loftq import apply_loftq
-from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, add_lora_layers
+from peftlab.lora import LoRALinear, add_lora, add_lora_layers
 from peftlab.pissa import apply_pissa
 from peftlab.prepare import INITS, prepare_qlora
 from peftlab.qlora import Linear4bit, quantize_model
+from peftlab.targets import LLAMA_LINEARS
 
 
 def _tiny_llama(seed: int, dtype: torch.dtype):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftlab.harness import pretrained, textdata
-from peftlab.lora import LLAMA_LINEARS
+from peftlab.targets import LLAMA_LINEARS
 
 import transformers
 

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from _reference import bnb_dequantize_4bit, bnb_dequantize_4bit_flat  # tests/_reference.py
-from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, count_parameters
+from peftlab.lora import LoRALinear, add_lora, count_parameters
 from peftlab.nf4 import quantize_nf4, to_bnb
-from peftlab.memory import count_saved_bytes
+from peftlab.measure import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model
+from peftlab.targets import LLAMA_LINEARS
 
 ALL_LINEARS = list(LLAMA_LINEARS)  # the package's one list of LLaMA's seven linear layers
 SHAPES = [(96, 128), (64, 100), (33, 7), (256, 64)]  # (out, in); 7 × 33 and 100 × 64 end in partial blocks

@@ -152,7 +152,7 @@ def test_sample_runs_is_deterministic_spread_and_skips_diverged_runs(recorded_ti
 
 
 def test_every_study_is_named_described_and_starts_from_runs_of_its_own():
-    assert studies.names() == [*studies.RANK_ALPHA, *studies.VARIANTS]
+    assert studies.names() == [*studies.RANK_ALPHA, *studies.LONGER_CHECKS, *studies.VARIANTS]
     assert len(set(studies.names())) == len(studies.names())
     for name in studies.names():
         study = studies.get(name)

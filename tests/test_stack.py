@@ -17,13 +17,14 @@ import transformers
 
 from peftlab.adapter_io import load_adapter, save_adapter  # noqa: E402
 from peftlab.harness import pretrained  # noqa: E402
-from peftlab.lora import LLAMA_LINEARS, LoRALinear, add_lora, find_targets  # noqa: E402
+from peftlab.lora import LoRALinear, add_lora  # noqa: E402
 from peftlab.merge4bit import (  # noqa: E402
     merge_lora_dequantized,
     merge_lora_requantized,
     merged_weight_4bit,
 )
 from peftlab.qlora import Linear4bit, bnb_cpu_skip_modules, quantize_model  # noqa: E402
+from peftlab.targets import LLAMA_LINEARS, find_targets  # noqa: E402
 
 BOOK_CONFIG = pretrained.tiny_llama_config(**pretrained.checkpoint_info()["config"])
 # bitsandbytes 0.50.2's CPU kernels mishandle rows that are not whole blocks of 64: such

@@ -257,21 +257,21 @@ def test_code_blocks_and_inline_code_are_left_alone():
 
 
 def test_literalinclude_inlines_the_object_under_a_line_naming_it():
-    import peftlab.memory
+    import peftlab.measure
 
-    text = ("```{literalinclude} ../../src/peftlab/memory.py\n:pyobject: count_saved_bytes\n"
-            ":caption: src/peftlab/memory.py — a step's activation memory\n```")
-    source = inspect.getsource(peftlab.memory.count_saved_bytes).rstrip()
-    assert convert(text) == (f"`src/peftlab/memory.py`, `count_saved_bytes` — a step's activation memory\n\n"
+    text = ("```{literalinclude} ../../src/peftlab/measure.py\n:pyobject: count_saved_bytes\n"
+            ":caption: src/peftlab/measure.py — a step's activation memory\n```")
+    source = inspect.getsource(peftlab.measure.count_saved_bytes).rstrip()
+    assert convert(text) == (f"`src/peftlab/measure.py`, `count_saved_bytes` — a step's activation memory\n\n"
                              f"```python\n{source}\n```")
 
 
 def test_literalinclude_lines_select_within_the_object():
-    import peftlab.memory
+    import peftlab.measure
 
-    text = "```{literalinclude} ../../src/peftlab/memory.py\n:pyobject: count_saved_bytes\n:lines: 1-3\n```"
-    first3 = "\n".join(inspect.getsource(peftlab.memory.count_saved_bytes).splitlines()[:3])
-    assert convert(text) == f"`src/peftlab/memory.py`, `count_saved_bytes` (lines 1-3)\n\n```python\n{first3}\n```"
+    text = "```{literalinclude} ../../src/peftlab/measure.py\n:pyobject: count_saved_bytes\n:lines: 1-3\n```"
+    first3 = "\n".join(inspect.getsource(peftlab.measure.count_saved_bytes).splitlines()[:3])
+    assert convert(text) == f"`src/peftlab/measure.py`, `count_saved_bytes` (lines 1-3)\n\n```python\n{first3}\n```"
 
 
 def test_include_is_inlined_and_converted():

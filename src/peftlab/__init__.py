@@ -1,10 +1,14 @@
 """peftlab: the companion package of the book *Parameter-efficient fine-tuning, executed*.
 
 The science, one idea per module, each explained by one chapter (its docstring names it):
-:mod:`~peftlab.lora` and :mod:`~peftlab.adapter_io` (LoRA, PEFT's files),
+:mod:`~peftlab.targets` (which modules get an adapter), :mod:`~peftlab.lora` and
+:mod:`~peftlab.adapter_io` (LoRA, PEFT's files),
 :mod:`~peftlab.codebooks`, :mod:`~peftlab.nf4` and :mod:`~peftlab.double_quant` (4-bit
-NormalFloat and its constants), :mod:`~peftlab.paged` (the paged optimizer),
-:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` (what a step holds), the
+NormalFloat and its constants), :mod:`~peftlab.pages` (the page pool),
+:mod:`~peftlab.adam_updates` (AdamW's update rules, 32- and 8-bit) and
+:mod:`~peftlab.paged` (the paged optimizer),
+:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` and :mod:`~peftlab.measure`
+(what a step holds, estimated and measured), the
 variants :mod:`~peftlab.dora`, :mod:`~peftlab.loraplus`, :mod:`~peftlab.pissa` and
 :mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), and
 :mod:`~peftlab.prepare` (one entry point that makes a model ready for QLoRA, the adapters

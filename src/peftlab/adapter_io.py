@@ -24,15 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.files import atomic_write_all
-from peftlab.lora import (
-    LoRALinear,
-    normalize_excludes,
-    add_lora,
+from peftlab.lora import LoRALinear, add_lora, lora_layers, lora_scaling
+from peftlab.targets import (
     find_targets,
-    lora_layers,
-    lora_scaling,
     matches_target,
     modules_outside_lora,
+    normalize_excludes,
     resolve_targets,
 )
 

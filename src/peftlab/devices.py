@@ -50,7 +50,7 @@ def compute_dtype(device: str | torch.device) -> torch.dtype:
     16-bit, and exact).
 
     The one rule the package uses for a default compute dtype
-    (:class:`peftlab.qlora.Linear4bit`, :func:`peftlab.memory.measure_llama`,
+    (:class:`peftlab.qlora.Linear4bit`, :func:`peftlab.measure.measure_llama`,
     :func:`peftlab.qlora.finetune` on CUDA).
     """
     dev = torch.device(device)

@@ -9,14 +9,13 @@ The layer computes ``y = W0 x + scaling · B A x`` (Hu et al. 2021, §4.1) with 
 forward and merge follow Hugging Face PEFT, so that adapters cross between the two (see
 :mod:`peftlab.adapter_io`). With ``use_dora=True`` the layer is DoRA (Liu et al. 2024): a
 trained magnitude per output on top of the LoRA-updated direction; its arithmetic is
-:mod:`peftlab.dora` (the chapter *LoRA variants*, book/chapters/variants.md).
+:mod:`peftlab.dora` (the chapter *LoRA variants*, book/chapters/variants.md). Which layers
+of a model get one is :mod:`peftlab.targets` (PEFT's ``target_modules``).
 """
 
 from __future__ import annotations
 
 import math
-import re
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -25,53 +24,20 @@ import torch
 from torch import nn
 
 from peftlab import dora
+from peftlab.targets import find_targets, is_linear_like
 
 __all__ = [
-    "LLAMA_LINEARS",
     "LoRAFunction",
     "LoRALinear",
     "ParameterCount",
-    "ALL_LINEAR",
     "add_lora",
     "add_lora_layers",
     "check_lora_hyperparameters",
     "count_parameters",
     "disable_adapter",
-    "find_targets",
-    "is_linear_like",
     "lora_layers",
     "merge_lora",
 ]
-
-LLAMA_LINEARS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-"""The seven linear layers of a LLaMA block (attention, then MLP): QLoRA's "all linear
-layers", never ``lm_head``."""
-
-
-ALL_LINEAR = "all-linear"
-"""PEFT's shorthand target (any case): every linear layer but the output head."""
-
-# PEFT's SEQ_CLS_HEAD_NAMES (peft.utils.constants): a classifier head left out of
-# "all-linear" for task_type "SEQ_CLS" when the model has no output embeddings.
-_SEQ_CLS_HEAD_NAMES = ("score", "classifier")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` or a module whose class declares ``peftlab_linear =
-    True`` (e.g. 4-bit)."""
-    return isinstance(module, nn.Linear) or (
-        getattr(type(module), "peftlab_linear", False) is True
-        and hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-    )
 
 
 def check_lora_hyperparameters(
@@ -214,6 +180,10 @@ class LoRALinear(nn.Module):
     norm is computed in the factors' dtype (float32), from the same dense weight forward
     uses: the layer starts at the base output exactly, for every base dtype.
     """
+
+    # How peftlab.targets, which this module imports, tells a LoRA layer from its base
+    # without importing this module back.
+    peftlab_lora = True
 
     def __init__(
         self,
@@ -417,169 +387,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         dora_flag = ", use_dora=True" if self.use_dora else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}{dora_flag}, merged={self.merged}"
-
-
-def normalize_targets(target_modules: object) -> str | list[str]:
-    if isinstance(target_modules, str):
-        if not target_modules:
-            raise ValueError("target_modules must not be empty")
-        return target_modules
-    if not isinstance(target_modules, Iterable):
-        raise TypeError(
-            f"target_modules must be a str or a list of str, got {type(target_modules).__name__}"
-        )
-    targets = list(target_modules)
-    if not targets:
-        raise ValueError("target_modules must not be empty")
-    for t in targets:
-        if not isinstance(t, str) or not t:
-            raise TypeError(f"target_modules must hold non-empty str, got {t!r}")
-    return targets
-
-
-def _transformers_class(module: str, name: str) -> type | None:
-    """A transformers class if transformers is already imported (a model built with it
-    has imported it), else None; never imports transformers."""
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls if isinstance(cls, type) else None
-
-
-def _all_linear_names(model: nn.Module, task_type: str | None = None) -> list[str]:
-    """What PEFT's ``"all-linear"`` selects (``_maybe_include_all_linear_layers`` in
-    ``peft.tuners.tuners_utils``): the names of every ``nn.Linear`` (4-bit subclasses
-    included), transformers ``Conv1D`` and linear-like layer (peftlab's 4-bit layer, a
-    LoRALinear but not its children), less the output head.
-
-    Note: as in PEFT, the head is excluded only for a transformers ``PreTrainedModel``: the
-    module that ``get_output_embeddings()`` returns, or, when there is none and
-    ``task_type`` is ``"SEQ_CLS"``, the first of ``score`` / ``classifier`` the model has.
-    """
-    conv1d = _transformers_class("transformers.pytorch_utils", "Conv1D")
-    linear_classes = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
-    names = [
-        name
-        for name, module in modules_outside_lora(model)
-        if name
-        and (
-            isinstance(module, linear_classes)
-            or is_linear_like(module)
-            or isinstance(module, LoRALinear)
-        )
-    ]
-    pretrained = _transformers_class("transformers.modeling_utils", "PreTrainedModel")
-    exclude = set()
-    if pretrained is not None and isinstance(model, pretrained):
-        head = model.get_output_embeddings()
-        if head is None and task_type == "SEQ_CLS":
-            head = next(
-                (
-                    getattr(model, n)
-                    for n in _SEQ_CLS_HEAD_NAMES
-                    if getattr(model, n, None) is not None
-                ),
-                None,
-            )
-        if head is not None:
-            exclude |= {name for name, m in model.named_modules() if m is head}
-    return [n for n in names if n not in exclude]
-
-
-def resolve_targets(
-    model: nn.Module, target_modules: object, task_type: str | None = None
-) -> str | list[str]:
-    """``target_modules`` checked, with PEFT's ``"all-linear"`` (any case) replaced by the
-    names it selects in ``model`` (see :func:`_all_linear_names`)."""
-    targets = normalize_targets(target_modules)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        return _all_linear_names(model, task_type)
-    return targets
-
-
-def normalize_excludes(exclude_modules: object) -> str | list[str] | None:
-    """``exclude_modules`` checked; None (or empty, as PEFT treats it) for no exclusion."""
-    if exclude_modules is None or (
-        isinstance(exclude_modules, (str, list, tuple, set)) and not exclude_modules
-    ):
-        return None
-    if isinstance(exclude_modules, str):
-        return exclude_modules
-    if not isinstance(exclude_modules, Iterable):
-        raise TypeError(
-            "exclude_modules must be None, a str or a list of str, got "
-            f"{type(exclude_modules).__name__}"
-        )
-    names = list(exclude_modules)
-    for t in names:
-        if not isinstance(t, str) or not t:
-            raise TypeError(f"exclude_modules must hold non-empty str, got {t!r}")
-    return names
-
-
-def matches_target(name: str, targets: str | list[str]) -> bool:
-    """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
-    # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole
-    # name; a list matches a name equal to an entry or ending in "." + entry.
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def modules_outside_lora(model: nn.Module):
-    """(name, module) pairs, not descending into LoRALinear layers (their ``base`` is not
-    a target)."""
-    stack = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        yield name, module
-        if isinstance(module, LoRALinear):
-            continue
-        for child_name, child in reversed(list(module.named_children())):
-            stack.append((f"{name}.{child_name}" if name else child_name, child))
-
-
-def find_targets(
-    model: nn.Module,
-    target_modules: str | Iterable[str],
-    task_type: str | None = None,
-    *,
-    exclude_modules: str | Iterable[str] | None = None,
-) -> list[str]:
-    """Qualified names of the linear layers of ``model`` that ``target_modules`` selects
-    (PEFT's matching; ``"all-linear"``: every linear layer but the output head, as PEFT
-    resolves it; ``task_type`` matters only there, as in PEFT).
-
-    ``exclude_modules`` (PEFT's field of that name, matched as a target is) removes names
-    from the selection.
-
-    Raises ValueError when nothing matches, or a match is not linear or already has LoRA.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = resolve_targets(model, target_modules, task_type)
-    if not targets:
-        raise ValueError(
-            f"target_modules {target_modules!r} match no module of the model"
-        )
-    exclude = normalize_excludes(exclude_modules)
-    names = []
-    for name, module in modules_outside_lora(model):
-        if not name or not matches_target(name, targets):
-            continue
-        if exclude is not None and matches_target(name, exclude):
-            continue  # PEFT checks exclude_modules first: an excluded match never errs
-        if isinstance(module, LoRALinear):
-            raise ValueError(
-                f"module {name!r} already has LoRA; merge_lora() or use a fresh model"
-            )
-        if not is_linear_like(module):
-            raise TypeError(
-                f"target_modules selects {name!r}, a {type(module).__name__}; only nn.Linear "
-                "(or peftlab_linear) layers can get LoRA"
-            )
-        names.append(name)
-    if not names:
-        raise ValueError(f"target_modules {targets!r} match no module of the model")
-    return names
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,15 +29,10 @@ from torch import nn
 
 from peftlab.codebooks import check_blocksize, check_float_tensor
 from peftlab.loftq import apply_loftq_to_layers, check_num_iter
-from peftlab.lora import (
-    LLAMA_LINEARS,
-    add_lora,
-    add_lora_layers,
-    check_lora_hyperparameters,
-    find_targets,
-)
+from peftlab.lora import add_lora, add_lora_layers, check_lora_hyperparameters
 from peftlab.pissa import apply_pissa_to_layers, check_niter
 from peftlab.qlora import COMPUTE_DTYPES, KERNELS, Linear4bit, quantize_model
+from peftlab.targets import LLAMA_LINEARS, find_targets
 
 __all__ = ["INITS", "prepare_qlora"]
 

@@ -24,7 +24,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from peftlab.devices import compute_dtype as default_compute_dtype
-from peftlab.lora import matches_target
 from peftlab.nf4 import (
     NF4Tensor,
     absmax_values,
@@ -33,6 +32,7 @@ from peftlab.nf4 import (
     quantize_nf4,
     to_bnb,
 )
+from peftlab.targets import matches_target
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -352,7 +352,7 @@ class Linear4bit(nn.Module):
 
     def memory_tensors(self) -> dict[str, list[Any]]:
         """The tensors this layer holds, by kind (used by
-        :func:`peftlab.memory.measure_step`)."""
+        :func:`peftlab.measure.measure_step`)."""
         absmax = self.weight.absmax
         constants = (
             [absmax]

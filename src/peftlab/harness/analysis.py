@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from peftlab.lora import LLAMA_LINEARS, LoRALinear
+from peftlab.lora import LoRALinear
+from peftlab.targets import LLAMA_LINEARS
+
 
 def magnitude_direction(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
     """The DoRA paper's ΔM and ΔD (Liu et al. 2024, §3, Eq. 2–4) between a pretrained

@@ -20,9 +20,10 @@ import torch
 
 from peftlab.devices import compute_dtype
 from peftlab.harness import pretrained, textdata
-from peftlab.lora import LLAMA_LINEARS, lora_scaling
+from peftlab.lora import lora_scaling
 from peftlab.memory import METHODS
 from peftlab.prepare import INITS  # how the adapters start: B = 0, PiSSA or LoftQ
+from peftlab.targets import LLAMA_LINEARS
 
 CACHE_VERSION = 4
 """Bump when the meaning of a run changes, so old cached rows are not reused."""
@@ -80,7 +81,7 @@ class RunConfig:
     :data:`OPTIMIZERS` (constant learning rate, no weight decay), ``max_grad_norm`` the
     gradient-norm clip, ``precision`` one of :data:`PRECISIONS`, ``kernels`` the 4-bit
     layer's (``"torch"`` or ``"bnb"``, QLoRA only). ``measure_memory`` adds the measured
-    memory of one step (:func:`peftlab.memory.measure_step`, on a copy of the model) to
+    memory of one step (:func:`peftlab.measure.measure_step`, on a copy of the model) to
     the row. The variants of the chapter *LoRA variants* (book/chapters/variants.md):
     ``use_dora`` (DoRA's magnitude and direction), ``loraplus_ratio`` (LoRA+: B learns
     this many times faster than A; 1 is plain LoRA), ``optim_bits`` (one of

@@ -39,7 +39,7 @@ from peftlab.harness.config import (
 from peftlab.harness.results import RunResult
 from peftlab.lora import add_lora, count_parameters
 from peftlab.loraplus import create_loraplus_optimizer
-from peftlab.memory import measure_step
+from peftlab.measure import measure_step
 from peftlab.paged import PagedAdamW
 from peftlab.pissa import apply_pissa
 from peftlab.prepare import prepare_qlora
@@ -191,7 +191,9 @@ def _run(
     track = config.method != "qlora"
     start = analysis.trained_weights(model, config.method) if track else {}
     direction = (
-        [[0, analysis.magnitude_direction_of(model, config.method, start)]] if track else []
+        [[0, analysis.magnitude_direction_of(model, config.method, start)]]
+        if track
+        else []
     )
     curve = [
         [
@@ -238,7 +240,10 @@ def _run(
             )
             if track:
                 direction.append(
-                    [step + 1, analysis.magnitude_direction_of(model, config.method, start)]
+                    [
+                        step + 1,
+                        analysis.magnitude_direction_of(model, config.method, start),
+                    ]
                 )
     row["seconds"] = watch.seconds
     row["seconds_per_step"] = watch.seconds / last_step
@@ -258,7 +263,9 @@ def _run(
     norms = torch.stack(grad_norms).float().cpu()
     row["first_grad_norm"] = norms[0].item()
     row["mean_grad_norm"] = norms.mean().item()
-    row["effective_rank"], row["update_norm"] = analysis.update_statistics(model, base_weights)
+    row["effective_rank"], row["update_norm"] = analysis.update_statistics(
+        model, base_weights
+    )
     adapter = {}
     if config.method != "full":
         adapter = {

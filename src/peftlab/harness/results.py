@@ -143,7 +143,8 @@ class RunResult:
         if not isinstance(row, Mapping):
             raise TypeError(f"row must be a mapping, got {type(row).__name__}")
         curve = tuple(
-            CurvePoint(int(s), _float(h), _float(t), _float(v)) for s, h, t, v in row["curve"]
+            CurvePoint(int(s), _float(h), _float(t), _float(v))
+            for s, h, t, v in row["curve"]
         )
         direction = tuple(
             DirectionPoint(

@@ -131,7 +131,11 @@ def refined_lr(rows: Rows, arm: RunConfig) -> tuple[float, float, float]:
     k = lattice_index(best)
     y0, y1, y2 = (curve.get(lr_lattice(i), math.inf) for i in (k - 1, k, k + 1))
     curvature = y0 - 2 * y1 + y2
-    shift = 0.0 if not math.isfinite(curvature) or curvature <= 0 else 0.5 * (y0 - y2) / curvature
+    shift = (
+        0.0
+        if not math.isfinite(curvature) or curvature <= 0
+        else 0.5 * (y0 - y2) / curvature
+    )
     return best / 2, best * 2.0 ** max(-1.0, min(1.0, shift)), best * 2
 
 
@@ -143,7 +147,9 @@ def tune(arms: Sequence[RunConfig], first: Sequence[int]) -> Stage:
     whichever end is best, until every arm's best is interior (:func:`is_interior`).
     """
     if len(arms) != len(first):
-        raise ValueError(f"first must give one index per arm, got {len(first)} for {len(arms)}")
+        raise ValueError(
+            f"first must give one index per arm, got {len(first)} for {len(arms)}"
+        )
 
     def stage(rows: Rows) -> list[RunConfig]:
         configs = []
@@ -193,7 +199,9 @@ def arms_in(rows: Rows) -> list[RunConfig]:
     recorded under an older definition."""
     seen: list[RunConfig] = []
     for run in rows:
-        arm = replace(run.config, lr=LR_UNIT, seed=TUNING_SEED, measure_memory=False).normalized()
+        arm = replace(
+            run.config, lr=LR_UNIT, seed=TUNING_SEED, measure_memory=False
+        ).normalized()
         if arm not in seen:
             seen.append(arm)
     return seen
@@ -259,10 +267,15 @@ RANKS = (1, 4, 16, 64)
 """Ranks of the rank study."""
 
 _RANK_ARMS = tuple(
-    replace(BASE, r=r, rslora=rs) for rs in (False, True) for r in RANKS if r > 1 or not rs
+    replace(BASE, r=r, rslora=rs)
+    for rs in (False, True)
+    for r in RANKS
+    if r > 1 or not rs
 )
 
-_PLACEMENT_ARMS = tuple(replace(BASE, targets=t, r=r, alpha=2.0 * r) for t, r in PLACEMENTS)
+_PLACEMENT_ARMS = tuple(
+    replace(BASE, targets=t, r=r, alpha=2.0 * r) for t, r in PLACEMENTS
+)
 
 QLORA_LORA_SEEDS = tuple(range(1, 11))
 """Seeds of the QLoRA-against-LoRA comparison: ten, enough for its interval to be narrower
@@ -291,7 +304,9 @@ _STUDIES = (
         (
             # five rates per α, centred where α · lr² equals BASE's at 4e-3
             lambda rows: [
-                replace(arm, lr=lr_lattice(_nearest(_alpha_guess(arm)) + k), seed=TUNING_SEED)
+                replace(
+                    arm, lr=lr_lattice(_nearest(_alpha_guess(arm)) + k), seed=TUNING_SEED
+                )
                 for arm in _ALPHA_ARMS
                 for k in (-2, -1, 0, 1, 2)
             ],
@@ -413,7 +428,11 @@ _LONGER_STUDIES = (
     _longer("rank-lr-long", "rank-lr", [a for a in _RANK_ARMS if not a.rslora]),
     _longer("placement-long", "placement", _PLACEMENT_ARMS),
     _longer("full-long", "full", (_FULL,)),
-    _longer("small-data-long", "small-data", (replace(BASE, train_bytes=4096), replace(_FULL, train_bytes=4096))),
+    _longer(
+        "small-data-long",
+        "small-data",
+        (replace(BASE, train_bytes=4096), replace(_FULL, train_bytes=4096)),
+    ),
 )
 
 # The variants of the chapter *LoRA variants* (book/chapters/variants.md).
@@ -458,8 +477,11 @@ _VARIANTS = (
     ),
 )
 
-RANK_ALPHA = tuple(s.name for s in (*_STUDIES, *_LONGER_STUDIES))
+RANK_ALPHA = tuple(s.name for s in _STUDIES)
 """The studies of the chapter *LoRA rank and alpha*."""
+
+LONGER_CHECKS = tuple(s.name for s in _LONGER_STUDIES)
+"""The capacity studies' checks at :data:`LONGER` times the budget."""
 
 VARIANTS = tuple(s.name for s in _VARIANTS)
 """The studies of the chapter *LoRA variants*."""
@@ -467,7 +489,7 @@ VARIANTS = tuple(s.name for s in _VARIANTS)
 
 def names() -> list[str]:
     """The studies' names."""
-    return [*RANK_ALPHA, *VARIANTS]
+    return [*RANK_ALPHA, *LONGER_CHECKS, *VARIANTS]
 
 
 def get(name: str) -> Study:
