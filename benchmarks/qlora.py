@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.devices import compute_dtype
+from peftlab.devices import default_compute_dtype
 from peftlab.nf4 import dequantize_nf4, to_bnb
 from peftlab.qlora import Linear4bit, bnb_linear4bit
+from peftlab.workspace import DequantWorkspace
 from _timing import alternate, report  # benchmarks/_timing.py
 
 LAYERS = {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)}  # LLaMA-7B, (out_features, in_features)
@@ -54,7 +55,8 @@ def bench_layer(name: str, out_features: int, in_features: int, device: torch.de
                 repeats: int) -> None:
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=False)
-    ours = Linear4bit.from_linear(base, compute_dtype=compute).to(device)
+    # with a workspace: the layer's fastest path on a CPU (no weight-sized tensor allocated per call)
+    ours = Linear4bit.from_linear(base, compute_dtype=compute, workspace=DequantWorkspace()).to(device)
     fast = Linear4bit.from_linear(base, compute_dtype=compute, kernels="bnb").to(device)
     ref = bnb_linear4bit(base, compute, device)
     dense = ours.dequantize().clone()  # the floor's weight: the same values, already dequantized
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    compute = compute_dtype(device)  # float32 on a CPU; bfloat16 only where a GPU computes it natively
+    compute = default_compute_dtype(device)  # float32 on a CPU; bfloat16 only where a GPU computes it natively
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.repeats} "
           f"alternating repeats (medians), {os.cpu_count()} CPUs, {_load()}")
     for name in args.layers:

@@ -328,7 +328,9 @@ def test_sixteen_bit_runs_compute_in_bf16_only_where_it_is_native(monkeypatch, d
     monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a T4 says True too
-    assert C.sixteen_bit_dtype(device) == expected
+    from peftlab.devices import sixteen_bit_dtype
+
+    assert sixteen_bit_dtype(device) == expected
 
 
 def test_recipe_runs_on_the_cpu_unless_told_and_times_each_step_between_synchronizations(monkeypatch, one_thread):
@@ -345,11 +347,11 @@ def test_recipe_runs_on_the_cpu_unless_told_and_times_each_step_between_synchron
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_qlora_recipe_with_bnb_kernels_in_the_native_dtype():
-    from peftlab.devices import compute_dtype
+    from peftlab.devices import sixteen_bit_dtype
 
     row = E.finetune(C.qlora_recipe("qlora", device="cuda", kernels="bnb", steps=4, eval_every=2, eval_windows=4),
                      progress=False)
-    assert row.compute_dtype == str(compute_dtype("cuda")).removeprefix("torch.")
+    assert row.compute_dtype == str(sixteen_bit_dtype("cuda")).removeprefix("torch.")
     assert row.held_out_loss < row.initial_held_out_loss and row.seconds_per_step > 0
 
 

@@ -17,6 +17,7 @@ from peftlab.memory import (
     Breakdown,
     LlamaShape,
     activation_bytes,
+    dequantized_weight_bytes,
     estimate,
     quantized_bytes,
 )
@@ -215,6 +216,40 @@ def test_llama_shape_refuses_non_positive_sizes_and_heads_not_dividing_d_model(k
         LlamaShape(**args)
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("name", ["llama-7b", "llama-65b"])
+def test_a_dequantization_workspace_replaces_the_transient_weight_and_is_held_through_the_update(name, ckpt):
+    shape, kw = LLAMA[name], dict(gradient_checkpointing=ckpt, compute_dtype=torch.bfloat16)
+    largest = 2 * max(o * i for o, i in shape.block_linears().values())  # the MLP's, in bfloat16
+    assert dequantized_weight_bytes(shape, torch.bfloat16) == largest
+    fresh = activation_bytes(shape, "qlora", **kw)
+    assert fresh - activation_bytes(shape, "qlora", dequant_workspace=True, **kw) == largest
+    without, with_ = (estimate(name, "qlora", gradient_checkpointing=ckpt, dequant_workspace=w) for w in (False, True))
+    # here the activations outweigh the optimizer update's temporaries: the same peak, held differently
+    assert without.activations == with_.activations == fresh
+    # only the activations change: the workspace is scratch memory of the products, not a stored weight
+    assert {c: getattr(with_, c) for c in COMPONENTS if c != "activations"} == \
+        {c: getattr(without, c) for c in COMPONENTS if c != "activations"}
+    # a tiny model whose update outweighs its activations: the workspace is held during the update too
+    tiny = LlamaShape("tiny", 64, 1, 1, 128, vocab=128)
+    a, b = (estimate(tiny, "qlora", r=64, batch=1, seq=1, dequant_workspace=w) for w in (False, True))
+    assert b.activations == a.activations + dequantized_weight_bytes(tiny, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(method="lora", dequant_workspace=True), ValueError, "dequant_workspace applies to method='qlora' only"),
+    (dict(method="full", dequant_workspace=True), ValueError, "dequant_workspace applies"),
+    (dict(method="qlora", dequant_workspace=1), TypeError, "dequant_workspace must be a bool"),
+])
+def test_estimate_and_measure_llama_refuse_a_workspace_without_4bit_layers(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        estimate("llama-7b", **kw)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                   num_key_value_heads=1, num_hidden_layers=1, vocab_size=128)
+    with pytest.raises(exc, match=match):
+        measure_llama(cfg, batch=1, seq=8, **kw)
+
+
 def test_activation_bytes_refuses_an_unknown_method_listing_the_known_ones():
     with pytest.raises(ValueError, match="unknown method 'adapter'; known: full, lora, qlora"):
         activation_bytes(LLAMA["llama-7b"], "adapter", batch=1, seq=16)
@@ -350,6 +385,48 @@ def test_estimate_matches_max_memory_allocated_on_cuda(method):
     assert measured.activations == pytest.approx(estimated.activations, rel=0.15)
 
 
+def _cuda_qlora_step(shape, workspace):
+    """One measured QLoRA step of ``shape`` on CUDA in bfloat16 (checkpointed, r = 64, fused AdamW), its 4-bit
+    layers dequantizing into ``workspace`` (None: fresh tensors)."""
+    from peftlab.lora import add_lora
+    from peftlab.qlora import quantize_model
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config(shape, attn_implementation="sdpa", use_cache=False))
+    model = model.to("cuda", torch.bfloat16).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    quantize_model(model, compute_dtype=torch.bfloat16, workspace=workspace, progress=False)
+    add_lora(model, ALL_LINEARS, r=64, alpha=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    x = torch.randint(0, shape.vocab, (1, 512), device="cuda")
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return measure_step(model, step, optimizer)
+
+
+@pytest.mark.cuda
+def test_cuda_qlora_step_with_and_without_a_workspace_matches_its_estimate():
+    from peftlab.workspace import DequantWorkspace
+
+    shape = LlamaShape("one-7b-block", 4096, 1, 32, 11008)
+    largest = dequantized_weight_bytes(shape, torch.bfloat16)  # the MLP's 11008 × 4096
+    workspace = DequantWorkspace()
+    measured = {held: _cuda_qlora_step(shape, workspace if held else None) for held in (False, True)}
+    for held, step in measured.items():
+        estimated = estimate(shape, "qlora", lora_dtype=torch.float32, gradient_checkpointing=True,
+                             dequant_workspace=held)
+        assert step.activations == pytest.approx(estimated.activations, rel=0.15), held
+    # one buffer, though backward runs on autograd's device thread: both use one stream
+    assert workspace.nbytes == largest and len(workspace.tensors()) == 1
+    # held all step long instead of now and then (1 MiB: the caching allocator's rounding)
+    difference = measured[True].activations - measured[False].activations
+    assert -2**20 <= difference <= largest + 2**20
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_measure_llama_agrees_with_its_estimate(method):
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=1,
@@ -362,15 +439,57 @@ def test_measure_llama_agrees_with_its_estimate(method):
         measure_llama(cfg, "prefix")
 
 
-def test_measured_activations_do_not_depend_on_a_larger_4bit_workspace_left_by_earlier_layers():
-    from peftlab import qlora
-
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_a_measured_step_counts_the_dequantization_workspace_as_its_estimate_does(ckpt):
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=352, num_attention_heads=1,
                                    num_key_value_heads=1, num_hidden_layers=2, vocab_size=512)
-    qlora.free_workspaces()
-    fresh = measure_llama(cfg, "qlora", batch=2, seq=64, r=8, device="cpu")[0].activations
-    qlora._workspace(torch.Size([1024, 1024]), torch.float32, torch.device("cpu"))  # a larger model ran before
-    assert measure_llama(cfg, "qlora", batch=2, seq=64, r=8, device="cpu")[0].activations == fresh
+    kw = dict(batch=2, seq=64, r=8, device="cpu", gradient_checkpointing=ckpt)
+    fresh, fresh_estimate = measure_llama(cfg, "qlora", **kw)
+    held, held_estimate = measure_llama(cfg, "qlora", dequant_workspace=True, **kw)
+    workspace = dequantized_weight_bytes(LlamaShape.from_config(cfg), torch.float32)
+    for c in COMPONENTS:
+        if c != "activations":
+            assert getattr(held, c) == getattr(fresh, c), c
+    # held all step long instead of now and then: at least the peak without it, at most the peak plus it
+    assert fresh.activations <= held.activations <= fresh.activations + workspace
+    assert held.activations == pytest.approx(held_estimate.activations, rel=0.10)
+    assert held_estimate.activations >= fresh_estimate.activations
+
+
+def _qlora_step(workspace, warmup=True):
+    """A measured QLoRA step of a two-block model whose 4-bit layers use ``workspace``."""
+    from peftlab.paged import PagedAdamW
+    from peftlab.qlora import set_workspace
+
+    cfg, model = _tiny("qlora", 2)
+    set_workspace(model, workspace)
+    optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return measure_step(model, step, optimizer, warmup=warmup), model
+
+
+def test_measured_activations_do_not_depend_on_a_larger_workspace_left_by_another_model():
+    from peftlab.qlora import Linear4bit
+    from peftlab.workspace import DequantWorkspace
+
+    fresh, model = _qlora_step(DequantWorkspace())
+    largest = 4 * max(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    used = DequantWorkspace()
+    with used.borrow(torch.Size([1024, 1024]), torch.float32, torch.device("cpu")):
+        pass  # a larger model ran before with this workspace
+    assert used.nbytes == 4 * 1024 * 1024
+    again, _ = _qlora_step(used)
+    assert again == fresh and used.nbytes == largest
+    # without warmup the step makes the buffer itself: counted once, as it is allocated
+    cold_fresh, _ = _qlora_step(None, warmup=False)
+    cold, _ = _qlora_step(DequantWorkspace(), warmup=False)
+    assert cold_fresh.activations <= cold.activations <= cold_fresh.activations + largest
 
 
 # ------------------------------------------------------------------------------------------- CUDA plumbing
@@ -425,7 +544,7 @@ def test_measure_llama_runs_on_the_cpu_unless_told(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_estimate(method):
-    from peftlab.devices import compute_dtype
+    from peftlab.devices import default_compute_dtype
 
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=4,
                                    num_key_value_heads=4, num_hidden_layers=2, vocab_size=512)
@@ -434,7 +553,7 @@ def test_cuda_measure_llama_runs_in_the_native_dtype_and_matches_its_static_esti
     assert measured.quant_constants == estimated.quant_constants
     assert measured.activations > 0
     # the weights' bytes are those of the native 16-bit dtype (bf16 on sm80+, fp16 before): 2 bytes each
-    assert compute_dtype("cuda").itemsize == 2 and measured.weights == pytest.approx(estimated.weights, rel=0.01)
+    assert default_compute_dtype("cuda").itemsize == 2 and measured.weights == pytest.approx(estimated.weights, rel=0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -79,18 +79,31 @@ def test_nothing_weight_sized_is_saved_for_backward():
     assert saved.nbytes == 0  # neither x (the weight is frozen) nor the dequantized 512 × 256 weight
 
 
-def test_moves_and_casts_change_the_compute_dtype_but_never_requantize():
+def test_casts_leave_the_compute_dtype_and_only_set_compute_dtype_changes_it_never_requantizing():
+    from peftlab.qlora import set_compute_dtype
+
     ours = Linear4bit.from_linear(_linear(64, 128))
     packed, absmax = ours.weight.packed, ours.weight.absmax
     before = ours.dequantize(torch.float32)
-    ours.to(torch.bfloat16)
-    assert ours.compute_dtype == torch.bfloat16 and ours.weight.packed is packed and ours.weight.absmax is absmax
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.float16)):
+        cast(ours)
+        assert ours.compute_dtype == torch.float32 and ours.weight.packed is packed and ours.weight.absmax is absmax
+    assert ours.set_compute_dtype(torch.bfloat16) is ours and ours.compute_dtype == torch.bfloat16
     x = torch.randn(2, 128)
     assert ours(x).dtype == torch.float32  # output in the input's dtype, as bitsandbytes does
-    ours.float().to("cpu")
-    assert ours.compute_dtype == torch.float32 and torch.equal(ours.dequantize(torch.float32), before)
-    ours.half()
-    assert ours.compute_dtype == torch.float16 and ours.weight.packed is packed
+    assert torch.equal(ours.dequantize(torch.float32), before) and ours.weight.packed is packed
+    # a model cast to 16 bits for its other parts keeps its 4-bit layers' compute dtype
+    model = quantize_model(_tiny_llama(), compute_dtype=torch.float32, progress=False).to(torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert model.lm_head.weight.dtype == torch.bfloat16 and {m.compute_dtype for m in layers} == {torch.float32}
+    assert set_compute_dtype(model, torch.float16) is model and {m.compute_dtype for m in layers} == {torch.float16}
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+        ours.set_compute_dtype(torch.float64)
+    with pytest.raises(TypeError, match="dtype must be"):
+        set_compute_dtype(model, "bfloat16")
+    with pytest.raises(ValueError, match="no Linear4bit"):
+        set_compute_dtype(nn.Sequential(nn.Linear(4, 4)), torch.float32)
+    assert ours.compute_dtype == torch.bfloat16 and {m.compute_dtype for m in layers} == {torch.float16}
 
 
 def test_parameter_counts_include_the_4bit_weight_as_logical_parameters():
@@ -223,8 +236,8 @@ def test_cuda_bnb_kernels_equal_the_torch_path_and_bnb_dequantization(shape):
     lin = _linear(*shape)
     ours = Linear4bit.from_linear(lin).to("cuda")  # quantized on the CPU (bit-identical to bnb), then moved
     assert ours.compute_dtype == torch.float32 and ours.weight.device.type == "cuda"
-    ours.to(torch.bfloat16)
-    fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").to(torch.bfloat16)
+    ours.set_compute_dtype(torch.bfloat16)
+    fast = Linear4bit.from_linear(lin, kernels="bnb").to("cuda").set_compute_dtype(torch.bfloat16)
     assert torch.equal(ours.weight.packed, fast.weight.packed)
     packed, state = to_bnb(ours.weight)
     w = bnb_dequantize_4bit(packed, state).view(shape)  # bitsandbytes' CUDA dequantization
@@ -409,29 +422,80 @@ def prepare_qlora_small(model):
 
 # --- the dequantization workspace (chapter: book/chapters/qlora.md) -------------------------------------------
 
-def test_layers_share_one_workspace_as_large_as_the_largest_weight_and_equal_fresh_dequantization():
-    from peftlab.qlora import free_workspaces, workspace_nbytes
+def _workspace_pair(shape, seed, workspace, **kw):
+    """The same 4-bit layer twice: without a workspace, and with ``workspace``."""
+    lin = _linear(*shape, seed=seed)
+    return Linear4bit.from_linear(lin, **kw), Linear4bit.from_linear(lin, workspace=workspace, **kw)
 
-    free_workspaces()
-    small = Linear4bit.from_linear(_linear(64, 128, seed=1))
-    large = Linear4bit.from_linear(_linear(256, 128, seed=2))
-    fresh = [Linear4bit.from_linear(_linear(*shape, seed=s), workspace=False) for shape, s in (((64, 128), 1),
-                                                                                                 ((256, 128), 2))]
+
+@pytest.mark.parametrize("chunk_bytes", [None, 64 * 128 * 2])  # one product, or chunks of 64 or 32 rows
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_workspace_gives_the_same_outputs_and_gradients_bit_for_bit(monkeypatch, compute_dtype, chunk_bytes):
+    from peftlab import chunked_matmul
+    from peftlab.workspace import DequantWorkspace
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(chunked_matmul, "CPU_CHUNK_BYTES", chunk_bytes)
+    workspace = DequantWorkspace()
+    for shape, seed in (((256, 128), 1), ((64, 128), 2), ((96, 100), 3)):  # the last: rows not whole blocks
+        fresh, reused = _workspace_pair(shape, seed, workspace, compute_dtype=compute_dtype)
+        x = torch.randn(2, 5, shape[1], generator=torch.Generator().manual_seed(seed))
+        outputs, grads = [], []
+        for layer in (fresh, reused):
+            xg = x.clone().requires_grad_(True)
+            y = layer(xg)
+            y.backward(torch.ones_like(y))
+            outputs.append(y)
+            grads.append(xg.grad)
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
+        assert fresh.workspace is None and reused.workspace is workspace
+    assert workspace.nbytes == 256 * 128 * compute_dtype.itemsize  # one buffer, the largest weight
+
+
+def test_layers_share_one_workspace_as_large_as_the_largest_weight_and_free_drops_it():
+    from peftlab.qlora import set_workspace
+    from peftlab.workspace import DequantWorkspace
+
+    workspace = DequantWorkspace()
+    fresh_small, small = _workspace_pair((64, 128), 1, workspace)
+    fresh_large, large = _workspace_pair((256, 128), 2, workspace)
     x = torch.randn(3, 128)
+    assert workspace.nbytes == 0  # nothing until a layer runs
     with torch.no_grad():
-        assert torch.equal(small(x), fresh[0](x))
-        assert workspace_nbytes() == 64 * 128 * 4
-        assert torch.equal(large(x), fresh[1](x))
-        assert torch.equal(small(x), fresh[0](x))  # the smaller weight in the beginning of the larger buffer
-    assert workspace_nbytes() == 256 * 128 * 4  # one buffer, grown once, for both layers
-    free_workspaces()
-    assert workspace_nbytes() == 0
+        assert torch.equal(small(x), fresh_small(x))
+        assert workspace.nbytes == 64 * 128 * 4
+        assert torch.equal(large(x), fresh_large(x))
+        assert torch.equal(small(x), fresh_small(x))  # the smaller weight in the beginning of the larger buffer
+    assert workspace.nbytes == 256 * 128 * 4 and len(workspace.tensors()) == 1  # one buffer, grown once
+    workspace.free()
+    assert workspace.nbytes == 0 and workspace.tensors() == []
+    # off unless asked, and given to a whole model at once
+    model = quantize_model(_tiny_llama(), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert {m.workspace for m in layers} == {None}
+    assert set_workspace(model, workspace) is model and all(m.workspace is workspace for m in layers)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 8)))
+    assert workspace.nbytes == 4 * max(m.in_features * m.out_features for m in layers)
+    set_workspace(model, None)
+    assert {m.workspace for m in layers} == {None}
+    with pytest.raises(TypeError, match="workspace must be a peftlab.workspace.DequantWorkspace"):
+        set_workspace(model, True)
+    with pytest.raises(TypeError, match="workspace must be"):
+        Linear4bit.from_linear(_linear(4, 64), workspace=True)
+    with pytest.raises(TypeError, match="workspace must be"):
+        quantize_model(_tiny_llama(), workspace="yes", progress=False)
+    with pytest.raises(ValueError, match="no Linear4bit"):
+        set_workspace(nn.Sequential(nn.Linear(4, 4)), workspace)
 
 
 def test_two_threads_running_4bit_layers_at_once_get_their_own_results():
     import threading
 
-    layers = [Linear4bit.from_linear(_linear(128, 128, seed=s)) for s in (3, 4)]
+    from peftlab.workspace import DequantWorkspace
+
+    workspace = DequantWorkspace()  # shared by both layers: one buffer written by both threads would fail this
+    layers = [Linear4bit.from_linear(_linear(128, 128, seed=s), workspace=workspace) for s in (3, 4)]
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = [layer.dequantize() for layer in layers]
@@ -454,15 +518,62 @@ def test_two_threads_running_4bit_layers_at_once_get_their_own_results():
     for t in threads:
         t.join()
     assert failures == []
+    assert 1 <= len(workspace.tensors()) <= 2  # a buffer per thread running at the same time, kept for reuse
+
+
+def test_a_workspace_is_seen_and_freed_from_any_thread_and_a_lent_buffer_is_dropped_on_return():
+    import threading
+
+    from peftlab.workspace import DequantWorkspace, scratch
+
+    workspace = DequantWorkspace()
+    layer = Linear4bit.from_linear(_linear(128, 64, seed=5), workspace=workspace)
+    x = torch.randn(4, 64, requires_grad=True)
+    y = layer(x)  # forward on this thread, backward on another (as autograd's own thread does on a GPU)
+    worker = threading.Thread(target=lambda: y.backward(torch.ones_like(y)))
+    worker.start()
+    worker.join()
+    assert x.grad is not None and workspace.nbytes == 128 * 64 * 4  # one buffer for both threads' products
+    workspace.free()
+    assert workspace.nbytes == 0
+    with workspace.borrow(torch.Size([8, 8]), torch.float32, torch.device("cpu")) as buffer:
+        assert buffer.shape == (8, 8) and workspace.nbytes == 8 * 8 * 4  # lent, still held
+        freer = threading.Thread(target=workspace.free)
+        freer.start()
+        freer.join()
+        assert workspace.nbytes == 8 * 8 * 4
+    assert workspace.nbytes == 0  # dropped when it came back
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        with workspace.borrow(torch.Size([2]), torch.int8, torch.device("cpu")):
+            pass
+    with pytest.raises(TypeError, match="workspace must be a DequantWorkspace or None"):
+        with scratch(True, torch.Size([2]), torch.float32, torch.device("cpu")):
+            pass
+
+
+def test_a_copied_model_shares_its_workspace_and_a_pickled_one_starts_empty():
+    import copy
+    import pickle
+
+    from peftlab.workspace import DequantWorkspace
+
+    workspace = DequantWorkspace()
+    layer = Linear4bit.from_linear(_linear(64, 64), workspace=workspace)
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    assert copy.deepcopy(layer).workspace is workspace
+    restored = pickle.loads(pickle.dumps(workspace))
+    assert restored is not workspace and restored.nbytes == 0 and workspace.nbytes == 64 * 64 * 4
 
 
 def test_chunked_cpu_forward_equals_one_product_on_the_whole_weight_to_float_rounding(monkeypatch):
-    from peftlab import qlora
+    from peftlab import chunked_matmul
+    from peftlab.chunked_matmul import chunk_rows
 
-    monkeypatch.setattr(qlora, "CPU_CHUNK_BYTES", 64 * 128 * 4)  # chunks of 64 rows of a 256 × 128 layer
+    monkeypatch.setattr(chunked_matmul, "CPU_CHUNK_BYTES", 64 * 128 * 4)  # chunks of 64 rows of a 256 × 128 layer
     lin = _linear(256, 128, bias=True, seed=5)
     layer = Linear4bit.from_linear(lin)
-    assert qlora._chunk_rows(layer, torch.float32) == 64
+    assert chunk_rows(layer.weight, torch.float32) == 64
     x = torch.randn(2, 7, 128, requires_grad=True)
     y = layer(x)
     w = layer.dequantize(torch.float32)
@@ -471,9 +582,13 @@ def test_chunked_cpu_forward_equals_one_product_on_the_whole_weight_to_float_rou
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, torch.ones_like(y) @ w, rtol=1e-6, atol=1e-6)
-    # a layer without workspace, or rows that are not whole blocks, takes the one product
-    assert qlora._chunk_rows(Linear4bit.from_linear(lin, workspace=False), torch.float32) is None
-    assert qlora._chunk_rows(Linear4bit.from_linear(_linear(256, 100)), torch.float32) is None
+    # rows that are not whole blocks, or a weight that one chunk holds, take the one product
+    assert chunk_rows(Linear4bit.from_linear(_linear(256, 100)).weight, torch.float32) is None
+    assert chunk_rows(Linear4bit.from_linear(_linear(64, 128)).weight, torch.float32) is None
+    with pytest.raises(TypeError, match="weight must be a 2-D NF4Tensor"):
+        chunk_rows(w, torch.float32)
+    with pytest.raises(ValueError, match="rows must be a positive int"):
+        chunked_matmul.chunked_linear(x, layer.weight, None, 0)
 
 
 def test_a_chunk_of_rows_dequantizes_to_those_rows_of_the_whole_weight_bit_for_bit():

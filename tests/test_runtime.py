@@ -189,12 +189,15 @@ def test_claim_numbers_print_readably(x, text):
 @pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((7, 0), torch.float16),
                                                  ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
                                                  ((9, 0), torch.bfloat16)])
-def test_compute_dtype_is_bf16_only_from_compute_capability_8(fake_gpu, capability, expected):
+def test_sixteen_bit_dtype_is_bf16_unless_a_gpu_before_compute_capability_8(fake_gpu, capability, expected):
     fake_gpu(capability)
-    assert devices.compute_dtype("cuda") == expected
-    assert devices.compute_dtype(torch.device("cuda", 0)) == expected
+    for rule in (devices.sixteen_bit_dtype, devices.default_compute_dtype):  # the same on CUDA
+        assert rule("cuda") == expected and rule(torch.device("cuda", 0)) == expected
     assert devices.native_bf16("cuda") is (expected == torch.bfloat16)
-    assert devices.compute_dtype("cpu") == torch.float32 and devices.compute_dtype("meta") == torch.float32
+    assert devices.sixteen_bit_dtype("cpu") == torch.bfloat16  # the paper's; a CPU has no faster 16-bit type
+    # a 4-bit layer's default off CUDA: float32, faster there than 16-bit
+    assert devices.default_compute_dtype("cpu") == torch.float32
+    assert devices.default_compute_dtype("meta") == torch.float32
 
 
 def test_no_native_bf16_without_a_gpu(monkeypatch):

@@ -23,7 +23,8 @@ from peftlab.merge4bit import (  # noqa: E402
     merge_lora_requantized,
     merged_weight_4bit,
 )
-from peftlab.qlora import Linear4bit, bnb_cpu_skip_modules, quantize_model  # noqa: E402
+from peftlab.bnb_cpu import bnb_cpu_skip_modules  # noqa: E402
+from peftlab.qlora import Linear4bit, quantize_model  # noqa: E402
 from peftlab.targets import LLAMA_LINEARS, find_targets  # noqa: E402
 
 BOOK_CONFIG = pretrained.tiny_llama_config(**pretrained.checkpoint_info()["config"])

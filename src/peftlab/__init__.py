@@ -7,7 +7,11 @@ The science, one idea per module, each explained by one chapter (its docstring n
 NormalFloat and its constants), :mod:`~peftlab.pages` (the page pool),
 :mod:`~peftlab.adam_updates` (AdamW's update rules, 32- and 8-bit) and
 :mod:`~peftlab.paged` (the paged optimizer),
-:mod:`~peftlab.qlora` (the 4-bit layer), :mod:`~peftlab.memory` and :mod:`~peftlab.measure`
+:mod:`~peftlab.qlora` (the 4-bit layer) with :mod:`~peftlab.workspace` (a dequantization
+workspace its caller owns), :mod:`~peftlab.chunked_matmul` (a CPU product in cache-sized
+chunks) and :mod:`~peftlab.nf4_state_dict` (bitsandbytes' state-dict layout),
+:mod:`~peftlab.bnb_cpu` (the layers bitsandbytes' CPU kernels must leave in 16 bits),
+:mod:`~peftlab.memory` and :mod:`~peftlab.measure`
 (what a step holds, estimated and measured), the
 variants :mod:`~peftlab.dora`, :mod:`~peftlab.loraplus`, :mod:`~peftlab.pissa` and
 :mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), and

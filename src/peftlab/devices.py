@@ -1,6 +1,5 @@
-"""Where tensors compute: the 16-bit dtype a device computes natively, reproducible
-settings, and clocks
-that wait for the device.
+"""Where tensors compute: the dtypes a device computes in, reproducible settings, and
+clocks that wait for the device.
 
 Used by the 4-bit layer (*QLoRA*, book/chapters/qlora.md), the memory measurements
 (*Memory savings*, book/chapters/memory.md), the experiment harness and every chapter's
@@ -20,10 +19,11 @@ import torch
 __all__ = [
     "Stopwatch",
     "alternating_medians",
-    "compute_dtype",
+    "default_compute_dtype",
     "make_deterministic",
     "median_seconds",
     "native_bf16",
+    "sixteen_bit_dtype",
     "synchronize",
     "torch_threads",
 ]
@@ -43,20 +43,30 @@ def native_bf16(device: str | torch.device | None = None) -> bool:
     return major >= 8
 
 
-def compute_dtype(device: str | torch.device) -> torch.dtype:
-    """The 16-bit compute dtype for ``device``: bfloat16 on GPUs that compute it natively
-    (sm80+: A100, H100,
-    RTX 30xx/40xx), float16 on older GPUs (T4, V100), float32 on a CPU (faster there than
-    16-bit, and exact).
+def sixteen_bit_dtype(device: str | torch.device) -> torch.dtype:
+    """The 16-bit dtype to compute in on ``device``: float16 on a CUDA GPU that does not
+    compute bfloat16 natively (T4, V100: see :func:`native_bf16`), bfloat16 everywhere
+    else: GPUs that do (sm80+: A100, H100, RTX 30xx/40xx) and a CPU (the QLoRA paper's
+    dtype; a CPU has no faster 16-bit type).
 
-    The one rule the package uses for a default compute dtype
-    (:class:`peftlab.qlora.Linear4bit`, :func:`peftlab.measure.measure_llama`,
-    :func:`peftlab.qlora.finetune` on CUDA).
+    The one rule for 16-bit compute: the frozen base of the experiment harness's
+    ``precision="16-bit"`` runs, and on CUDA :func:`default_compute_dtype`.
     """
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if native_bf16(dev) else torch.float16
+    if dev.type == "cuda" and not native_bf16(dev):
+        return torch.float16
+    return torch.bfloat16
+
+
+def default_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a 4-bit layer (:class:`peftlab.qlora.Linear4bit`) computes in on
+    ``device`` when not told: :func:`sixteen_bit_dtype` on a CUDA GPU, float32 anywhere
+    else (on a CPU 16-bit matmuls are slower than float32, and float32 is exact).
+
+    Also the dtype :func:`peftlab.measure.measure_llama` runs a model in when not told.
+    """
+    dev = torch.device(device)
+    return sixteen_bit_dtype(dev) if dev.type == "cuda" else torch.float32
 
 
 def synchronize(device: str | torch.device | None) -> None:

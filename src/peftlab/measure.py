@@ -153,7 +153,9 @@ def measure_step(
     references to its outputs. Weights, constants, LoRA weights and optimizer states are
     the bytes of their storages; gradients the bytes of the ``.grad`` tensors the step
     leaves; activations the peak of every other tensor the step creates (saved
-    activations, the logits, temporaries).
+    activations, the logits, temporaries), plus the buffers of the
+    :class:`peftlab.workspace.DequantWorkspace` its 4-bit layers dequantize into, if they
+    have one (held between steps; without one, the same bytes are a temporary).
 
     On CUDA this is ``torch.cuda.max_memory_allocated`` minus what was allocated before,
     less the gradients; on a CPU the exact bytes of live tensors (see
@@ -161,6 +163,8 @@ def measure_step(
 
     Note: with ``warmup`` (default) the step runs once first, so that the optimizer's
     states exist and the measured step is a steady one, like every step after the first.
+    Note: the layers' workspaces are freed first: a workspace is as large as the largest
+    weight it has served, perhaps another model's; the step measured holds this model's.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -168,16 +172,23 @@ def measure_step(
         raise TypeError(
             f"step must be a callable taking no arguments, got {type(step).__name__}"
         )
-    from peftlab.qlora import free_workspaces
+    from peftlab.qlora import Linear4bit
 
-    # The 4-bit layers' shared dequantization buffer is as large as the largest weight any
-    # 4-bit layer of this thread has seen: freed here, so that the step measured holds the
-    # buffer of this model alone, whatever ran before.
-    free_workspaces()
+    workspaces = {
+        id(m.workspace): m.workspace
+        for m in model.modules()
+        if isinstance(m, Linear4bit) and m.workspace is not None
+    }.values()
+    for workspace in workspaces:
+        workspace.free()
     if warmup:
         step()
     model.zero_grad(set_to_none=True)
     parts = _static_parts(model, optimizer)
+    # Held before the step: not new storages to the tracker, nor above the start on CUDA.
+    # A buffer the step itself makes (without warmup) is seen as it is allocated.
+    held = _storages(t for w in workspaces for t in w.tensors())
+    workspace_bytes = sum(s.nbytes() for s in held)
     device = next(model.parameters()).device
     # id(parameter) -> bytes of the gradient the step gave it
     grad_bytes: dict[int, int] = {}
@@ -199,7 +210,7 @@ def measure_step(
         if device.type == "cuda":
             activations = _cuda_peak_above_start(step, device) - sum(grad_bytes.values())
         else:
-            static = [s for group in parts.values() for s in group]
+            static = [s for group in parts.values() for s in group] + held
             with _LiveTensors(static) as tracker:
                 step()
             live = activations = 0
@@ -217,7 +228,11 @@ def measure_step(
         unique = [s for s in parts[kind] if id(s) not in seen]
         seen.update(id(s) for s in unique)
         sizes[kind] = sum(s.nbytes() for s in unique)
-    return Breakdown(gradients=sum(grad_bytes.values()), activations=activations, **sizes)
+    return Breakdown(
+        gradients=sum(grad_bytes.values()),
+        activations=activations + workspace_bytes,
+        **sizes,
+    )
 
 
 def measure_llama(
@@ -231,6 +246,7 @@ def measure_llama(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    dequant_workspace: bool = False,
 ) -> tuple[Breakdown, Breakdown]:
     """Measure one training step of a randomly initialised ``LlamaForCausalLM(config)``
     and estimate it.
@@ -239,9 +255,10 @@ def measure_llama(
     seven linear layers of the blocks; or the same on an NF4 + double-quantized base
     (:func:`peftlab.qlora.quantize_model`) — and :class:`peftlab.paged.PagedAdamW`, on
     ``device`` (default: the CPU) in ``dtype`` (default:
-    :func:`peftlab.devices.compute_dtype`: float32 on a CPU; on CUDA bfloat16 where the
-    GPU computes it natively, float16 on older GPUs such as the T4). Returns ``(measured,
-    estimated)``.
+    :func:`peftlab.devices.default_compute_dtype`: float32 on a CPU; on CUDA bfloat16
+    where the GPU computes it natively, float16 on older GPUs such as the T4). With
+    ``dequant_workspace`` (QLoRA only) the 4-bit layers share a
+    :class:`peftlab.workspace.DequantWorkspace`. Returns ``(measured, estimated)``.
 
     Note: the model is initialised on the CPU and the tokens drawn there, then moved, so a
     seed gives the same model and batch on every device and the CUDA generator is left
@@ -259,10 +276,16 @@ def measure_llama(
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    from peftlab.devices import compute_dtype
+    if not isinstance(dequant_workspace, bool):
+        raise TypeError(f"dequant_workspace must be a bool, got {dequant_workspace!r}")
+    if dequant_workspace and method != "qlora":
+        raise ValueError(
+            f"dequant_workspace applies to method='qlora' only, got method={method!r}"
+        )
+    from peftlab.devices import default_compute_dtype
 
     device = torch.device(device)
-    dtype = dtype or compute_dtype(device)
+    dtype = dtype or default_compute_dtype(device)
     config = type(config)(
         **{**config.to_dict(), "use_cache": False, "attn_implementation": "sdpa"}
     )
@@ -275,8 +298,12 @@ def measure_llama(
             )
         if method == "qlora":
             from peftlab.qlora import quantize_model
+            from peftlab.workspace import DequantWorkspace
 
-            quantize_model(model, compute_dtype=dtype, progress=False)
+            workspace = DequantWorkspace() if dequant_workspace else None
+            quantize_model(
+                model, compute_dtype=dtype, workspace=workspace, progress=False
+            )
         if method != "full":
             add_lora(model, list(LLAMA_LINEARS), r=r, alpha=16)
         x = torch.randint(0, config.vocab_size, (batch, seq)).to(device)
@@ -298,6 +325,7 @@ def measure_llama(
         gradient_checkpointing=gradient_checkpointing,
         device=device.type,
         lora_dtype=torch.float32 if method != "full" else None,
+        dequant_workspace=dequant_workspace,
         optimizer_bits=8
         * torch.empty((), dtype=PagedAdamW.state_dtype(dtype)).element_size()
         if method == "full"

@@ -36,6 +36,7 @@ __all__ = [
     "Breakdown",
     "LlamaShape",
     "activation_bytes",
+    "dequantized_weight_bytes",
     "estimate",
     "quantized_bytes",
 ]
@@ -245,6 +246,15 @@ def quantized_bytes(
     return (numel + 1) // 2, constants
 
 
+def dequantized_weight_bytes(shape: LlamaShape, compute_dtype: torch.dtype) -> int:
+    """Bytes of the largest of a block's seven linear weights dequantized to
+    ``compute_dtype``: what QLoRA's 4-bit layers need for a product beside its input, a
+    temporary each time or the buffer of a :class:`peftlab.workspace.DequantWorkspace`
+    they share."""
+    p = _dtype_bytes(compute_dtype, "compute_dtype")
+    return p * max(o * i for o, i in shape.block_linears().values())
+
+
 def activation_bytes(
     shape: LlamaShape,
     method: str,
@@ -257,6 +267,7 @@ def activation_bytes(
     r: int = 64,
     lora_dropout: float = 0.0,
     device: str = "cuda",
+    dequant_workspace: bool = False,
 ) -> int:
     """Peak bytes of activations (and other step temporaries) of one training step.
 
@@ -271,7 +282,9 @@ def activation_bytes(
     float32 log-probabilities, their gradient and the logits' float32 gradient: 12 bytes
     per vocabulary entry and token. With gradient checkpointing only each block's input is
     kept, and one block is recomputed at a time. QLoRA adds one dequantized weight matrix
-    (the largest), a transient.
+    (the largest, :func:`dequantized_weight_bytes`), a transient; not with
+    ``dequant_workspace``, where the layers dequantize into a workspace instead, which
+    :func:`estimate` counts.
 
     Note: the logits themselves are not counted: a training loop that keeps only the loss
     (as ``transformers.Trainer`` does) frees them before backward. Keeping ``outputs``
@@ -321,8 +334,8 @@ def activation_bytes(
         total = tokens * (shape.n_layers * p * d + max(head, block + p * (3 * d + f)))
     else:
         total = tokens * (shape.n_layers * block + head)
-    if method == "qlora":
-        total += p * max(o * i for o, i in shape.block_linears().values())
+    if method == "qlora" and not dequant_workspace:
+        total += dequantized_weight_bytes(shape, compute_dtype)
     return total
 
 
@@ -346,6 +359,7 @@ def estimate(
     target_modules: Iterable[str] = LLAMA_LINEARS,
     n_gpus: int = 1,
     device: str = "cuda",
+    dequant_workspace: bool = False,
 ) -> Breakdown:
     """Bytes one GPU needs for a training step of ``model`` with ``method``.
 
@@ -378,6 +392,11 @@ def estimate(
         n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split
             over the GPUs; each GPU also holds one gathered block while it computes.
             Activations are per GPU.
+        dequant_workspace: QLoRA's 4-bit layers dequantize into a
+            :class:`peftlab.workspace.DequantWorkspace` (default: a fresh tensor per
+            product). Its buffer, the largest quantized weight in ``compute_dtype``
+            (:func:`dequantized_weight_bytes`), is held through the whole step and
+            counted with the activations, in place of the transient it replaces there.
 
     Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch
     1, sequence 512, checkpointing; adapters in bf16 as the paper's code casts them: PEFT
@@ -395,6 +414,12 @@ def estimate(
         raise ValueError(f"optimizer_bits must be 32, 16 or 8, got {optimizer_bits!r}")
     if not isinstance(master_weights, bool):
         raise TypeError(f"master_weights must be a bool, got {master_weights!r}")
+    if not isinstance(dequant_workspace, bool):
+        raise TypeError(f"dequant_workspace must be a bool, got {dequant_workspace!r}")
+    if dequant_workspace and method != "qlora":
+        raise ValueError(
+            f"dequant_workspace applies to method='qlora' only, got method={method!r}"
+        )
     if (
         isinstance(lora_dropout, bool)
         or not isinstance(lora_dropout, (int, float))
@@ -463,6 +488,7 @@ def estimate(
         r=r,
         lora_dropout=lora_dropout,
         device=device,
+        dequant_workspace=dequant_workspace,
     )
     # The optimizer update runs after backward, when the activations are gone; a paged
     # AdamW (ours, or bitsandbytes') needs at most two page-sized temporaries for it.
@@ -474,4 +500,6 @@ def estimate(
     temporary = 4 if optimizer_bits == 8 else optimizer_bits // 8
     update = 2 * min(largest * temporary, DEFAULT_PAGE_BYTES)
     parts["activations"] = max(activations, update)
+    if dequant_workspace:  # held during the update too
+        parts["activations"] += dequantized_weight_bytes(shape, compute_dtype)
     return Breakdown(**parts)

@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,8 @@ def seed_everything(seed: int) -> None:
 
 def start_chapter(name: str, seed: int = 0) -> None:
     """First call of every chapter: names it (for figures and claims), seeds it, makes
-    torch
-    deterministic and applies the plot style."""
+    torch deterministic, applies the plot style, and turns a deprecation raised by the
+    book's own package into an error (a chapter must use current names)."""
     if not isinstance(name, str) or not name:
         raise TypeError(
             f"name must be a non-empty str (the chapter's file stem), got {name!r}"
@@ -120,6 +121,8 @@ def start_chapter(name: str, seed: int = 0) -> None:
     make_deterministic()
     seed_everything(seed)
     use_style()
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("error", category=category, module="peftlab")
 
 
 def current_chapter() -> str | None:

@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 import torch
 
-from peftlab.devices import compute_dtype
 from peftlab.harness import pretrained, textdata
 from peftlab.lora import lora_scaling
 from peftlab.memory import METHODS
@@ -63,7 +62,7 @@ _LATER_FIELDS = {
 
 PRECISIONS = ("float32", "16-bit")
 """What a LoRA or QLoRA run's frozen base computes in: float32, or the 16-bit dtype of
-:func:`sixteen_bit_dtype` (the QLoRA paper's bfloat16). Full finetuning always trains in float32."""
+:func:`peftlab.devices.sixteen_bit_dtype` (the QLoRA paper's bfloat16). Full finetuning always trains in float32."""
 
 
 @dataclass(frozen=True)
@@ -269,14 +268,6 @@ def lr_factor(config: RunConfig, step: int) -> float:
         return 1.0
     progress = (step - warmup) / max(1, config.steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def sixteen_bit_dtype(device: str | torch.device) -> torch.dtype:
-    """The dtype of a ``precision="16-bit"`` run's frozen base: bfloat16 on a CPU (the
-    paper's dtype; a CPU
-    has no faster 16-bit type), on CUDA :func:`peftlab.devices.compute_dtype` (float16 on a T4)."""
-    device = torch.device(device)
-    return torch.bfloat16 if device.type == "cpu" else compute_dtype(device)
 
 
 def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig]:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.devices import Stopwatch
+from peftlab.devices import Stopwatch, sixteen_bit_dtype
 from peftlab.files import atomic_write
 from peftlab.harness import analysis, pretrained, textdata
 from peftlab.harness.config import (
@@ -34,7 +34,6 @@ from peftlab.harness.config import (
     cache_key,
     lr_factor,
     run_texts,
-    sixteen_bit_dtype,
 )
 from peftlab.harness.results import RunResult
 from peftlab.lora import add_lora, count_parameters
