@@ -179,11 +179,12 @@ def repeat_tuned(arms: Sequence[RunConfig], seeds: Sequence[int] = SEEDS) -> Sta
 
 
 def reported_runs(
-    rows: Rows, arm: RunConfig, seeds: Sequence[int] = SEEDS
+    rows: Rows, arm: RunConfig, seeds: Sequence[int] = SEEDS, lr: float | None = None
 ) -> list[RunResult]:
     """The arm's runs at its tuned learning rate on ``seeds``, in seed order: the runs a
-    chapter reports for it."""
-    best = tuned_lr(rows, arm)
+    chapter reports for it. ``lr`` names the rate instead, for an arm run at another arm's
+    tuned rate (QLoRA at LoRA's)."""
+    best = tuned_lr(rows, arm) if lr is None else lr
     by_seed = {
         r.config.seed: r for r in rows if r.config.lr == best and _is_run_of(r, arm)
     }
