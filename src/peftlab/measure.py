@@ -293,9 +293,11 @@ def measure_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            # transformers 5 renamed it; the old name still works there, with a warning
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is None:
+                enable = model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if method == "qlora":
             from peftlab.qlora import quantize_model
             from peftlab.workspace import DequantWorkspace
