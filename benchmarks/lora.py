@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peftlab.lora import LoRALinear, merge_lora
+from peftlab.adapters import merge_lora
+from peftlab.lora import LoRALinear
 from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "merged forward vs nn.Linear": 1.05}

@@ -28,7 +28,7 @@ import torch
 
 from peftlab.harness import pretrained, textdata
 from peftlab.harness.experiments import TARGETS as MODULES
-from peftlab.lora import add_lora
+from peftlab.adapters import add_lora
 from _timing import alternate, report  # benchmarks/_timing.py
 
 TARGETS = {"training step vs PEFT": 1.05, "load checkpoint vs from_pretrained": 1.5}

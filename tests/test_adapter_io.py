@@ -13,7 +13,8 @@ from torch import nn
 
 from peftlab import adapter_io
 from peftlab.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
-from peftlab.lora import LoRALinear, add_lora
+from peftlab.adapters import add_lora
+from peftlab.lora import LoRALinear
 
 import peft
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
-from peftlab.lora import LoRALinear, add_lora, disable_adapter, merge_lora
+from peftlab.adapters import add_lora, disable_adapter, merge_lora
+from peftlab.lora import LoRALinear
 
 import peft
 import transformers  # noqa: F401 - required: a missing reference library fails the tests

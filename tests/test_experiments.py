@@ -13,7 +13,7 @@ from peftlab.harness import analysis
 from peftlab.harness import config as C
 from peftlab.harness import experiments as E
 from peftlab.harness import pretrained, textdata
-from peftlab.lora import add_lora
+from peftlab.adapters import add_lora
 
 import peft
 

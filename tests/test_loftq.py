@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab.lora import LoRALinear, add_lora, lora_scaling
+from peftlab.adapters import add_lora
+from peftlab.lora import LoRALinear, lora_scaling
 from peftlab.loftq import (
     apply_loftq,
     apply_loftq_to_layers,

@@ -8,14 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab.lora import (
-    LoRAFunction,
-    LoRALinear,
-    ParameterCount,
-    add_lora,
-    count_parameters,
-    merge_lora,
-)
+from peftlab.adapters import ParameterCount, add_lora, count_parameters, merge_lora
+from peftlab.lora import LoRAFunction, LoRALinear
 from peftlab.targets import find_targets
 
 import peft
@@ -678,7 +672,7 @@ def _llama_pair_with_trained_factors():
 
 
 def test_disable_adapter_gives_peft_disable_adapter_outputs_and_restores():
-    from peftlab.lora import disable_adapter
+    from peftlab.adapters import disable_adapter
 
     theirs, ours = _llama_pair_with_trained_factors()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -696,7 +690,7 @@ def test_disable_adapter_gives_peft_disable_adapter_outputs_and_restores():
 
 
 def test_disable_adapter_restores_after_an_exception():
-    from peftlab.lora import disable_adapter
+    from peftlab.adapters import disable_adapter
 
     _, ours = _llama_pair_with_trained_factors()
     ids = torch.randint(0, 64, (1, 5))
@@ -710,7 +704,7 @@ def test_disable_adapter_restores_after_an_exception():
 
 
 def test_disable_adapter_on_merged_layers_unmerges_like_peft_and_remerges():
-    from peftlab.lora import disable_adapter
+    from peftlab.adapters import disable_adapter
 
     theirs, ours = _llama_pair_with_trained_factors()
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -734,7 +728,7 @@ def test_disable_adapter_on_merged_layers_unmerges_like_peft_and_remerges():
 
 
 def test_disable_adapter_refuses_a_model_without_lora_and_a_non_module():
-    from peftlab.lora import disable_adapter
+    from peftlab.adapters import disable_adapter
 
     with pytest.raises(ValueError, match="no LoRA layer"):
         with disable_adapter(Tiny()):
@@ -785,7 +779,7 @@ def test_exclude_modules_of_the_wrong_type_is_refused_naming_it():
 
 
 def test_add_lora_layers_returns_the_layers_it_added_and_lora_layers_finds_them_all():
-    from peftlab.lora import add_lora_layers, lora_layers
+    from peftlab.adapters import add_lora_layers, lora_layers
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="no LoRA layer"):

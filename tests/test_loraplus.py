@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab.lora import LoRALinear, add_lora
+from peftlab.adapters import add_lora
+from peftlab.lora import LoRALinear
 from peftlab.loraplus import GROUP_NAMES, create_loraplus_optimizer, loraplus_param_groups
 from peftlab.paged import PagedAdamW
 

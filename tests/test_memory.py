@@ -286,7 +286,7 @@ def test_tracker_counts_storages_once_and_sees_frees():
 
 
 def _tiny(method, L, ckpt=False, dtype=torch.float32, dropout=0.0, d=128, f=352, h=4, V=512):
-    from peftlab.lora import add_lora
+    from peftlab.adapters import add_lora
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=d, intermediate_size=f, num_attention_heads=h,
@@ -362,7 +362,7 @@ def test_estimate_matches_a_measured_step(method, ckpt):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_estimate_matches_max_memory_allocated_on_cuda(method):
-    from peftlab.lora import add_lora
+    from peftlab.adapters import add_lora
 
     torch.manual_seed(0)
     shape = LlamaShape("one-7b-block", 4096, 1, 32, 11008)
@@ -388,7 +388,7 @@ def test_estimate_matches_max_memory_allocated_on_cuda(method):
 def _cuda_qlora_step(shape, workspace):
     """One measured QLoRA step of ``shape`` on CUDA in bfloat16 (checkpointed, r = 64, fused AdamW), its 4-bit
     layers dequantizing into ``workspace`` (None: fresh tensors)."""
-    from peftlab.lora import add_lora
+    from peftlab.adapters import add_lora
     from peftlab.qlora import quantize_model
 
     torch.manual_seed(0)

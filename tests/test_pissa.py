@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab.lora import LoRALinear, add_lora
+from peftlab.adapters import add_lora
+from peftlab.lora import LoRALinear
 from peftlab.nf4 import quantize_nf4
 from peftlab.pissa import apply_pissa, apply_pissa_to_layers, pissa_init
 from peftlab.prepare import prepare_qlora

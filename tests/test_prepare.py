@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from peftlab.loftq import apply_loftq
-from peftlab.lora import LoRALinear, add_lora, add_lora_layers
+from peftlab.adapters import add_lora, add_lora_layers
+from peftlab.lora import LoRALinear
 from peftlab.pissa import apply_pissa
 from peftlab.prepare import INITS, prepare_qlora
 from peftlab.qlora import Linear4bit, quantize_model

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from _reference import bnb_dequantize_4bit, bnb_dequantize_4bit_flat  # tests/_reference.py
-from peftlab.lora import LoRALinear, add_lora, count_parameters
+from peftlab.adapters import add_lora, count_parameters
+from peftlab.lora import LoRALinear
 from peftlab.nf4 import quantize_nf4, to_bnb
 from peftlab.measure import count_saved_bytes
 from peftlab.qlora import Linear4bit, bnb_linear4bit, quantize_model

@@ -17,7 +17,8 @@ import transformers
 
 from peftlab.adapter_io import load_adapter, save_adapter  # noqa: E402
 from peftlab.harness import pretrained  # noqa: E402
-from peftlab.lora import LoRALinear, add_lora  # noqa: E402
+from peftlab.adapters import add_lora  # noqa: E402
+from peftlab.lora import LoRALinear  # noqa: E402
 from peftlab.merge4bit import (  # noqa: E402
     merge_lora_dequantized,
     merge_lora_requantized,

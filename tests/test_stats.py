@@ -89,7 +89,7 @@ def test_a_comparison_says_only_what_its_intervals_allow():
     near = stats.compare([x + d for x, d in zip(base, noise)], base, paired=True, margin=0.01)
     assert near.equivalent and near.verdict().startswith("equivalent within ±0.010")
     wide = stats.compare([1.0, 1.2, 0.8], [1.1, 0.9, 1.0], paired=True, margin=0.01)
-    assert not wide.different and not wide.equivalent and wide.verdict().startswith("undetermined (±")
+    assert not wide.different and not wide.equivalent and wide.verdict() == "undetermined"
     assert wide.tost.confidence == 0.90 and wide.interval.confidence == 0.95
     with pytest.raises(ValueError, match="margin must be positive"):
         stats.compare(base, base, paired=True, margin=0.0)

@@ -1,10 +1,12 @@
 """peftlab: the companion package of the book *Parameter-efficient fine-tuning, executed*.
 
 The science, one idea per module, each explained by one chapter (its docstring names it):
-:mod:`~peftlab.targets` (which modules get an adapter), :mod:`~peftlab.lora` and
-:mod:`~peftlab.adapter_io` (LoRA, PEFT's files),
+:mod:`~peftlab.targets` (which modules get an adapter), :mod:`~peftlab.lora` (the LoRA
+layer), :mod:`~peftlab.adapters` (LoRA layers in a whole model) and
+:mod:`~peftlab.adapter_io` (PEFT's files),
 :mod:`~peftlab.codebooks`, :mod:`~peftlab.nf4` and :mod:`~peftlab.double_quant` (4-bit
-NormalFloat and its constants), :mod:`~peftlab.pages` (the page pool),
+NormalFloat and its constants), :mod:`~peftlab.approximation` (the relative error the book
+reports), :mod:`~peftlab.pages` (the page pool),
 :mod:`~peftlab.adam_updates` (AdamW's update rules, 32- and 8-bit) and
 :mod:`~peftlab.paged` (the paged optimizer),
 :mod:`~peftlab.qlora` (the 4-bit layer) with :mod:`~peftlab.workspace` (a dequantization

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.files import atomic_write_all
-from peftlab.lora import LoRALinear, add_lora, lora_layers, lora_scaling
+from peftlab.adapters import add_lora, lora_layers
+from peftlab.lora import LoRALinear, lora_scaling
 from peftlab.targets import (
     find_targets,
     matches_target,

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import LoRALinear, lora_layers, lora_scaling
+from peftlab.adapters import lora_layers
+from peftlab.lora import LoRALinear, lora_scaling
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from peftlab.qlora import Linear4bit
 
@@ -208,8 +209,8 @@ def apply_loftq_to_layers(
     kernels: str = "torch",
 ) -> None:
     """:func:`apply_loftq` for the ``(name, layer)`` pairs ``layers`` only, e.g. those
-    :func:`peftlab.lora.add_lora_layers` just added, leaving any other LoRA layer of the
-    model alone; the same arguments and checks, all before the first layer changes."""
+    :func:`peftlab.adapters.add_lora_layers` just added, leaving any other LoRA layer of
+    the model alone; the same arguments and checks, all before the first layer changes."""
     num_iter = check_num_iter(num_iter)
     layers = list(layers)
     if not all(
@@ -217,8 +218,8 @@ def apply_loftq_to_layers(
         for pair in layers
     ):
         raise TypeError(
-            "layers must be (name, LoRALinear) pairs, as peftlab.lora.add_lora_layers "
-            "returns them"
+            "layers must be (name, LoRALinear) pairs, as "
+            "peftlab.adapters.add_lora_layers returns them"
         )
     if not layers:
         raise ValueError("layers must not be empty: there is no LoRA layer to start")

@@ -170,7 +170,7 @@ def create_loraplus_optimizer(
     ):
         raise ValueError(
             "model has no trainable lora_B (nor PEFT embedding adapter): LoRA+ sets the "
-            "factors' learning rates; call peftlab.lora.add_lora() first"
+            "factors' learning rates; call peftlab.adapters.add_lora() first"
         )
     param_groups = [
         {"params": list(groups["groupA"].values()), "weight_decay": decay, "lr": lr},

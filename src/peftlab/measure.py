@@ -271,7 +271,7 @@ def measure_llama(
     """
     from transformers import LlamaForCausalLM
 
-    from peftlab.lora import add_lora
+    from peftlab.adapters import add_lora
     from peftlab.paged import PagedAdamW
 
     if method not in METHODS:

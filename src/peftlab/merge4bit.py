@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab.lora import LoRALinear, merge_lora
+from peftlab.adapters import merge_lora
+from peftlab.lora import LoRALinear
 from peftlab.qlora import Linear4bit
 
 __all__ = ["merged_weight_4bit", "merge_lora_dequantized", "merge_lora_requantized"]
@@ -35,7 +36,7 @@ def merged_weight_4bit(layer: LoRALinear) -> torch.Tensor:
     if not isinstance(layer.base, Linear4bit):
         raise TypeError(
             "layer.base must be a peftlab.qlora.Linear4bit, got "
-            f"{type(layer.base).__name__} (use peftlab.lora.merge_lora for nn.Linear)"
+            f"{type(layer.base).__name__} (use peftlab.adapters.merge_lora for nn.Linear)"
         )
     base = layer.base
     with torch.no_grad():
@@ -86,7 +87,7 @@ def _merge_4bit(model: nn.Module, make, name: str) -> nn.Module:
         if not isinstance(model.base, Linear4bit):
             raise ValueError(
                 f"{name}: model is a LoRALinear on a {type(model.base).__name__}, not on "
-                "a Linear4bit; use peftlab.lora.merge_lora"
+                "a Linear4bit; use peftlab.adapters.merge_lora"
             )
         return make(model)
     layers = [
@@ -97,7 +98,7 @@ def _merge_4bit(model: nn.Module, make, name: str) -> nn.Module:
     if not layers:
         raise ValueError(
             f"{name}: model has no LoRALinear on a Linear4bit base to merge "
-            "(peftlab.lora.merge_lora merges nn.Linear bases)"
+            "(peftlab.adapters.merge_lora merges nn.Linear bases)"
         )
     # Every new layer is built before the first is swapped in: a failure leaves the
     # model as it was.
@@ -112,7 +113,7 @@ def _merge_4bit(model: nn.Module, make, name: str) -> nn.Module:
 def merge_lora_dequantized(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer on a 4-bit base by an ``nn.Linear`` holding
     ``dequant(W_nf4) + scaling · B A`` in the base's compute dtype (in place; adapters on
-    ``nn.Linear`` bases are merged as :func:`peftlab.lora.merge_lora` does).
+    ``nn.Linear`` bases are merged as :func:`peftlab.adapters.merge_lora` does).
 
     The merged model computes what the unmerged one does, to float rounding, but its
     weights are no longer 4-bit. Returns ``model`` (the new layer if ``model`` is itself
@@ -124,7 +125,7 @@ def merge_lora_dequantized(model: nn.Module) -> nn.Module:
 def merge_lora_requantized(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer on a 4-bit base by a :class:`Linear4bit` holding
     ``NF4(dequant(W_nf4) + scaling · B A)``, quantized as the base was (in place; adapters
-    on ``nn.Linear`` bases are merged as :func:`peftlab.lora.merge_lora` does).
+    on ``nn.Linear`` bases are merged as :func:`peftlab.adapters.merge_lora` does).
 
     This is what PEFT's ``merge_and_unload`` does on a bitsandbytes 4-bit model: the model
     stays 4-bit, and the part of the update smaller than half an NF4 step rounds away.

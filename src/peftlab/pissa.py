@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.lora import LoRALinear, lora_layers, lora_scaling
+from peftlab.adapters import lora_layers
+from peftlab.lora import LoRALinear, lora_scaling
 
 __all__ = [
     "PiSSAFactors",
@@ -160,8 +161,8 @@ def apply_pissa_to_layers(
     layers: Iterable[tuple[str, LoRALinear]], *, niter: int | None = None
 ) -> None:
     """:func:`apply_pissa` for the ``(name, layer)`` pairs ``layers`` only, e.g. those
-    :func:`peftlab.lora.add_lora_layers` just added, leaving any other LoRA layer of the
-    model alone; the same checks, all before the first layer changes."""
+    :func:`peftlab.adapters.add_lora_layers` just added, leaving any other LoRA layer of
+    the model alone; the same checks, all before the first layer changes."""
     check_niter(niter)
     layers = list(layers)
     if not all(
@@ -169,8 +170,8 @@ def apply_pissa_to_layers(
         for pair in layers
     ):
         raise TypeError(
-            "layers must be (name, LoRALinear) pairs, as peftlab.lora.add_lora_layers "
-            "returns them"
+            "layers must be (name, LoRALinear) pairs, as "
+            "peftlab.adapters.add_lora_layers returns them"
         )
     if not layers:
         raise ValueError("layers must not be empty: there is no LoRA layer to start")

@@ -29,7 +29,8 @@ from torch import nn
 
 from peftlab.codebooks import check_blocksize, check_float_tensor
 from peftlab.loftq import apply_loftq_to_layers, check_num_iter
-from peftlab.lora import add_lora, add_lora_layers, check_lora_hyperparameters
+from peftlab.adapters import add_lora, add_lora_layers
+from peftlab.lora import check_lora_hyperparameters
 from peftlab.pissa import apply_pissa_to_layers, check_niter
 from peftlab.qlora import COMPUTE_DTYPES, KERNELS, Linear4bit, quantize_model
 from peftlab.targets import LLAMA_LINEARS, find_targets
@@ -62,12 +63,12 @@ def prepare_qlora(
     (trained), started as ``init`` says (one of :data:`INITS`). Returns ``model``.
 
     The paper's defaults: every linear layer of the blocks, r = 64, α = 16.
-    ``target_modules`` is matched as by :func:`peftlab.lora.add_lora` (names, a regex or
-    ``"all-linear"``); never ``lm_head``. ``use_dora``: DoRA adapters (as PEFT allows on a
-    4-bit base; the chapter *LoRA variants*), with ``init="zero"`` only. ``niter``: for
-    ``init="pissa"``, the randomized SVD's iterations (None: the exact SVD); ``num_iter``:
-    for ``init="loftq"``, LoftQ's alternations. Every argument, and every targeted layer,
-    is checked before the model changes.
+    ``target_modules`` is matched as by :func:`peftlab.adapters.add_lora` (names, a regex
+    or ``"all-linear"``); never ``lm_head``. ``use_dora``: DoRA adapters (as PEFT allows
+    on a 4-bit base; the chapter *LoRA variants*), with ``init="zero"`` only. ``niter``:
+    for ``init="pissa"``, the randomized SVD's iterations (None: the exact SVD);
+    ``num_iter``: for ``init="loftq"``, LoftQ's alternations. Every argument, and every
+    targeted layer, is checked before the model changes.
     """
     # All checks first: some of the steps below check only after an earlier one has
     # changed the model (PiSSA's and LoftQ's, after LoRA is on).

@@ -5,7 +5,7 @@ Explained in the chapter *QLoRA end to end* (book/chapters/qlora.md).
 
 Storage and compute are separate (Dettmers et al. 2023, §3, Eq. 5–6): weights are stored
 in NF4 with double-quantized constants and dequantized to the compute dtype for every
-matmul; only LoRA adapters on top (:func:`peftlab.lora.add_lora`) get gradients. The
+matmul; only LoRA adapters on top (:func:`peftlab.adapters.add_lora`) get gradients. The
 whole preparation of a model, these layers plus adapters started at zero, from PiSSA or
 from LoftQ, is :func:`peftlab.prepare.prepare_qlora`.
 """

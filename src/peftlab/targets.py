@@ -7,12 +7,13 @@ A list entry selects every module whose qualified name equals it or ends with ``
 entry``; a str is a regex that must match the whole qualified name; ``"all-linear"`` (any
 case) is every linear layer but the output head, as PEFT resolves it. :data:`LLAMA_LINEARS`
 names the seven linear layers of a LLaMA block. :func:`find_targets` applies the rules to a
-model for :func:`peftlab.lora.add_lora`; :mod:`peftlab.adapter_io` and
+model for :func:`peftlab.adapters.add_lora`; :mod:`peftlab.adapter_io` and
 :func:`peftlab.qlora.quantize_model` use them too.
 
 Note: a LoRA layer is recognised by its class declaring ``peftlab_lora = True``
 (:class:`peftlab.lora.LoRALinear` does), as a linear-like layer is by ``peftlab_linear``:
-:mod:`peftlab.lora` imports this module, so this one cannot import it back.
+:mod:`peftlab.lora` and :mod:`peftlab.adapters` import this module, so this one cannot
+import them back.
 """
 
 from __future__ import annotations

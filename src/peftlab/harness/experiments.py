@@ -36,7 +36,7 @@ from peftlab.harness.config import (
     run_texts,
 )
 from peftlab.harness.results import RunResult
-from peftlab.lora import add_lora, count_parameters
+from peftlab.adapters import add_lora, count_parameters
 from peftlab.loraplus import create_loraplus_optimizer
 from peftlab.measure import measure_step
 from peftlab.paged import PagedAdamW

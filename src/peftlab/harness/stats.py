@@ -210,7 +210,8 @@ class Comparison:
     ) -> str:
         """The comparison in words, only as strong as its intervals: ``lower``/``higher``
         where the 95 % interval excludes zero, "equivalent within ±margin" where the
-        90 % interval lies inside the margin, else "undetermined (±half-width)"."""
+        90 % interval lies inside the margin, else "undetermined" (the interval is too
+        wide to say; the caller shows its half-width beside the estimate)."""
         if self.different:
             word = lower if self.interval.high < 0 else higher
             if self.equivalent:
@@ -218,7 +219,7 @@ class Comparison:
             return word
         if self.equivalent:
             return f"equivalent within ±{self.margin:.3f} {unit}"
-        return f"undetermined (±{self.half_width:.3f} {unit})"
+        return "undetermined"
 
 
 def compare(
