@@ -57,6 +57,24 @@ def lora_layers(
     return layers
 
 
+def check_lora_pairs(layers: Iterable[object]) -> list[tuple[str, LoRALinear]]:
+    """``layers`` as a list, checked to be the non-empty ``(name, LoRALinear)`` pairs that
+    :func:`add_lora_layers` returns (``TypeError`` or ``ValueError`` otherwise): what the
+    adapter initialisations of PiSSA and LoftQ start from."""
+    pairs = list(layers)
+    if not all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], LoRALinear)
+        for pair in pairs
+    ):
+        raise TypeError(
+            "layers must be (name, LoRALinear) pairs, as "
+            "peftlab.adapters.add_lora_layers returns them"
+        )
+    if not pairs:
+        raise ValueError("layers must not be empty: there is no LoRA layer to start")
+    return pairs
+
+
 def add_lora_layers(
     model: nn.Module,
     target_modules: str | Iterable[str],

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from peftlab.checks import positive_int
-from peftlab.adapters import lora_layers
+from peftlab.adapters import check_lora_pairs, lora_layers
 from peftlab.lora import LoRALinear, lora_scaling
 from peftlab.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from peftlab.qlora import Linear4bit
@@ -212,17 +212,7 @@ def apply_loftq_to_layers(
     :func:`peftlab.adapters.add_lora_layers` just added, leaving any other LoRA layer of
     the model alone; the same arguments and checks, all before the first layer changes."""
     num_iter = check_num_iter(num_iter)
-    layers = list(layers)
-    if not all(
-        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], LoRALinear)
-        for pair in layers
-    ):
-        raise TypeError(
-            "layers must be (name, LoRALinear) pairs, as "
-            "peftlab.adapters.add_lora_layers returns them"
-        )
-    if not layers:
-        raise ValueError("layers must not be empty: there is no LoRA layer to start")
+    layers = check_lora_pairs(layers)
     for name, layer in layers:  # every check before the first layer changes
         if isinstance(layer.base, Linear4bit):
             raise ValueError(
