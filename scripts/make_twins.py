@@ -15,6 +15,9 @@ rendered page shows.
 - ``{literalinclude}``: the excerpt, read from the package source as Sphinx reads it, as fenced python.
 - ``{include}``: the included file, converted too.
 - ``{glue:figure}``: the caption only; the code cell that saves the figure displays it.
+- ``{exercise}`` (sphinx-exercise): a heading "Exercise N", numbered through the book as the page numbers it;
+  a gated solution (``{solution-start}`` ... code cells ... ``{solution-end}``) becomes a section "Solution to
+  Exercise N" that starts collapsed (see ``collapse_solutions``); a plain ``{solution}`` a ``<details>`` block.
 
     python scripts/make_twins.py           # regenerate every twin (values from _build/jupyter_execute if built)
     python scripts/make_twins.py --check   # exit 1 and list the twins whose prose or code is out of date
@@ -80,6 +83,10 @@ from peftlab.book.runtime import describe_environment
 
 describe_environment()  # Python, torch, bitsandbytes, the device and whether it supports bf16'''
 
+#: Headings of an exercise and of its solution in a twin: the solution's section ends at the next exercise.
+EXERCISE_HEADING, SOLUTION_HEADING = "####", "#####"
+SOLUTION_TAG = "solution"
+
 VALUES_NOTE = ("*This notebook is the runnable twin of [the chapter in the book]({url}). Numbers in the text are "
                "those of the book's build; the cells print this run's own.*")
 
@@ -144,6 +151,10 @@ class Book:
     figures: Mapping[str, tuple[str, str]]  # label -> ("Fig. N", url)
     citations: Mapping[str, str]  # bib key -> "Author et al., year"
     references_url: str
+    # sphinx-exercise numbers exercises through the whole book, like figures: label -> ("Exercise N", url), and
+    # per page the number of exercises on the pages before it.
+    exercises: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    exercises_before: Mapping[str, int] = field(default_factory=dict)  # page url -> count
 
     @classmethod
     def load(cls, values_of: Callable[[Path], Mapping[str, Mapping[str, str]]] | None = None) -> Book:
@@ -158,6 +169,9 @@ class Book:
         site = site_url(config["repository"]["url"])
         sections: dict[str, tuple[str, str]] = {}
         figures: dict[str, tuple[str, str]] = {}
+        exercises: dict[str, tuple[str, str]] = {}
+        exercises_before: dict[str, int] = {}
+        count = 0
         references_url = site
         for docname in toc_documents():
             text = (ROOT / f"{docname}.md").read_text()
@@ -171,10 +185,15 @@ class Book:
             values = values_of(ROOT / f"{docname}.md") if values_of else {}
             for label in figure_labels(text, values):
                 figures[label] = (f"Fig. {len(figures) + 1}", f"{page}#{label}")
+            exercises_before[page] = count
+            for label in exercise_labels(text):
+                count += 1
+                if label:
+                    exercises[label] = (f"Exercise {count}", f"{page}#{label}")
         bib = parse_file(str(ROOT / "book" / "references.bib"))
         citations = {key: author_year(entry.persons.get("author", []), entry.fields.get("year", "n.d."))
                      for key, entry in bib.entries.items()}
-        return cls(site, sections, figures, citations, references_url)
+        return cls(site, sections, figures, citations, references_url, exercises, exercises_before)
 
     def page_url(self, md: Path) -> str:
         """The published page of the document ``md``."""
@@ -193,6 +212,22 @@ def figure_labels(text: str, values: Mapping[str, Mapping[str, str]]) -> list[st
             labels += figure_labels(values.get(block["arg"].strip(), {}).get("text/markdown", ""), {})
         elif name := re.search(r"^:name:\s*(\S+)", block["options"], re.M):
             labels.append(name[1])
+    return labels
+
+
+EXERCISE_BLOCK = re.compile(r"^ {0,3}(?:`{3,}|:{3,})\{(?:exercise|exercise-start)\}[^\n]*\n"
+                            r"(?P<options>(?: {0,3}:[\w-]+:[^\n]*\n)*)", re.M)
+
+
+def exercise_labels(text: str) -> list[str]:
+    """The label ("" if none) of each numbered exercise in ``text``, in order (``:nonumber:`` ones are left
+    out: sphinx-exercise does not count them)."""
+    labels = []
+    for block in EXERCISE_BLOCK.finditer(text):
+        if re.search(r"^\s*:nonumber:", block["options"], re.M):
+            continue
+        label = re.search(r"^\s*:label:\s*(\S+)", block["options"], re.M)
+        labels.append(label[1] if label else "")
     return labels
 
 
@@ -250,6 +285,8 @@ class Converter:
     source: Path  # the chapter (or included file): relative paths in directives start from its folder
     values: Mapping[str, Mapping[str, str]]
     used: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> mime -> text, as shown
+    exercises: dict[str, int] = field(default_factory=dict)  # label -> number, of the exercises seen so far
+    exercise_count: int = 0  # numbered exercises seen so far in this chapter
 
     # Blocks ------------------------------------------------------------------------------------------------
 
@@ -310,6 +347,17 @@ class Converter:
             return f"*{number} — {self.markdown(content).strip()}*"
         if name in ("math", "equation"):
             return f"$$\n{self._math(content)}\n$$"
+        if name in ("exercise", "exercise-start"):  # gated or not, the text below the heading is the exercise
+            return self.exercise(arg, options, content)
+        if name == "exercise-end":
+            return ""
+        if name == "solution":
+            classes = options.get("class", "").replace(",", " ").split()
+            return self.admonition(self.solution_title(arg), content, dropdown="dropdown" in classes)
+        if name == "solution-start":  # a twin puts the gated solution in its own section (collapse_solutions)
+            return f"{SOLUTION_HEADING} {self.solution_title(arg)}\n\n{self.markdown(content)}".rstrip("\n")
+        if name == "solution-end":
+            return ""
         if name in ("code", "code-block", "sourcecode"):
             return f"```{arg}\n{content}\n```"
         raise TwinError(f"{self._where()}: no markdown form for the directive {{{name}}}; teach make_twins.py one")
@@ -339,6 +387,30 @@ class Converter:
         body = DISPLAY_MATH.sub(lambda m: "$$" + " ".join(l.strip() for l in m[1].split("\n")) + "$$", body)
         quoted = "\n".join(f"> {line}".rstrip() for line in body.split("\n"))
         return f"> **{title}**\n>\n{quoted}"
+
+    def exercise(self, title: str, options: Mapping[str, str], content: str) -> str:
+        """A heading ``Exercise N`` (with its title, as sphinx-exercise writes it), then the exercise's text."""
+        heading = "Exercise"
+        if "nonumber" not in options:
+            self.exercise_count += 1
+            number = self.book.exercises_before.get(self.book.page_url(self.source), 0) + self.exercise_count \
+                if self.source.is_relative_to(ROOT) else self.exercise_count
+            heading = f"Exercise {number}"
+            if options.get("label"):
+                self.exercises[options["label"]] = number
+        if title:
+            heading += f" ({self.inline(title)})"
+        body = self.markdown(content)
+        return f"{EXERCISE_HEADING} {heading}" + (f"\n\n{body}" if body.strip() else "")
+
+    def solution_title(self, label: str) -> str:
+        """"Solution to Exercise N" for the exercise ``label`` (of this chapter, or elsewhere in the book)."""
+        label = label.strip()
+        if label in self.exercises:
+            return f"Solution to Exercise {self.exercises[label]}"
+        if label in self.book.exercises:
+            return f"Solution to {self.book.exercises[label][0]}"
+        raise TwinError(f"{self._where()}: a solution to {label!r}, which names no exercise before it")
 
     def literalinclude(self, arg: str, options: Mapping[str, str]) -> str:
         """A source excerpt, read as Sphinx's literalinclude reads it, under a line naming file and object."""
@@ -393,6 +465,8 @@ class Converter:
             titled = TITLED.fullmatch(content)
             text, label = (titled["text"], titled["target"]) if titled else (None, content)
             targets = self.book.sections if name == "ref" else self.book.figures
+            if label not in targets and label in self.book.exercises:  # sphinx-exercise: "Exercise N" for both
+                targets = self.book.exercises
             if label not in targets:
                 raise TwinError(f"{self._where()}: {{{name}}}`{content}` names no label of the book")
             shown, url = targets[label]
@@ -450,6 +524,77 @@ def setup_cell() -> nbformat.NotebookNode:
     return cell
 
 
+def split_at_solutions(text: str) -> list[str]:
+    """A markdown cell's MyST cut so that each gated ``{solution-start}`` block begins a piece and each
+    ``{solution-end}`` block is a piece of its own (the code cells of a solution lie between two cells)."""
+    lines, pieces, current, i = text.split("\n"), [], [], 0
+    while i < len(lines):
+        fence = FENCE.match(lines[i])
+        if not fence:
+            current.append(lines[i])
+            i += 1
+            continue
+        closing = re.compile(rf"^ {{0,3}}{re.escape(fence['fence'][0])}{{{len(fence['fence'])},}}\s*$")
+        end = next((j for j in range(i + 1, len(lines)) if closing.match(lines[j])), len(lines) - 1)
+        block = lines[i:end + 1]
+        info = fence["info"].strip()
+        if info.startswith("{solution-start}"):
+            pieces.append("\n".join(current))
+            current = block
+        elif info.startswith("{solution-end}"):
+            pieces += ["\n".join(current), "\n".join(block)]
+            current = []
+        else:
+            current += block
+        i = end + 1
+    pieces.append("\n".join(current))
+    return [piece.strip("\n") for piece in pieces if piece.strip()]
+
+
+def _gated(source: str, name: str) -> re.Match | None:
+    """The opening fence of a ``{name}`` block that starts ``source``, with its options."""
+    match = re.match(rf"^ {{0,3}}(`{{3,}}|:{{3,}})\{{{name}\}}[^\n]*\n?(?P<options>(?: {{0,3}}:[\w-]+:[^\n]*\n?)*)",
+                     source)
+    return match
+
+
+def collapse_solutions(nb: nbformat.NotebookNode, solutions: list[tuple[int, list[int], bool]]) -> list[str]:
+    """Fold each gated solution of ``nb`` (heading cell, its other cells, whether the page folds it) as Colab and
+    Jupyter fold sections; returns the ids of the heading cells for Colab's ``collapsed_sections``.
+
+    What each front end reads (nbformat has no field for "this markdown and the cells after it start folded"):
+    - Colab folds the section under a heading whose cell id is listed in ``metadata.colab.collapsed_sections``
+      (it matches the cell's ``metadata.id``, which Colab writes for every cell); it ignores ``jupyter.*``.
+    - JupyterLab and Notebook 7 fold the section under a markdown heading whose cell has
+      ``"jp-MarkdownHeadingCollapsed": true``; ``jupyter.source_hidden``/``outputs_hidden`` hide one code cell's
+      input/output behind a bar (Colab shows them anyway); the old ``collapsed`` means only "output collapsed".
+    A section runs to the next heading of the same or a higher level: the next exercise's, or the chapter's next
+    section. Where prose or code follows a solution before any heading, a section would swallow it, so that
+    solution gets a bold line instead of a heading and its code cells are hidden one by one (Jupyter only).
+    """
+    folded = []
+    for heading, inside, dropdown in solutions:
+        after = max([heading, *inside]) + 1
+        codes = [i for i in inside if nb.cells[i].cell_type == "code"]
+        following = nb.cells[after] if after < len(nb.cells) else None
+        ends_section = following is None or (following.cell_type == "markdown" and re.match(
+            rf"^#{{1,{len(SOLUTION_HEADING)}}}\s", following.source))
+        cell = nb.cells[heading]
+        if not ends_section:
+            cell.source = re.sub(rf"^{SOLUTION_HEADING} (.*)$", r"**\1**", cell.source, count=1, flags=re.M)
+        for i in codes:
+            nb.cells[i].metadata.setdefault("tags", [])
+            if SOLUTION_TAG not in nb.cells[i].metadata["tags"]:
+                nb.cells[i].metadata["tags"].append(SOLUTION_TAG)
+            if dropdown and not ends_section:
+                nb.cells[i].metadata["jupyter"] = {"source_hidden": True, "outputs_hidden": True}
+        if dropdown and ends_section:
+            cell.metadata["jp-MarkdownHeadingCollapsed"] = True
+            cell.metadata["id"] = cell.id  # what Colab's collapsed_sections names
+            folded.append(cell.id)
+    return folded
+
+
 def twin(md: Path, values: Mapping[str, Mapping[str, str]], book: Book | None = None) -> str:
     """The .ipynb text of the Colab twin of chapter ``md``, its prose showing ``values`` (glue key -> mime
     -> text); the values the prose uses are stored in the twin's metadata."""
@@ -457,6 +602,31 @@ def twin(md: Path, values: Mapping[str, Mapping[str, str]], book: Book | None = 
     nb = jupytext.read(md)
     converter = Converter(book, md, values)
     note_added = False
+    cells, solutions, open_solution = [], [], None  # solutions: (heading cell, its other cells, folded on page)
+    for cell in nb.cells:  # a gated solution's start and end become cells of their own
+        if cell.cell_type != "markdown" or "{solution-" not in cell.source:
+            cells.append(cell)
+            if open_solution is not None:
+                open_solution[1].append(len(cells) - 1)
+            continue
+        for piece in split_at_solutions(cell.source):
+            if _gated(piece, "solution-end"):  # the piece is the end's fence alone
+                if open_solution is None:
+                    raise TwinError(f"{md.name}: a {{solution-end}} without a {{solution-start}}")
+                solutions.append(open_solution)
+                open_solution = None
+                continue
+            if start := _gated(piece, "solution-start"):
+                if open_solution is not None:
+                    raise TwinError(f"{md.name}: a {{solution-start}} inside another solution")
+                classes = (re.search(r":class:\s*(.*)", start["options"]) or [None, ""])[1]
+                open_solution = (len(cells), [], "dropdown" in classes.replace(",", " ").split())
+            elif open_solution is not None:
+                open_solution[1].append(len(cells))
+            cells.append(nbformat.v4.new_markdown_cell(piece))
+    if open_solution is not None:
+        raise TwinError(f"{md.name}: a {{solution-start}} that no {{solution-end}} closes")
+    nb.cells = cells
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             cell.source = converter.markdown(cell.source).strip("\n")
@@ -471,11 +641,14 @@ def twin(md: Path, values: Mapping[str, Mapping[str, str]], book: Book | None = 
     nb.cells.insert(0, setup_cell())
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i}"  # stable ids, so a regenerated twin is byte-identical
+    folded = collapse_solutions(nb, [(h + 1, [i + 1 for i in inside], d) for h, inside, d in solutions])
     nb.metadata.pop("jupytext", None)
     nb.metadata.pop("mystnb", None)  # execution settings of the book's build; nothing outside it reads them
     peftlab = nb.metadata.setdefault("peftlab", {})
     peftlab[VALUES_KEY] = {key: dict(sorted(converter.used[key].items())) for key in sorted(converter.used)}
     nb.metadata["colab"] = {"name": md.with_suffix(".ipynb").name, "provenance": []}
+    if folded:
+        nb.metadata["colab"]["collapsed_sections"] = folded
     if peftlab.get("gpu"):
         nb.metadata["accelerator"] = "GPU"
         nb.metadata["colab"]["gpuType"] = "T4"
