@@ -20,6 +20,7 @@ from peftlab.memory import (
     dequantized_weight_bytes,
     estimate,
     quantized_bytes,
+    shard_bytes,
 )
 from peftlab.targets import LLAMA_LINEARS
 
@@ -168,10 +169,42 @@ def test_adapter_dtype_scales_lora_weights_and_gradients_not_the_states(method):
 def test_sharding_splits_the_states_but_not_the_activations(method, n_gpus):
     one, many = estimate("llama-13b", method), estimate("llama-13b", method, n_gpus=n_gpus)
     assert many.activations == one.activations
-    for c in ("gradients", "optimizer_states", "lora_weights", "quant_constants"):
-        assert getattr(many, c) == math.ceil(getattr(one, c) / n_gpus)
-    per_block = (one.weights + one.quant_constants + one.lora_weights) // LLAMA["llama-13b"].n_layers
-    assert many.weights == math.ceil(one.weights / n_gpus) + per_block
+    shards, gathered = shard_bytes("llama-13b", method, n_gpus)
+    shape = LLAMA["llama-13b"]
+    # FSDP2 pads each tensor to whole rows on every GPU: at most one row per tensor more
+    # than an even split (the widest row: an embedding's)
+    slack = 13 * shape.n_layers * 2 * shape.ffn + 4 * shape.vocab * shape.d_model
+    for c in ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_states"):
+        even = math.ceil(getattr(one, c) / n_gpus)
+        assert even <= getattr(shards, c) <= even + slack * 4
+        if c != "weights":
+            assert getattr(many, c) == getattr(shards, c)
+    # besides its shards, a GPU holds the embeddings, final norm and lm_head, and two blocks
+    rest = 2 * (2 * shape.vocab * shape.d_model + shape.d_model)  # bf16
+    per_block = (one.weights + one.quant_constants + one.lora_weights - rest) // shape.n_layers
+    assert many.weights == shards.weights + gathered
+    assert gathered == rest + 2 * per_block
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kw", [{}, dict(optimizer_bits=8, master_weights=True),
+                                dict(optimizer_bits=16, lora_dtype=torch.float32),
+                                dict(double_quant=False, r=16)])
+def test_one_shard_per_tensor_adds_up_to_the_unsharded_estimate(method, kw):
+    one = estimate("llama-7b", method, **kw)
+    shards, _ = shard_bytes("llama-7b", method, 1, **{
+        "targets" if k == "target_modules" else k: v for k, v in kw.items()})
+    for c in ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_states"):
+        assert getattr(shards, c) == getattr(one, c), c
+
+
+def test_fsdp2_pads_each_tensor_to_whole_rows_per_rank():
+    from peftlab.sharding import rank_rows
+
+    assert [rank_rows(255, n) for n in (1, 2, 4, 8)] == [255, 128, 64, 32]
+    assert [rank_rows(3, n) for n in (2, 4)] == [2, 1]  # rank 3 of 4 holds only padding
+    with pytest.raises(ValueError, match="n_gpus"):
+        rank_rows(4, 0)
 
 
 def test_breakdown_total_is_the_sum_and_as_dict_lists_components_then_total():

@@ -26,6 +26,7 @@ import torch
 from peftlab.checks import positive_int
 from peftlab.paged import state_bytes
 from peftlab.pages import DEFAULT_PAGE_BYTES
+from peftlab.sharding import rank_shares
 from peftlab.targets import LLAMA_LINEARS
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "dequantized_weight_bytes",
     "estimate",
     "quantized_bytes",
+    "shard_bytes",
 ]
 
 METHODS = ("full", "lora", "qlora")
@@ -390,8 +392,9 @@ def estimate(
         device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's
         mask differs).
         n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split
-            over the GPUs; each GPU also holds one gathered block while it computes.
-            Activations are per GPU.
+            over the GPUs as FSDP2 splits them (:func:`shard_bytes`, the first GPU's
+            share); ``weights`` also counts the unsharded parameters a GPU holds during
+            the step (the non-block parameters and two blocks). Activations are per GPU.
         dequant_workspace: QLoRA's 4-bit layers dequantize into a
             :class:`peftlab.workspace.DequantWorkspace` (default: a fresh tensor per
             product). Its buffer, the largest quantized weight in ``compute_dtype``
@@ -467,16 +470,16 @@ def estimate(
     if master_weights and trained_bytes < 4:
         parts["optimizer_states"] += 4 * trained
     if n_gpus > 1:
-        block_bytes = (
-            parts["weights"]
-            + parts.get("quant_constants", 0)
-            + parts.get("lora_weights", 0)
+        # FSDP2's split, tensor by tensor (each padded to whole rows on every GPU), plus
+        # the unsharded parameters a step holds besides: see shard_bytes.
+        sharded, gathered = shard_bytes(
+            shape, method, n_gpus, r=r, targets=targets, dtype=dtype,
+            lora_dtype=lora_dtype, blocksize=blocksize, double_quant=double_quant,
+            blocksize2=blocksize2, optimizer_bits=optimizer_bits,
+            master_weights=master_weights,
         )
-        # Note: ZeRO-3 all-gathers one block's parameters before using it; approximately a
-        # 1/n_layers share.
-        gathered = block_bytes // shape.n_layers
-        parts = {k: math.ceil(v / n_gpus) for k, v in parts.items()}
-        parts["weights"] += gathered
+        parts = {**sharded.as_dict(), "weights": sharded.weights + gathered}
+        del parts["total"]
     activations = activation_bytes(
         shape,
         method,
@@ -503,3 +506,25 @@ def estimate(
     if dequant_workspace:  # held during the update too
         parts["activations"] += dequantized_weight_bytes(shape, compute_dtype)
     return Breakdown(**parts)
+
+
+
+def shard_bytes(model: Any, method: str, n_gpus: int, **kwargs: Any) -> tuple[Breakdown, int]:
+    """What the first of ``n_gpus`` GPUs holds when FSDP2 shards ``model`` (a name, a
+    :class:`LlamaShape` or a config) one block per group: its shards by component
+    (activations aside), and the bytes of the unsharded parameters it holds besides
+    during a step. ``kwargs``: ``r``, ``targets``, ``dtype``, ``lora_dtype``,
+    ``blocksize``, ``double_quant``, ``blocksize2``, ``optimizer_bits``,
+    ``master_weights``, as for :func:`estimate`. The rule is
+    :func:`peftlab.sharding.rank_shares` (the chapter *QLoRA across GPUs*)."""
+    shape = _shape(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    dtype = kwargs.pop("dtype", torch.bfloat16)
+    lora_dtype = kwargs.pop("lora_dtype", None) or dtype
+    parts, gathered = rank_shares(
+        shape, method, n_gpus,
+        weight_bytes=_dtype_bytes(dtype, "dtype"),
+        lora_bytes=_dtype_bytes(lora_dtype, "lora_dtype"), **kwargs,
+    )
+    return Breakdown(**parts), gathered
