@@ -101,7 +101,7 @@ def test_chapter_conventions(md: Path):
     header = text.split("\n---\n", 1)[0]
     assert re.search(r"^  execution_timeout: \d+", header, re.M), f"{md.name} sets no per-notebook timeout"
     if re.search(r"^  gpu: true", header, re.M):
-        assert "{include} ../_gpu_note.md" in text, f"{md.name} wants a GPU but lacks the shared GPU admonition"
+        assert "{ref}`intro-gpu`" in text, f"{md.name} has GPU cells but no pointer to the introduction's GPU note"
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
@@ -159,7 +159,7 @@ def test_requirements_pin_exactly():
 
 def test_publishing_workflow_builds_with_the_readme_command_and_deploys_pages():
     readme = (ROOT / "README.md").read_text()
-    build = re.findall(r"```bash\n(python3 -m venv .+jupyter-book build.+)\n```", readme)
+    build = re.findall(r"```bash\n(python3 -m venv .+scripts/build_book.py)\n```", readme)
     assert len(build) == 1
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
     steps = workflow["jobs"]["build"]["steps"]

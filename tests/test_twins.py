@@ -274,9 +274,11 @@ def test_literalinclude_lines_select_within_the_object():
     assert convert(text) == f"`src/peftlab/measure.py`, `count_saved_bytes` (lines 1-3)\n\n```python\n{first3}\n```"
 
 
-def test_include_is_inlined_and_converted():
-    out = convert("```{include} ../_gpu_note.md\n```")
-    assert out.startswith("> **What a GPU adds to this chapter**\n>\n> Everything here runs on a CPU")
+def test_include_is_inlined_and_converted(tmp_path: Path):
+    (tmp_path / "snippet.md").write_text("```{admonition} A note\n:class: seealso\n\nRuns on a CPU.\n```\n")
+    chapter = tmp_path / "chapter.md"  # the include's path starts from the chapter's folder
+    out = make_twins.Converter(BOOK, chapter, {}).markdown("```{include} snippet.md\n```")
+    assert out.startswith("> **A note**\n>\n> Runs on a CPU")
     assert "```" not in out and ":class:" not in out
 
 

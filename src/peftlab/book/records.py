@@ -6,7 +6,7 @@ The book builds on a CPU, so nothing a GPU measures could otherwise reach it. A 
 When ``bash scripts/gpu-check.sh`` runs the chapters on a CUDA machine it points
 :data:`RECORD_DIR_ENV` at the repository's ``results/gpu`` folder, so the records are
 committed; every later build reads the latest one back with :func:`load_record` and draws
-it in the chapter's *Measured on a GPU* section, with the device, CUDA, library versions
+it in the chapter's *Measured on a GPU* paragraph (:func:`gpu_section`), with the device, CUDA, library versions
 and date in the caption (the memory, rank/α, NF4 and paged chapters).
 
 Note: a record is plain JSON (no pickle): a file a reader may receive and open safely.
@@ -35,6 +35,7 @@ __all__ = [
     "RESULTS_FOLDER",
     "Record",
     "gpu_provenance",
+    "gpu_section",
     "load_record",
     "save_record",
 ]
@@ -176,3 +177,25 @@ def load_record(name: str, folder: str | os.PathLike | None = None) -> Record | 
             f"{path} is not a GPU record for {name!r} (provenance lacks {missing})"
         )
     return record
+
+
+def gpu_section(record: Record | None, body: str = "") -> str:
+    """The Markdown of a chapter's *Measured on a GPU* paragraph: one line while no record
+    is stored, else a lead-in that says where the record came from, followed by ``body``
+    (the figure and the sentences the chapter draws from the record).
+
+    A book built on a CPU has nothing to show there until a GPU has run; one line says so
+    and how to fill it, rather than a section that promises a measurement.
+    """
+    if record is None:
+        return (
+            "*Measured on a GPU:* no run is stored with this version of the book; "
+            "`bash scripts/gpu-check.sh` on a CUDA machine records one, drawn here."
+        )
+    if not isinstance(body, str):
+        raise TypeError(f"body must be Markdown text (str), got {type(body).__name__}")
+    return (
+        f"**Measured on a GPU.** The {record.device} ran the cell above with "
+        "`bash scripts/gpu-check.sh`; its record is stored with the book in `results/gpu/`, "
+        "with the device, CUDA and library versions in the caption.\n\n" + body
+    )

@@ -34,6 +34,7 @@ __all__ = [
     "in_book_build",
     "output_dir",
     "provenance",
+    "report_gpu_skipped",
     "seed_everything",
     "start_chapter",
     "versions",
@@ -51,6 +52,16 @@ def in_book_build() -> bool:
     """True while the book's own build executes the chapter; False on Colab, in Jupyter or
     a script."""
     return os.environ.get(BOOK_BUILD_ENV) == "1"
+
+
+def report_gpu_skipped(message: str) -> None:
+    """What a ``# GPU:`` cell says when there is no CUDA device: printed in a notebook (Colab,
+    Jupyter, a script), where the reader needs to know which part ran; silent in the book's
+    own build, whose pages are all built on a CPU (the introduction says so once)."""
+    if not isinstance(message, str) or not message:
+        raise TypeError(f"message must be a non-empty str, got {message!r}")
+    if not in_book_build():
+        print(message)
 
 
 def device() -> torch.device:

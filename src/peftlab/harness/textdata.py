@@ -29,6 +29,7 @@ version so captions can name it.
 
 from __future__ import annotations
 
+import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -181,14 +182,16 @@ def stdlib_sources() -> list[str]:
     root = _stdlib_dir()
     downstream = set(PRETRAINING_EXCLUDED_FILES)
     found = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if (
-            STDLIB_EXCLUDED_DIRS.intersection(rel.parts[:-1])
-            or rel.as_posix() in downstream
-        ):
-            continue
-        found.append(rel.as_posix())
+    for folder, dirs, files in os.walk(root):
+        # pruned while walking, not filtered after: site-packages alone can hold ten times
+        # the files of the standard library, and listing them took minutes on a busy disk
+        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
+        here = Path(folder).relative_to(root)
+        found += [
+            rel
+            for rel in ((here / name).as_posix() for name in files if name.endswith(".py"))
+            if rel not in downstream
+        ]
     return sorted(found)
 
 
