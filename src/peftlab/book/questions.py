@@ -244,9 +244,14 @@ def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> f
         return lm_loss(model, *batch).item()
 
 
-def _log_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _read(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, float]:
+    """Next-byte log-probabilities on ``batch``'s inputs and the mean loss on its
+    targets, from one forward pass."""
     with torch.no_grad():
-        return F.log_softmax(model(input_ids=x).logits.float(), -1)
+        logp = F.log_softmax(model(input_ids=batch[0]).logits.float(), -1)
+    return logp, F.nll_loss(logp.flatten(0, 1), batch[1].flatten()).item()
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,13 +295,12 @@ def q3_merge_into_4bit(steps: int = 8, r: int = 8, lr: float = 2e-3) -> Answer:
             "dequantized, kept in float": merge_lora_dequantized(copy.deepcopy(model)),
             "re-quantized to NF4": merge_lora_requantized(copy.deepcopy(model)),
         }
-        p = _log_probs(model, held[0])
-        base_loss = _loss(model, held)
+        p, base_loss = _read(model, held)
         kl, change = {}, {}
         for how, m in merged.items():
-            q = _log_probs(m, held[0])
+            q, loss = _read(m, held)
             kl[how] = (p.exp() * (p - q)).sum(-1).mean().item()
-            change[how] = _loss(m, held) - base_loss
+            change[how] = loss - base_loss
     tags = {
         "16-bit weights": "16bit",
         "dequantized, kept in float": "float",
@@ -666,7 +670,7 @@ def q7_sharded_bytes_as_floats(block: int = 0) -> Answer:
 # 8: gradient checkpointing
 
 
-def q8_gradient_checkpointing(batch: int = 2, seq: int = 128, repeats: int = 3) -> Answer:
+def q8_gradient_checkpointing(batch: int = 2, seq: int = 128, repeats: int = 2) -> Answer:
     """Gradient checkpointing on the book's model with LoRA (r = 16, every linear
     layer): the bytes kept for backward and the step time, with and without."""
     from peftlab.adapters import add_lora
