@@ -24,7 +24,8 @@ desktop width (1,400 px) and a phone width (390 px, mobile emulation) and counts
 - ``colab-md``: a Colab launch button that opens a file Colab cannot open (not an ``.ipynb``);
 - ``search-boxes``: more than one search box shown at the desktop width;
 - ``thebe-twice``: Thebe's script included more than once;
-- ``blank-header``: a table whose header row is empty.
+- ``blank-header``: a table whose header row is empty;
+- ``js-error``: an uncaught JavaScript exception while the page loads.
 
 Needs Chromium (Debian: ``apt-get install chromium``; or set ``CHROMIUM=/path/to/chrome``). It drives the browser
 through the Chrome DevTools Protocol over a pipe (``--remote-debugging-pipe``), so it needs nothing outside the
@@ -75,6 +76,7 @@ CHECKS = (
     "search-boxes",
     "thebe-twice",
     "blank-header",
+    "js-error",
 )
 
 #: Thumbnails on the Figures page narrower than this on a desktop are too small to recognise.
@@ -398,6 +400,12 @@ def check_page(browser: Chromium, session: str, url: str, width: int) -> dict[st
         and urlsplit(e["params"]["request"]["url"]).scheme in ("http", "https")
     })
     value["external"] = external
+    value["js_errors"] = [
+        e["params"]["exceptionDetails"].get("exception", {}).get("description", "")
+        or e["params"]["exceptionDetails"].get("text", "")
+        for e in browser.events
+        if e.get("method") == "Runtime.exceptionThrown" and e.get("sessionId") == session
+    ]
     return value
 
 
@@ -449,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 problems += check_urls(value.pop("urls"), url, site, base)
                 problems += [("http-404", path) for path in sorted(set(failures))]
                 problems += [("external", u) for u in value["external"]]
+                problems += [("js-error", m.splitlines()[0][:120]) for m in value["js_errors"]]
                 if width > 600 and "/chapters/" in page:
                     columns.append(value["column"])
                     fonts.append((value["body_font"], value["caption_font"]))
