@@ -93,7 +93,9 @@ def add_lora_layers(
     names = find_targets(model, target_modules, exclude_modules=exclude_modules)
     if use_dora:
         # every check before the first change to the model
-        refused = [n for n in names if not dora.has_dense_weight(model.get_submodule(n))]
+        refused = [
+            n for n in names if not dora.has_dense_weight(model.get_submodule(n))
+        ]
         if refused:
             kind = type(model.get_submodule(refused[0])).__name__
             raise TypeError(

@@ -26,7 +26,9 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """
     for name, value in (("approx", approx), ("exact", exact)):
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}"
+            )
     if approx.shape != exact.shape:
         raise ValueError(
             f"approx and exact must have the same shape, got {tuple(approx.shape)} "

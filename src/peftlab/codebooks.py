@@ -224,11 +224,14 @@ def _prefix_tables(
     finite = torch.isfinite(cell_min) & torch.isfinite(cell_max)
     base = torch.bucketize(torch.where(finite, cell_min, 0.0), midpoints)
     inside = (
-        torch.bucketize(torch.where(finite, cell_max, 0.0), midpoints, right=True) - base
+        torch.bucketize(torch.where(finite, cell_max, 0.0), midpoints, right=True)
+        - base
     )
     # cannot happen for 16 levels spaced > 2**-7 relative
     if int(inside[finite].max()) > 1:
-        raise ValueError("code levels are too close together for the 16-bit prefix table")
+        raise ValueError(
+            "code levels are too close together for the 16-bit prefix table"
+        )
     threshold = torch.cat([midpoints, torch.tensor([float("inf")])])[base]
     return (
         base.to(torch.uint8).to(device),
@@ -315,7 +318,9 @@ def quantize_4bit_unchecked(
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("w must be finite: it contains NaN or inf values")
     parts.append(
-        (blocks * (1.0 / absmax[: full // blocksize].clamp(min=1e-38))[:, None]).view(-1)
+        (blocks * (1.0 / absmax[: full // blocksize].clamp(min=1e-38))[:, None]).view(
+            -1
+        )
     )
     if full < n:
         parts.append(tail / tail_absmax)

@@ -129,7 +129,9 @@ def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor
     if code is None:
         return cached_dynamic_map(str(device))
     if not isinstance(code, torch.Tensor):
-        raise TypeError(f"code must be a torch.Tensor or None, got {type(code).__name__}")
+        raise TypeError(
+            f"code must be a torch.Tensor or None, got {type(code).__name__}"
+        )
     if code.dtype != torch.float32 or code.shape != (256,):
         raise ValueError(
             f"code must be a float32 tensor of shape (256,), got {code.dtype} {tuple(code.shape)}"
@@ -399,7 +401,8 @@ class DoubleQuantState:
     def nbytes(self) -> int:
         """Bytes of the real buffers: codes + absmax2 + offset."""
         return sum(
-            t.numel() * t.element_size() for t in (self.codes, self.absmax2, self.offset)
+            t.numel() * t.element_size()
+            for t in (self.codes, self.absmax2, self.offset)
         )
 
     @property

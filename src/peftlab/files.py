@@ -55,7 +55,9 @@ def atomic_write_all(
     return [path for _, path in temps]
 
 
-def atomic_write(path: str | os.PathLike, write: Writer, *, shared: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Writer, *, shared: bool = True
+) -> Path:
     """Create or replace ``path`` with what ``write(tmp)`` writes to a temporary file;
     return ``path``.
 

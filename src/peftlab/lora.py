@@ -55,7 +55,9 @@ def check_lora_hyperparameters(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout}")
     if not isinstance(rslora, bool):
-        raise TypeError(f"rslora must be a bool, got {type(rslora).__name__} {rslora!r}")
+        raise TypeError(
+            f"rslora must be a bool, got {type(rslora).__name__} {rslora!r}"
+        )
     if not isinstance(use_dora, bool):
         raise TypeError(
             f"use_dora must be a bool, got {type(use_dora).__name__} {use_dora!r}"

@@ -160,7 +160,9 @@ def create_loraplus_optimizer(
         )
     decay_name = "weight_decay" if weight_decay is not None else "loraplus_weight_decay"
     decay_value = weight_decay if weight_decay is not None else loraplus_weight_decay
-    decay = 0.0 if decay_value is None else _real(decay_value, decay_name, positive=False)
+    decay = (
+        0.0 if decay_value is None else _real(decay_value, decay_name, positive=False)
+    )
 
     groups = loraplus_param_groups(model)
     if (

@@ -208,7 +208,9 @@ def measure_step(
     ]
     try:
         if device.type == "cuda":
-            activations = _cuda_peak_above_start(step, device) - sum(grad_bytes.values())
+            activations = _cuda_peak_above_start(step, device) - sum(
+                grad_bytes.values()
+            )
         else:
             static = [s for group in parts.values() for s in group] + held
             with _LiveTensors(static) as tracker:

@@ -169,7 +169,9 @@ def quantize_nf4(
     w = check_float_tensor(w, "w")
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        raise TypeError(
+            f"double_quant must be a bool, got {type(double_quant).__name__}"
+        )
     packed, absmax = quantize_4bit_unchecked(w, get_code("nf4", w.device), blocksize)
     constants: Any = absmax
     if double_quant:

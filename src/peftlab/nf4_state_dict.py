@@ -89,7 +89,9 @@ def nf4_from_state_dict(
     """The :class:`NF4Tensor` stored under ``weight*`` keys (ours or bitsandbytes'), on
     ``device``; ValueError if it is not NF4 in a format we read."""
     try:
-        meta = json.loads(bytes(tensors[QUANT_STATE_KEY].cpu().tolist()).decode("utf-8"))
+        meta = json.loads(
+            bytes(tensors[QUANT_STATE_KEY].cpu().tolist()).decode("utf-8")
+        )
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{QUANT_STATE_KEY} is not JSON metadata: {err}") from None
     if meta.get("quant_type") != "nf4":
@@ -115,7 +117,9 @@ def nf4_from_state_dict(
             nested_code.float().cpu(), dynamic_map(True)
         ):
             raise ValueError("weight.nested_quant_map is not the signed dynamic map")
-        absmax2 = tensors["weight.nested_absmax"].detach().float().to(device).reshape(-1)
+        absmax2 = (
+            tensors["weight.nested_absmax"].detach().float().to(device).reshape(-1)
+        )
         offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
         absmax = DoubleQuantState(
             absmax, absmax2.clone(), offset.to(device), int(meta["nested_blocksize"])

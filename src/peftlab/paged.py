@@ -213,7 +213,9 @@ class PagedAdamW(torch.optim.Optimizer):
         if pool is None:
             pool = _default_pool(self.param_groups[0]["params"][0].device)
         if not isinstance(pool, PagePool):
-            raise TypeError(f"pool must be a PagePool or None, got {type(pool).__name__}")
+            raise TypeError(
+                f"pool must be a PagePool or None, got {type(pool).__name__}"
+            )
         self.pool = pool
         for group in self.param_groups:
             for p in group["params"]:

@@ -180,7 +180,9 @@ class PagePool:
         # time: a page's host buffer is reused by its next page-out, which stream order
         # only keeps behind the previous page-in on the same stream.
         self._async = self.device.type == "cuda"
-        self._resident: OrderedDict[int, Page] = OrderedDict()  # LRU order: oldest first
+        self._resident: OrderedDict[int, Page] = (
+            OrderedDict()
+        )  # LRU order: oldest first
         self._resident_bytes = 0
         self._host_bytes = 0
         self._reserved_bytes = 0
@@ -254,7 +256,9 @@ class PagePool:
         together fit, so that an update refuses before it has changed anything.
         """
         if nbytes > self.capacity_bytes - self._reserved_bytes:
-            raise PoolMemoryError(what, nbytes, self.capacity_bytes, self._reserved_bytes)
+            raise PoolMemoryError(
+                what, nbytes, self.capacity_bytes, self._reserved_bytes
+            )
 
     # -- pages
     # ---------------------------------------------------------------------------------
@@ -285,7 +289,9 @@ class PagePool:
         else:
             page_numel = positive_int(page_numel, "page_numel", "elements")
         numel = math.prod(shape)
-        sizes = [min(page_numel, numel - start) for start in range(0, numel, page_numel)]
+        sizes = [
+            min(page_numel, numel - start) for start in range(0, numel, page_numel)
+        ]
         if sizes:
             self.check_fits(sizes[0] * itemsize, "a new page")
         pages = []

@@ -95,7 +95,9 @@ def _pissa(
             f"the LoRA scaling must be finite and non-zero (alpha != 0), got {scaling}: "
             "PiSSA divides the singular values by it"
         )
-    w = weight.detach().to(torch.float32)  # PEFT decomposes in float32 whatever the dtype
+    w = weight.detach().to(
+        torch.float32
+    )  # PEFT decomposes in float32 whatever the dtype
     if niter is None:
         # W = V S Uᴴ in PEFT's names: V (out × k) the left singular vectors.
         V, S, Uh = torch.linalg.svd(w, full_matrices=False)

@@ -142,7 +142,9 @@ def _checked_quantization(
     bad one."""
     check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+        raise TypeError(
+            f"double_quant must be a bool, got {type(double_quant).__name__}"
+        )
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise TypeError(
             f"compute_dtype must be None or one of {COMPUTE_DTYPES}, "

@@ -204,7 +204,9 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in ``dtype`` (default: ``compute_dtype``), out_features ×
         in_features."""
-        return dequantize_nf4(self.weight, self.compute_dtype if dtype is None else dtype)
+        return dequantize_nf4(
+            self.weight, self.compute_dtype if dtype is None else dtype
+        )
 
     def set_compute_dtype(self, dtype: torch.dtype) -> Linear4bit:
         """Compute in ``dtype`` (float32, float16 or bfloat16) from now on; returns the
@@ -414,7 +416,9 @@ def quantize_model(
             raise ValueError(
                 "target_modules must not include lm_head: QLoRA keeps it in 16 bits"
             )
-        names = [n for n, _ in model.named_modules() if n and matches_target(n, targets)]
+        names = [
+            n for n, _ in model.named_modules() if n and matches_target(n, targets)
+        ]
         if not names:
             raise ValueError(f"no module of model matches target_modules={targets}")
         for n in names:

@@ -87,7 +87,9 @@ def checkpointing_cost(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a 2-D tensor of token ids (batch × sequence)")
+        raise ValueError(
+            "input_ids must be a 2-D tensor of token ids (batch × sequence)"
+        )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     plain = model.train()

@@ -128,7 +128,9 @@ def claim(
         tolerance = "within " + " or ".join(parts)
     elif relation in RELATIONS:
         if rel is not None or abs is not None:
-            raise ValueError(f"rel/abs only apply to relation='approx', not {relation!r}")
+            raise ValueError(
+                f"rel/abs only apply to relation='approx', not {relation!r}"
+            )
         passed = RELATIONS[relation](m, e)
         tolerance = f"measured {relation} expected"
     else:
@@ -167,7 +169,8 @@ def load_claims() -> list[Claim]:
     ]
     order = {name: i for i, name in enumerate(chapter_order())}
     return sorted(
-        records, key=lambda c: (order.get(c.chapter, len(order)), c.chapter or "", c.key)
+        records,
+        key=lambda c: (order.get(c.chapter, len(order)), c.chapter or "", c.key),
     )
 
 

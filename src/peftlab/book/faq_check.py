@@ -94,7 +94,9 @@ def results_markdown(results: Sequence[Result]) -> str:
     lines = ["| # | question | expected | measured | holds |", "|---|---|---|---|---|"]
     for r in results:
         holds = (
-            "yes" if r.holds else ("ERROR: " + (r.error or "")[:60] if r.error else "NO")
+            "yes"
+            if r.holds
+            else ("ERROR: " + (r.error or "")[:60] if r.error else "NO")
         )
         lines.append(
             f"| {r.number} | {r.question} | {r.expected} | {_measured(r)} | {holds} |"
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save", type=Path, help="write this run (JSON) for a later --baseline"
     )
-    parser.add_argument("--json", action="store_true", help="print this run as JSON only")
+    parser.add_argument(
+        "--json", action="store_true", help="print this run as JSON only"
+    )
     parser.add_argument(
         "--moved",
         type=float,

@@ -118,11 +118,15 @@ def save_record(
     """
     stable_name(name, "name")
     if not isinstance(data, dict):
-        raise TypeError(f"data must be a dict of JSON values, got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a dict of JSON values, got {type(data).__name__}"
+        )
     provenance = gpu_provenance() if provenance is None else provenance
     missing = [k for k in _PROVENANCE_KEYS if k not in provenance]
     if missing:
-        raise ValueError(f"provenance lacks {missing}; it needs {list(_PROVENANCE_KEYS)}")
+        raise ValueError(
+            f"provenance lacks {missing}; it needs {list(_PROVENANCE_KEYS)}"
+        )
     try:
         text = json.dumps(
             {"name": name, "provenance": provenance, "data": data},
@@ -166,7 +170,9 @@ def load_record(name: str, folder: str | os.PathLike | None = None) -> Record | 
         return None
     try:
         raw = json.loads(path.read_text())
-        record = Record(name=raw["name"], data=raw["data"], provenance=raw["provenance"])
+        record = Record(
+            name=raw["name"], data=raw["data"], provenance=raw["provenance"]
+        )
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{path} is not a GPU record (name, data, provenance): {err}"

@@ -183,7 +183,9 @@ class RunConfig:
             or not isinstance(self.dropout, (int, float))
             or not 0 <= self.dropout < 1
         ):
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ValueError(
+                f"dropout must be a number in [0, 1), got {self.dropout!r}"
+            )
 
     def normalized(self) -> "RunConfig":
         """The same run spelled one way, so that identical runs share a cache key.
@@ -279,12 +281,15 @@ def grid(base: RunConfig | None = None, **axes: Iterable[Any]) -> list[RunConfig
     names = {f.name for f in fields(RunConfig)}
     for name in axes:
         if name not in names:
-            raise ValueError(f"unknown RunConfig field {name!r}; fields: {sorted(names)}")
+            raise ValueError(
+                f"unknown RunConfig field {name!r}; fields: {sorted(names)}"
+            )
     configs = []
     for values in product(*(list(v) for v in axes.values())):
         settings = dict(zip(axes, values))
         config = replace(
-            base, **{k: v for k, v in settings.items() if not (k == "alpha" and v == "r")}
+            base,
+            **{k: v for k, v in settings.items() if not (k == "alpha" and v == "r")},
         )
         if settings.get("alpha") == "r":
             config = replace(config, alpha=float(config.r))
@@ -314,7 +319,10 @@ def config_of(row: dict[str, Any]) -> RunConfig:
     """The :class:`RunConfig` a row was run with (a row holds every field; one recorded
     before a field existed ran at that field's default)."""
     return RunConfig(
-        **{f.name: row.get(f.name, _LATER_FIELDS.get(f.name)) for f in fields(RunConfig)}
+        **{
+            f.name: row.get(f.name, _LATER_FIELDS.get(f.name))
+            for f in fields(RunConfig)
+        }
     )
 
 

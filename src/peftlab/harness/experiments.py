@@ -175,7 +175,9 @@ def _run(
             )
         )
         row["memory"] = measure_step(
-            probe, lambda: _step(probe, probe_opt, batch, config.max_grad_norm), probe_opt
+            probe,
+            lambda: _step(probe, probe_opt, batch, config.max_grad_norm),
+            probe_opt,
         ).as_dict()
         del probe, probe_opt
     opt = _optimizer(config, model)
@@ -321,7 +323,9 @@ def finetune(
     if cache_dir is not None:
         folder = Path(cache_dir)
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"cache_dir must be a folder, got the file {str(folder)!r}")
+            raise ValueError(
+                f"cache_dir must be a folder, got the file {str(folder)!r}"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{key}.json"
         if path.is_file() and (

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from peftlab.files import atomic_write_all
 from peftlab.harness import textdata
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # src/peftlab/data: package data
+DATA_DIR = (
+    Path(__file__).resolve().parents[1] / "data"
+)  # src/peftlab/data: package data
 CHECKPOINT = DATA_DIR / "tiny_llama.safetensors"
 
 TINY_LLAMA: dict[str, Any] = {
@@ -138,7 +140,9 @@ def load_pretrained(
     meta_path = path.with_suffix(".json")
     for p in (path, meta_path):
         if not p.is_file():
-            raise FileNotFoundError(f"checkpoint file {p} not found (path={str(path)!r})")
+            raise FileNotFoundError(
+                f"checkpoint file {p} not found (path={str(path)!r})"
+            )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     meta = json.loads(meta_path.read_text())
@@ -349,7 +353,9 @@ def command_line() -> argparse.ArgumentParser:
         help="output .safetensors path (a .json is written beside it)",
     )
     for key, value in PRETRAIN_DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=type(value), default=value
+        )
     for key in SIZE_KEYS:
         parser.add_argument(
             f"--{key.replace('_', '-')}",
@@ -432,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
             "sha256": {
                 "train": _sha256(train_text),
                 "held_out": _sha256(held_text),
-                **{k: _sha256(textdata.outside_text(k)) for k in textdata.OUTSIDE_KINDS},
+                **{
+                    k: _sha256(textdata.outside_text(k)) for k in textdata.OUTSIDE_KINDS
+                },
             },
         },
         "versions": {

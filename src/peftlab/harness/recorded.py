@@ -136,7 +136,9 @@ def run_study(
     pool = (
         None
         if workers == 1
-        else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        else ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn")
+        )
     )
     try:
         for index, stage in enumerate(study.stages):

@@ -121,7 +121,14 @@ class RunResult:
         them); non-finite losses become ``None``."""
         out: dict[str, Any] = asdict(self.config)
         for f in fields(self):
-            if f.name in ("config", "memory", "cached", "adapter", "direction", "curve"):
+            if f.name in (
+                "config",
+                "memory",
+                "cached",
+                "adapter",
+                "direction",
+                "curve",
+            ):
                 continue
             out[f.name] = getattr(self, f.name)
         if self.memory is not None:
@@ -129,7 +136,10 @@ class RunResult:
         out["curve"] = [[p.step, p.held_out, p.train, p.validation] for p in self.curve]
         if self.direction:
             out["magnitude_direction"] = [
-                [p.step, {k: [list(pair) for pair in v] for k, v in p.by_module.items()}]
+                [
+                    p.step,
+                    {k: [list(pair) for pair in v] for k, v in p.by_module.items()},
+                ]
                 for p in self.direction
             ]
         out["effective_rank"] = dict(self.effective_rank)
@@ -149,7 +159,10 @@ class RunResult:
         direction = tuple(
             DirectionPoint(
                 int(step),
-                {k: tuple((float(m), float(d)) for m, d in v) for k, v in layers.items()},
+                {
+                    k: tuple((float(m), float(d)) for m, d in v)
+                    for k, v in layers.items()
+                },
             )
             for step, layers in row.get("magnitude_direction", ())
         )

@@ -86,7 +86,9 @@ def _is_run_of(run: RunResult, arm: RunConfig) -> bool:
     config = run.config
     return (
         replace(config, measure_memory=False).normalized()
-        == replace(arm, lr=config.lr, seed=config.seed, measure_memory=False).normalized()
+        == replace(
+            arm, lr=config.lr, seed=config.seed, measure_memory=False
+        ).normalized()
     )
 
 
@@ -306,7 +308,9 @@ _STUDIES = (
             # five rates per α, centred where α · lr² equals BASE's at 4e-3
             lambda rows: [
                 replace(
-                    arm, lr=lr_lattice(_nearest(_alpha_guess(arm)) + k), seed=TUNING_SEED
+                    arm,
+                    lr=lr_lattice(_nearest(_alpha_guess(arm)) + k),
+                    seed=TUNING_SEED,
                 )
                 for arm in _ALPHA_ARMS
                 for k in (-2, -1, 0, 1, 2)
@@ -414,7 +418,8 @@ def _longer(name: str, after: str, arms: Sequence[RunConfig]) -> Study:
         ]
 
     longer = tuple(
-        replace(a, steps=LONGER * a.steps, eval_every=LONGER * a.eval_every) for a in arms
+        replace(a, steps=LONGER * a.steps, eval_every=LONGER * a.eval_every)
+        for a in arms
     )
     return Study(
         name,

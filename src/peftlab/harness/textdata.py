@@ -189,13 +189,17 @@ def stdlib_sources() -> list[str]:
         here = Path(folder).relative_to(root)
         found += [
             rel
-            for rel in ((here / name).as_posix() for name in files if name.endswith(".py"))
+            for rel in (
+                (here / name).as_posix() for name in files if name.endswith(".py")
+            )
             if rel not in downstream
         ]
     return sorted(found)
 
 
-def _pretraining_documents(split: str, corpus: str = "stdlib") -> list[tuple[str, bytes]]:
+def _pretraining_documents(
+    split: str, corpus: str = "stdlib"
+) -> list[tuple[str, bytes]]:
     _check_corpus(corpus)
     docs = _help_topic_documents(split)
     if corpus == "stdlib":
@@ -293,8 +297,14 @@ def downstream_text(split: str = "train", max_bytes: int | None = None) -> torch
         raise ValueError(f"split must be one of {_DOWNSTREAM_SPLITS}, got {split!r}")
     data = _join(_downstream_documents(split))
     if max_bytes is not None:
-        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 2:
-            raise ValueError(f"max_bytes must be an int >= 2 or None, got {max_bytes!r}")
+        if (
+            not isinstance(max_bytes, int)
+            or isinstance(max_bytes, bool)
+            or max_bytes < 2
+        ):
+            raise ValueError(
+                f"max_bytes must be an int >= 2 or None, got {max_bytes!r}"
+            )
         data = data[:max_bytes]
     return data
 
@@ -343,7 +353,9 @@ def decode(ids: torch.Tensor | list[int]) -> str:
 
 def _check_data(data: torch.Tensor, seq_len: int) -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 1:
-        raise TypeError("data must be a 1-D tensor of byte values (see pretraining_text)")
+        raise TypeError(
+            "data must be a 1-D tensor of byte values (see pretraining_text)"
+        )
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if data.numel() < seq_len + 1:
@@ -369,7 +381,9 @@ def random_batch(
         raise TypeError(
             "generator must be a torch.Generator (seed it for reproducible batches)"
         )
-    starts = torch.randint(0, data.numel() - seq_len, (batch_size,), generator=generator)
+    starts = torch.randint(
+        0, data.numel() - seq_len, (batch_size,), generator=generator
+    )
     idx = starts[:, None] + torch.arange(seq_len + 1)
     windows = data[idx].long()
     return windows[:, :-1], windows[:, 1:]
