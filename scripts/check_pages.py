@@ -6,7 +6,8 @@ Serves the built site (``_build/html``, from ``jupyter-book build .``) on a loca
 desktop width (1,400 px) and a phone width (390 px, mobile emulation) and counts, per page and width:
 
 - ``page-overflow``: the document is wider than the viewport (the whole page scrolls sideways);
-- ``code-scroll``: a code block (a cell's input or a listing, ``pre``) scrolls sideways inside itself;
+- ``code-scroll``: a code cell's input (``pre``) scrolls sideways inside itself;
+- ``listing-scroll``: any other code block (a listing of the package, an example) scrolls sideways;
 - ``output-scroll``: a cell's output (text or table) scrolls sideways;
 - ``table-offscreen``: a table reaches past the viewport with no scrolling box around it (a column cut off);
 - ``img-lowres``: a chapter figure drawn at less than twice its displayed resolution (desktop only);
@@ -59,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKS = (
     "page-overflow",
     "code-scroll",
+    "listing-scroll",
     "output-scroll",
     "table-offscreen",
     "img-lowres",
@@ -134,9 +136,9 @@ async (desktop) => {
   out.caption_font = cap ? parseFloat(getComputedStyle(cap).fontSize) : null;
   main.querySelectorAll('pre').forEach(p => {
     if (!shown(p) || p.scrollWidth <= p.clientWidth + 1) return;
-    const output = p.closest('.cell_output, .output');
-    add(output ? 'output-scroll' : 'code-scroll',
-        `${where(p)} pre ${p.scrollWidth} px in ${p.clientWidth} px: ${text(p).slice(0, 40)}`);
+    const kind = p.closest('.cell_output, .output') ? 'output-scroll'
+      : p.closest('.cell_input, .cell') ? 'code-scroll' : 'listing-scroll';
+    add(kind, `${where(p)} pre ${p.scrollWidth} px in ${p.clientWidth} px: ${text(p).slice(0, 40)}`);
   });
   main.querySelectorAll('.cell_output > .output, .cell_output table').forEach(o => {
     if (!shown(o) || o.tagName === 'PRE' || o.querySelector('pre')) return;
