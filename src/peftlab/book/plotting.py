@@ -102,7 +102,11 @@ _METADATA = {
 
 
 def new_figure(
-    ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6, **kwargs: Any
+    ncols: int = 1,
+    nrows: int = 1,
+    width: float = 6.4,
+    height: float = 3.6,
+    **kwargs: Any,
 ) -> tuple[Figure, Any]:
     """A figure in the book's style: ``fig, ax = new_figure()`` (``ax`` is an array for
     several panels)."""
@@ -227,9 +231,13 @@ def _enlarge_tick_labels(fig: Figure, floor_pt: float, size: float) -> set[int]:
         for axis in (ax.xaxis, ax.yaxis):
             for which in ("major", "minor"):
                 ticks = (
-                    axis.get_major_ticks() if which == "major" else axis.get_minor_ticks()
+                    axis.get_major_ticks()
+                    if which == "major"
+                    else axis.get_minor_ticks()
                 )
-                labels = [label for tick in ticks for label in (tick.label1, tick.label2)]
+                labels = [
+                    label for tick in ticks for label in (tick.label1, tick.label2)
+                ]
                 labels_seen |= {id(label) for label in labels}
                 if any(label.get_fontsize() < floor_pt - 1e-9 for label in labels):
                     axis.set_tick_params(which=which, labelsize=size)
