@@ -43,11 +43,11 @@ def chunked_linear(
     workspace: DequantWorkspace | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with ``W`` dequantized ``rows`` rows at a time (into a
-    buffer of ``workspace``, or a fresh one), each chunk multiplied while it is in cache:
-    ``yᵀ[rows] = W[rows] xᵀ``.
+    buffer of ``workspace``, or a fresh one), each chunk multiplied while it is in
+    cache: ``yᵀ[rows] = W[rows] xᵀ``.
 
-    Note: each output is the dot product of the same numbers as in one whole product, but
-    the matmul kernel may sum it in another order, so results can differ from
+    Note: each output is the dot product of the same numbers as in one whole product,
+    but the matmul kernel may sum it in another order, so results can differ from
     ``F.linear`` on the whole weight in the last bits (float rounding; the tests bound
     it). The output is made contiguous, as ``F.linear``'s is.
     """

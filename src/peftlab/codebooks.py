@@ -80,17 +80,19 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 
 def fp4_code() -> torch.Tensor:
-    """bitsandbytes' FP4 (E2M1) levels, in its bit-pattern order (index = the 4-bit code).
+    """bitsandbytes' FP4 (E2M1) levels, in its bit-pattern order (index = the 4-bit
+    code).
 
     Bit 3 is the sign; for the 3 low bits ``e1 e0 m``: ``000 -> 0``, ``001 -> 0.0625``
-    (the subnormal), otherwise ``2**(4 - e) * (1 + m/2)`` with ``e = e1 e0`` — so 010 ->
-    8, 011 -> 12, 100 -> 4, 101 -> 6, 110 -> 2, 111 -> 3 — all divided by the largest, 12.
+    (the subnormal), otherwise ``2**(4 - e) * (1 + m/2)`` with ``e = e1 e0`` — so
+    010 -> 8, 011 -> 12, 100 -> 4, 101 -> 6, 110 -> 2, 111 -> 3 — all divided by the
+    largest, 12.
 
     Note: this is bitsandbytes' layout (``get_4bit_type("fp4")``), not the OCP MX E2M1
-    one: the normal levels are the same (1/6 ... 1 after scaling), but the exponent field
-    runs downwards and the subnormal is 1/192 instead of 1/12. Index 8 ("-0") is a second
-    +0.0: bitsandbytes writes it as the integer ``-0``, which is 0, and so do we, to stay
-    equal bit for bit.
+    one: the normal levels are the same (1/6 ... 1 after scaling), but the exponent
+    field runs downwards and the subnormal is 1/192 instead of 1/12. Index 8 ("-0") is a
+    second +0.0: bitsandbytes writes it as the integer ``-0``, which is 0, and so do we,
+    to stay equal bit for bit.
     """
     magnitudes = [0.0, 0.0625] + [
         2.0 ** (4 - e) * (1 + m / 2) for e in (1, 2, 3) for m in (0, 1)

@@ -109,19 +109,20 @@ def dora_delta(
     """What DoRA adds to the base layer's output: ``(g − 1) ⊙ W0 x + g ⊙ s·B A x`` with
     ``g = m / ‖W0 + s·B A‖`` (the norm detached).
 
-    ``x`` is the input already cast to the factors' dtype (and dropped out, if dropout is
-    active). ``base_result`` is the base layer's output on the same ``x`` when no dropout
-    was applied (its bias is taken off again here), or ``None``, in which case ``W0 x`` is
-    computed from the dense weight on the dropped-out ``x``. Both cases are PEFT's
-    (``DoraLinearVariant.forward``): with dropout active, W0 x inside DoRA's term sees the
-    dropped-out input while the base output outside it does not.
+    ``x`` is the input already cast to the factors' dtype (and dropped out, if dropout
+    is active). ``base_result`` is the base layer's output on the same ``x`` when no
+    dropout was applied (its bias is taken off again here), or ``None``, in which case
+    ``W0 x`` is computed from the dense weight on the dropped-out ``x``. Both cases are
+    PEFT's (``DoraLinearVariant.forward``): with dropout active, W0 x inside DoRA's term
+    sees the dropped-out input while the base output outside it does not.
 
-    Note: with dropout active and a 4-bit base, ``F.linear(x, W0)`` keeps the dequantized
-    W0 for backward (as PEFT's does), a full-size weight per layer until backward; without
-    dropout (or in eval mode) the base output is reused and nothing weight-sized is kept.
+    Note: with dropout active and a 4-bit base, ``F.linear(x, W0)`` keeps the
+    dequantized W0 for backward (as PEFT's does), a full-size weight per layer until
+    backward; without dropout (or in eval mode) the base output is reused and nothing
+    weight-sized is kept.
     """
-    # The norm is a constant for autograd (§4.3): computing it under no_grad keeps none of
-    # its out × in intermediates alive, the memory saving the paper detaches it for.
+    # The norm is a constant for autograd (§4.3): computing it under no_grad keeps none
+    # of its out × in intermediates alive, the memory saving the paper detaches it for.
     with torch.no_grad():
         lora_weight = _lora_weight(lora_A, lora_B).to(x.dtype)
         weight = dense_weight(base).to(x.dtype)

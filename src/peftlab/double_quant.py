@@ -185,8 +185,8 @@ def _quantize_rows(
         torch.mul(xs, inv[:, None], out=t)
         # ((v + 1) * 0.5) * 65535 + 0.5, each step rounded to float32 like bitsandbytes'
         # AVX2 code; (v + 1) * 0.5 is exact, so multiplying by 32767.5 at once rounds
-        # identically. The clamp to [-1, 1] is left out: |v| <= 1 + 2**-23 and that excess
-        # never changes the bin.
+        # identically. The clamp to [-1, 1] is left out: |v| <= 1 + 2**-23 and that
+        # excess never changes the bin.
         t.add_(1.0).mul_(0.5 * (LUT_SIZE - 1)).add_(0.5)
         i.copy_(t)  # float -> int32 truncates, as cvttps2dq
         torch.index_select(lut, 0, i.view(-1), out=codes[start:stop].view(-1))
@@ -443,8 +443,8 @@ def quantize_absmax(absmax: torch.Tensor, blocksize2: int = 256) -> DoubleQuantS
     :func:`dynamic_map`.
 
     Note: the constants are all positive and cluster around their mean; centring makes
-    them symmetric around 0 so the signed map's 256 levels (half of them negative) are all
-    usable.
+    them symmetric around 0 so the signed map's 256 levels (half of them negative) are
+    all usable.
 
     Note: if all constants are equal, the centred block is zero: ``absmax2 = 0`` and the
     constants dequantize to ``offset`` exactly, with no NaN.
@@ -464,8 +464,8 @@ def dequantize_absmax(state: DoubleQuantState) -> torch.Tensor:
     offset``.
 
     Note: two float32 roundings (the product, then the sum), as bitsandbytes' dequantize
-    kernel followed by ``absmax += offset``; a fused multiply-add would differ in the last
-    bit.
+    kernel followed by ``absmax += offset``; a fused multiply-add would differ in the
+    last bit.
     """
     if not isinstance(state, DoubleQuantState):
         raise TypeError(f"state must be a DoubleQuantState, got {type(state).__name__}")

@@ -153,8 +153,8 @@ def _loftq(
         )
         if i + 1 < num_iter:  # PEFT's order of operations: W0 − (s·B) A
             target = w - scaling * lora_B @ lora_A
-    # The codes are those of the float32 target; the recorded dtype is W0's, so the layer
-    # dequantizes to and saves as the model's dtype, as a quantized W0 would.
+    # The codes are those of the float32 target; the recorded dtype is W0's, so the
+    # layer dequantizes to and saves as the model's dtype, as a quantized W0 would.
     return LoftQFactors(replace(q, dtype=weight.dtype), lora_A, lora_B)
 
 

@@ -74,13 +74,13 @@ def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
 class LoRAFunction(torch.autograd.Function):
     """``scaling · x Aᵀ Bᵀ`` with a backward written from the notes' formulas.
 
-    With tokens as rows (``x``: tokens × in_features, ``g_y``: tokens × out_features) and
-    ``g_ΔW = g_yᵀ x``, the notes give ``g_B = s · g_ΔW Aᵀ`` and
-    ``g_A = s · Bᵀ g_ΔW``. Both are evaluated right to left, ``g_B = s · g_yᵀ (x Aᵀ)`` and
-    ``g_A = s · (g_y B)ᵀ x``, which is the same product by associativity.
+    With tokens as rows (``x``: tokens × in_features, ``g_y``: tokens × out_features)
+    and ``g_ΔW = g_yᵀ x``, the notes give ``g_B = s · g_ΔW Aᵀ`` and
+    ``g_A = s · Bᵀ g_ΔW``. Both are evaluated right to left, ``g_B = s · g_yᵀ (x Aᵀ)``
+    and ``g_A = s · (g_y B)ᵀ x``, which is the same product by associativity.
 
-    Note: ``g_ΔW`` itself is never formed: it is out_features × in_features, the full-size
-    gradient LoRA exists to avoid. Every intermediate here has r columns.
+    Note: ``g_ΔW`` itself is never formed: it is out_features × in_features, the
+    full-size gradient LoRA exists to avoid. Every intermediate here has r columns.
 
     Note: the scaling is applied to the (tokens × r) intermediates, never to a (tokens ×
     out_features) tensor, which is cheaper than scaling the output as PEFT does; results

@@ -76,9 +76,9 @@ def loraplus_param_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]
     """The trainable parameters of ``model`` by LoRA+ group, name → parameter, in PEFT's
     rule and order (``GROUP_NAMES``).
 
-    - ``"embedding"``: a parameter of a PEFT LoRA ``Embedding`` layer (peftlab's LoRA has
-      no embedding layer, so for its models this group is empty, but it is kept so that
-      the optimizer's groups line up with PEFT's).
+    - ``"embedding"``: a parameter of a PEFT LoRA ``Embedding`` layer (peftlab's LoRA
+      has no embedding layer, so for its models this group is empty, but it is kept so
+      that the optimizer's groups line up with PEFT's).
     - ``"groupB"`` / ``"groupB_no_decay"``: a name containing ``"lora_B"``, or any 1-D
       parameter (a trainable bias or norm weight: PEFT gives it B's rate too), split by
       whether it may decay (see :func:`_decay_parameter_names`).

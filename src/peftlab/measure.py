@@ -363,9 +363,9 @@ def count_saved_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedByt
             input gradients).
 
     Note: a storage saved several times (by several ops, or through views) counts once,
-    with its full size. With gradient checkpointing (``use_reentrant=False``) this counts
-    what is kept across the forward (each checkpointed block's inputs), not what backward
-    recomputes one block at a time.
+    with its full size. With gradient checkpointing (``use_reentrant=False``) this
+    counts what is kept across the forward (each checkpointed block's inputs), not what
+    backward recomputes one block at a time.
     """
     counter = SavedBytes()
     counter._seen.update(t.untyped_storage().data_ptr() for t in exclude)

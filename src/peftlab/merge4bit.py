@@ -25,18 +25,19 @@ __all__ = ["merged_weight_4bit", "merge_lora_dequantized", "merge_lora_requantiz
 
 
 def merged_weight_4bit(layer: LoRALinear) -> torch.Tensor:
-    """``dequant(W_nf4) + scaling · B A`` of a :class:`LoRALinear` on a 4-bit base, in the
-    base's compute dtype: the weight the unmerged layer multiplies by, formed once.
+    """``dequant(W_nf4) + scaling · B A`` of a :class:`LoRALinear` on a 4-bit base, in
+    the base's compute dtype: the weight the unmerged layer multiplies by, formed once.
 
-    Raises TypeError if ``layer`` is not a LoRALinear on a :class:`Linear4bit`, ValueError
-    if the sum is not finite.
+    Raises TypeError if ``layer`` is not a LoRALinear on a :class:`Linear4bit`,
+    ValueError if the sum is not finite.
     """
     if not isinstance(layer, LoRALinear):
         raise TypeError(f"layer must be a LoRALinear, got {type(layer).__name__}")
     if not isinstance(layer.base, Linear4bit):
         raise TypeError(
             "layer.base must be a peftlab.qlora.Linear4bit, got "
-            f"{type(layer.base).__name__} (use peftlab.adapters.merge_lora for nn.Linear)"
+            f"{type(layer.base).__name__} "
+            "(use peftlab.adapters.merge_lora for nn.Linear)"
         )
     base = layer.base
     with torch.no_grad():

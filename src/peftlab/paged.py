@@ -48,8 +48,8 @@ def state_bytes(
     numel: int, optim_bits: int = 32, min_8bit_size: int = MIN_8BIT_SIZE
 ) -> int:
     """Bytes of :class:`PagedAdamW`'s two states for a float32 (or 16-bit) parameter of
-    ``numel`` elements: ``8 * numel`` in 32 bits; in 8 bits, ``2 * numel`` codes plus two
-    float32 absmax per block of :data:`STATE_BLOCKSIZE`, unless ``numel <
+    ``numel`` elements: ``8 * numel`` in 32 bits; in 8 bits, ``2 * numel`` codes plus
+    two float32 absmax per block of :data:`STATE_BLOCKSIZE`, unless ``numel <
     min_8bit_size`` (then 32-bit, as bitsandbytes does).
 
     The one count of the states' bytes: :func:`peftlab.memory.estimate` adds it up over

@@ -413,13 +413,13 @@ class PagePool:
     # ---------------------------------------------------------------------------------
     @contextmanager
     def reserve(self, nbytes: int, label: str = "spike") -> Iterator[None]:
-        """Hold ``nbytes`` of the device budget for a memory spike, evicting LRU pages to
-        host as needed.
+        """Hold ``nbytes`` of the device budget for a memory spike, evicting LRU pages
+        to host as needed.
 
         Raises:
-            PoolMemoryError: (a ``MemoryError``) if ``nbytes`` exceeds the capacity minus
-                other reservations, i.e. even an empty pool could not hold it; then no
-                page has moved.
+            PoolMemoryError: (a ``MemoryError``) if ``nbytes`` exceeds the capacity
+                minus other reservations, i.e. even an empty pool could not hold it;
+                then no page has moved.
 
         Note: pages evicted for the spike are not paged back when it ends; they return
         when next used.

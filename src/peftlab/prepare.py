@@ -63,12 +63,12 @@ def prepare_qlora(
     (trained), started as ``init`` says (one of :data:`INITS`). Returns ``model``.
 
     The paper's defaults: every linear layer of the blocks, r = 64, α = 16.
-    ``target_modules`` is matched as by :func:`peftlab.adapters.add_lora` (names, a regex
-    or ``"all-linear"``); never ``lm_head``. ``use_dora``: DoRA adapters (as PEFT allows
-    on a 4-bit base; the chapter *LoRA variants*), with ``init="zero"`` only. ``niter``:
-    for ``init="pissa"``, the randomized SVD's iterations (None: the exact SVD);
-    ``num_iter``: for ``init="loftq"``, LoftQ's alternations. Every argument, and every
-    targeted layer, is checked before the model changes.
+    ``target_modules`` is matched as by :func:`peftlab.adapters.add_lora` (names, a
+    regex or ``"all-linear"``); never ``lm_head``. ``use_dora``: DoRA adapters (as PEFT
+    allows on a 4-bit base; the chapter *LoRA variants*), with ``init="zero"`` only.
+    ``niter``: for ``init="pissa"``, the randomized SVD's iterations (None: the exact
+    SVD); ``num_iter``: for ``init="loftq"``, LoftQ's alternations. Every argument, and
+    every targeted layer, is checked before the model changes.
     """
     # All checks first: some of the steps below check only after an earlier one has
     # changed the model (PiSSA's and LoftQ's, after LoRA is on).
@@ -76,13 +76,13 @@ def prepare_qlora(
     quantized = _checked_quantization(blocksize, double_quant, compute_dtype, kernels)
     names = _checked_targets(model, target_modules, init, r)
     if init == "zero":
-        # Quantize first: DoRA's magnitude is then the norm of the 4-bit weight the layer
-        # multiplies by.
+        # Quantize first: DoRA's magnitude is then the norm of the 4-bit weight the
+        # layer multiplies by.
         quantize_model(model, names, **quantized, progress=False)
         add_lora(model, names, r, alpha, dropout, rslora, use_dora)
     elif init == "pissa":
-        # LoRA first: PiSSA splits the float W0, and it is the residual that is quantized
-        # (it has smaller outliers than W0).
+        # LoRA first: PiSSA splits the float W0, and it is the residual that is
+        # quantized (it has smaller outliers than W0).
         layers = add_lora_layers(model, names, r, alpha, dropout, rslora)
         apply_pissa_to_layers(layers, niter=niter)
         for _, layer in layers:

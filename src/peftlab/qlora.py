@@ -55,16 +55,16 @@ class _Dequantize4bitMatmul(torch.autograd.Function):
     """``y = x Wᵀ + b`` with ``W`` dequantized from 4 bits, in forward and again in
     backward.
 
-    Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a dequantized
-    ``W`` would keep ``W`` (needed for the input gradient) until backward: every layer's
-    full-precision weight at once, which is the memory QLoRA exists to save. Dequantizing
-    twice costs time, not memory.
+    Note: nothing weight-sized is saved for backward. ``F.linear(x, W)`` on a
+    dequantized ``W`` would keep ``W`` (needed for the input gradient) until backward:
+    every layer's full-precision weight at once, which is the memory QLoRA exists to
+    save. Dequantizing twice costs time, not memory.
     Note: ``W`` may be a buffer of the layer's workspace (see
-    :meth:`Linear4bit.weight_for_matmul`), lent for the ``with`` block and overwritten by
-    the next 4-bit layer after it; that is safe because nothing outlives the block: the
-    products are new tensors, never views of it, and backward is ``once_differentiable``
-    (it runs without autograd, so a double backward cannot save the buffer and read it
-    after it changed).
+    :meth:`Linear4bit.weight_for_matmul`), lent for the ``with`` block and overwritten
+    by the next 4-bit layer after it; that is safe because nothing outlives the block:
+    the products are new tensors, never views of it, and backward is
+    ``once_differentiable`` (it runs without autograd, so a double backward cannot save
+    the buffer and read it after it changed).
     """
 
     @staticmethod

@@ -172,8 +172,8 @@ def normalize_excludes(exclude_modules: object) -> str | list[str] | None:
 
 def matches_target(name: str, targets: str | list[str]) -> bool:
     """Whether the module ``name`` is selected by ``targets`` (PEFT's rule)."""
-    # PEFT's rule (check_target_module_exists): a str is a regex that must match the whole
-    # name; a list matches a name equal to an entry or ending in "." + entry.
+    # PEFT's rule (check_target_module_exists): a str is a regex that must match the
+    # whole name; a list matches a name equal to an entry or ending in "." + entry.
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)

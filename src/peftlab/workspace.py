@@ -58,15 +58,17 @@ class DequantWorkspace:
         until the block ends; its values are whatever was written there before.
 
         Note: made outside inference mode even when first asked for inside it: an
-        inference tensor could not be written later by a forward that runs with autograd.
+        inference tensor could not be written later by a forward that runs with
+        autograd.
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device(device)
         numel = torch.Size(shape).numel()
         # CUDA kernels run after the call that queued them returns: a buffer given back
-        # may still be read on its stream. A product queued on the same stream runs after
-        # them; one on another stream would not, so each stream has buffers of its own.
+        # may still be read on its stream. A product queued on the same stream runs
+        # after them; one on another stream would not, so each stream has buffers of
+        # its own.
         stream = (
             torch.cuda.current_stream(device).cuda_stream
             if device.type == "cuda"

@@ -100,14 +100,16 @@ def claim(
     what: str,
     fmt: str | None = None,
 ) -> None:
-    """Check ``measured`` against ``expected`` and glue both (``key``, ``key-expected``).
+    """Check ``measured`` against ``expected`` and glue both (``key``,
+    ``key-expected``).
 
-    ``relation="approx"`` passes when ``|measured - expected| <= max(rel * |expected|,
-    abs)``; the other relations compare ``measured <relation> expected`` (e.g. ``"<"`` for
-    "below 48 GB"). ``source`` cites where ``expected`` comes from ("QLoRA §3"), ``what``
-    says it in words; ``fmt`` (e.g. ``"{:.3f}"``) sets how the Claims page prints both
-    numbers, default :func:`format_number`. Raises :class:`ClaimError` when the claim
-    fails, after recording it. Returns None, so a cell that ends with a claim shows
+    ``relation="approx"`` passes when
+    ``|measured - expected| <= max(rel * |expected|, abs)``; the other relations compare
+    ``measured <relation> expected`` (e.g. ``"<"`` for "below 48 GB"). ``source`` cites
+    where ``expected`` comes from ("QLoRA §3"), ``what`` says it in words; ``fmt`` (e.g.
+    ``"{:.3f}"``) sets how the Claims page prints both numbers, default
+    :func:`format_number`. Raises :class:`ClaimError` when the claim fails, after
+    recording it. Returns None, so a cell that ends with a claim shows
     nothing; the prose shows the glued numbers.
     """
     stable_name(key, "key")

@@ -117,13 +117,13 @@ def update_statistics(
 
 
 def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
-    """φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) (Hu et al. 2021, §7.2), in
-    [0, 1].
+    """φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j) (Hu et al. 2021, §7.2),
+    in [0, 1].
 
-    ``A1`` (r1 × k) and ``A2`` (r2 × k) are two ``lora_A`` matrices of the same layer; U1,
-    U2 hold their right-singular vectors (directions in the input space), most important
-    first. 1 means the top-i directions of one span the top-j of the other (or vice
-    versa); 0 means orthogonal.
+    ``A1`` (r1 × k) and ``A2`` (r2 × k) are two ``lora_A`` matrices of the same layer;
+    U1, U2 hold their right-singular vectors (directions in the input space), most
+    important first. 1 means the top-i directions of one span the top-j of the other (or
+    vice versa); 0 means orthogonal.
     """
     for name, a in (("A1", A1), ("A2", A2)):
         if not isinstance(a, torch.Tensor) or a.dim() != 2:

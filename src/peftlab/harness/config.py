@@ -149,8 +149,8 @@ class RunConfig:
             raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
         if self.optim_bits == 8 and self.optimizer != "paged_adamw":
             raise ValueError(
-                "optim_bits=8 needs optimizer='paged_adamw' (8-bit states are the paged "
-                f"optimizer's), got optimizer={self.optimizer!r}"
+                "optim_bits=8 needs optimizer='paged_adamw' (8-bit states are the "
+                f"paged optimizer's), got optimizer={self.optimizer!r}"
             )
         if self.use_dora and self.init != "zero":
             raise ValueError(
@@ -234,12 +234,12 @@ def qlora_recipe(method: str, **settings: Any) -> RunConfig:
     """The QLoRA paper's recipe, where it applies, for ``method`` ("full", "lora" or
     "qlora"): adapters on all
     linear layers with α = 16, paged AdamW at a constant learning rate, gradient norm
-    clipped at 0.3, the frozen base computing in 16 bits, and one step's memory measured.
-    ``settings`` override any field.
+    clipped at 0.3, the frozen base computing in 16 bits, and one step's memory
+    measured. ``settings`` override any field.
 
     Note: the learning rate defaults to 2e-3 for the adapters and 5e-4 for full
-    finetuning, which diverges at 2e-3 on this model; the paper's dropout (0.1 up to 13B)
-    is a setting like any other.
+    finetuning, which diverges at 2e-3 on this model; the paper's dropout (0.1 up to
+    13B) is a setting like any other.
     """
     defaults = dict(
         targets="all",
@@ -259,9 +259,9 @@ def lr_factor(config: RunConfig, step: int) -> float:
 
     Warm-up climbs linearly to 1 over the first ``ceil(warmup_ratio · steps)`` updates
     (the first update already moves: ``1 / warmup``). A ``"cosine"`` schedule then falls
-    along half a cosine and reaches exactly zero one update after the last, so a run ends
-    at a learning rate close to zero: its loss has stopped moving because the steps have
-    become small, the usual recipe's way of ending a run.
+    along half a cosine and reaches exactly zero one update after the last, so a run
+    ends at a learning rate close to zero: its loss has stopped moving because the steps
+    have become small, the usual recipe's way of ending a run.
     """
     warmup = math.ceil(config.warmup_ratio * config.steps)
     if step < warmup:

@@ -127,11 +127,12 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """The pretrained tiny LLaMA from ``path`` (default: the shipped checkpoint), in eval
-    mode.
+    """The pretrained tiny LLaMA from ``path`` (default: the shipped checkpoint), in
+    eval mode.
 
-    The config is read from the JSON file beside the checkpoint. Every tensor in the file
-    must match a parameter of the model and vice versa; a mismatch raises ``ValueError``.
+    The config is read from the JSON file beside the checkpoint. Every tensor in the
+    file must match a parameter of the model and vice versa; a mismatch raises
+    ``ValueError``.
     """
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM

@@ -294,10 +294,10 @@ def verify(
             checks.append(check)
             if not check.difference <= check.tolerance:
                 raise AssertionError(
-                    f"study {check.study!r}: run {run.key} gave held-out loss "
-                    f"{check.rerun!r} at step {check.step}, recorded {check.recorded!r} "
-                    f"(tolerance {check.tolerance}); re-record the study if the training "
-                    "loop changed on purpose"
+                    f"study {check.study!r}: run {run.key} gave "
+                    f"held-out loss {check.rerun!r} at step {check.step}, "
+                    f"recorded {check.recorded!r} (tolerance {check.tolerance}); "
+                    "re-record the study if the training loop changed on purpose"
                 )
     return checks
 

@@ -208,10 +208,11 @@ class Comparison:
     def verdict(
         self, lower: str = "lower", higher: str = "higher", unit: str = "nats/byte"
     ) -> str:
-        """The comparison in words, only as strong as its intervals: ``lower``/``higher``
-        where the 95 % interval excludes zero, "equivalent within ±margin" where the
-        90 % interval lies inside the margin, else "undetermined" (the interval is too
-        wide to say; the caller shows its half-width beside the estimate)."""
+        """The comparison in words, only as strong as its intervals:
+        ``lower``/``higher`` where the 95 % interval excludes zero, "equivalent within
+        ±margin" where the 90 % interval lies inside the margin, else "undetermined"
+        (the interval is too wide to say; the caller shows its half-width beside the
+        estimate)."""
         if self.different:
             word = lower if self.interval.high < 0 else higher
             if self.equivalent:

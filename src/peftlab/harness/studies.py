@@ -46,10 +46,10 @@ BASE = RunConfig(
     schedule="cosine",
     warmup_ratio=0.05,
 )
-"""Every study's starting point: 300 steps of 8 × 64 bytes (153,600 training bytes, about
-a third of the downstream train text), the learning rate warmed up over the first 5 % of
-the steps and decayed to zero along a cosine, evaluated on 128 windows of 64 bytes of each
-text every 75 steps."""
+"""Every study's starting point: 300 steps of 8 × 64 bytes (153,600 training bytes,
+about a third of the downstream train text), the learning rate warmed up over the first
+5 % of the steps and decayed to zero along a cosine, evaluated on 128 windows of 64
+bytes of each text every 75 steps."""
 
 TUNING_SEED = 0
 """The seed every learning rate is tuned on."""
