@@ -210,7 +210,9 @@ def fully_shard_qlora(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Mo
     mesh = _checked_mesh(model, mesh)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, Linear4bit) and not isinstance(child, ShardableLinear4bit):
+            if isinstance(child, Linear4bit) and not isinstance(
+                child, ShardableLinear4bit
+            ):
                 setattr(module, child_name, ShardableLinear4bit(child))
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh)
@@ -235,7 +237,9 @@ def expected_collective_bytes(model: nn.Module, world: int) -> dict[str, int]:
     blocks = blocks_of(model)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = [p for p in model.parameters() if id(p) not in in_blocks]
-    gather = sum(2 * world * sum(_shard_bytes(p, world) for p in b.parameters()) for b in blocks)
+    gather = sum(
+        2 * world * sum(_shard_bytes(p, world) for p in b.parameters()) for b in blocks
+    )
     gather += world * sum(_shard_bytes(p, world) for p in root)
     groups = [list(b.parameters()) for b in blocks] + [root]
     scatter = sum(
@@ -303,8 +307,15 @@ def rank_bytes(
     """
     seen: set[int] = set()
     out = dict.fromkeys(
-        ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_states",
-         "replicated"), 0,
+        (
+            "weights",
+            "quant_constants",
+            "lora_weights",
+            "gradients",
+            "optimizer_states",
+            "replicated",
+        ),
+        0,
     )
 
     def add(kind: str, t: torch.Tensor | None) -> None:
@@ -345,8 +356,8 @@ class CollectiveBytes:
     counted is what FSDP2 actually sent, not a copy of its arithmetic.
 
     ``all_gather`` is the outputs' bytes (world size × the shards), ``reduce_scatter``
-    the inputs' (world size × the shards); ``calls`` counts each kind and ``dtypes`` the
-    dtypes the all-gathers moved.
+    the inputs' (world size × the shards); ``calls`` counts each kind, ``dtypes`` names
+    the dtypes the all-gathers moved, ``events`` lists ``(kind, bytes)`` in order.
 
     Note: the functions are wrapped on the ``torch.distributed`` module for the block and
     restored after it. A ``TorchFunctionMode`` would be the cleaner hook, but it does not
@@ -358,6 +369,7 @@ class CollectiveBytes:
         self.reduce_scatter = 0
         self.calls = {"all_gather": 0, "reduce_scatter": 0}
         self.dtypes: set[str] = set()
+        self.events: list[tuple[str, int]] = []
         self._saved: tuple[Any, Any] | None = None
 
     def __enter__(self) -> CollectiveBytes:
@@ -369,12 +381,14 @@ class CollectiveBytes:
         def all_gather_single(output_tensor, input_tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
             self.all_gather += _nbytes(output_tensor)
             self.calls["all_gather"] += 1
+            self.events.append(("all_gather", _nbytes(output_tensor)))
             self.dtypes.add(str(output_tensor.dtype).removeprefix("torch."))
             return gather(output_tensor, input_tensor, *args, **kwargs)
 
         def reduce_scatter_single(output, input, *args, **kwargs):  # noqa: A002, ANN001, ANN002, ANN003
             self.reduce_scatter += _nbytes(input)
             self.calls["reduce_scatter"] += 1
+            self.events.append(("reduce_scatter", _nbytes(input)))
             return scatter(output, input, *args, **kwargs)
 
         dist.all_gather_single = all_gather_single

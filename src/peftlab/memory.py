@@ -473,9 +473,17 @@ def estimate(
         # FSDP2's split, tensor by tensor (each padded to whole rows on every GPU), plus
         # the unsharded parameters a step holds besides: see shard_bytes.
         sharded, gathered = shard_bytes(
-            shape, method, n_gpus, r=r, targets=targets, dtype=dtype,
-            lora_dtype=lora_dtype, blocksize=blocksize, double_quant=double_quant,
-            blocksize2=blocksize2, optimizer_bits=optimizer_bits,
+            shape,
+            method,
+            n_gpus,
+            r=r,
+            targets=targets,
+            dtype=dtype,
+            lora_dtype=lora_dtype,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            blocksize2=blocksize2,
+            optimizer_bits=optimizer_bits,
             master_weights=master_weights,
         )
         parts = {**sharded.as_dict(), "weights": sharded.weights + gathered}
@@ -508,8 +516,9 @@ def estimate(
     return Breakdown(**parts)
 
 
-
-def shard_bytes(model: Any, method: str, n_gpus: int, **kwargs: Any) -> tuple[Breakdown, int]:
+def shard_bytes(
+    model: Any, method: str, n_gpus: int, **kwargs: Any
+) -> tuple[Breakdown, int]:
     """What the first of ``n_gpus`` GPUs holds when FSDP2 shards ``model`` (a name, a
     :class:`LlamaShape` or a config) one block per group: its shards by component
     (activations aside), and the bytes of the unsharded parameters it holds besides
@@ -523,8 +532,11 @@ def shard_bytes(model: Any, method: str, n_gpus: int, **kwargs: Any) -> tuple[Br
     dtype = kwargs.pop("dtype", torch.bfloat16)
     lora_dtype = kwargs.pop("lora_dtype", None) or dtype
     parts, gathered = rank_shares(
-        shape, method, n_gpus,
+        shape,
+        method,
+        n_gpus,
         weight_bytes=_dtype_bytes(dtype, "dtype"),
-        lora_bytes=_dtype_bytes(lora_dtype, "lora_dtype"), **kwargs,
+        lora_bytes=_dtype_bytes(lora_dtype, "lora_dtype"),
+        **kwargs,
     )
     return Breakdown(**parts), gathered

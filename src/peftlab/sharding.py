@@ -85,8 +85,10 @@ def parameter_tensors(
             continue
         blocks = math.ceil(o * i / blocksize)
         out.append(ParameterTensor("weights", True, False, (o * i + 1) // 2, 1))
-        sizes = (blocks, 4 * math.ceil(blocks / blocksize2), 4) if double_quant else (
-            4 * blocks,
+        sizes = (
+            (blocks, 4 * math.ceil(blocks / blocksize2), 4)
+            if double_quant
+            else (4 * blocks,)
         )
         out += [ParameterTensor("quant_constants", True, False, n, 1) for n in sizes]
     if method != "full":
@@ -126,8 +128,10 @@ def rank_shares(
         raise ValueError(f"optimizer_bits must be 32, 16 or 8, got {optimizer_bits!r}")
     parts = dict.fromkeys(_COMPONENTS, 0)
     block = rest = 0
-    element = {"weights": tensors.get("weight_bytes", 2),
-               "lora_weights": tensors.get("lora_bytes", 2)}
+    element = {
+        "weights": tensors.get("weight_bytes", 2),
+        "lora_weights": tensors.get("lora_bytes", 2),
+    }
     for t in parameter_tensors(shape, method, **tensors):
         copies = shape.n_layers if t.in_block else 1
         local = rank_rows(t.rows, n_gpus) * t.row_bytes
@@ -139,7 +143,8 @@ def rank_shares(
         if t.trained:
             numel = local // element[t.component]
             states = (
-                state_bytes(numel, 8) if optimizer_bits == 8
+                state_bytes(numel, 8)
+                if optimizer_bits == 8
                 else 2 * optimizer_bits // 8 * numel
             )
             if master_weights and element[t.component] < 4:

@@ -141,7 +141,10 @@ def reference_run(spec: RunSpec) -> dict[str, Any]:
             opt.zero_grad(set_to_none=False)
     factors = {n: p.detach().clone() for n, p in params.items()}
     return dict(
-        losses=losses, grads=grads, factors=factors, bytes=rank_bytes(model, opt),
+        losses=losses,
+        grads=grads,
+        factors=factors,
+        bytes=rank_bytes(model, opt),
         model=model,
     )
 
@@ -153,9 +156,15 @@ def _original_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(m, Linear4bit):
             q = m.weight
             parts = [q.packed]
-            parts += [q.absmax.codes, q.absmax.absmax2, q.absmax.offset] if q.double_quant else [q.absmax]
+            parts += (
+                [q.absmax.codes, q.absmax.absmax2, q.absmax.offset]
+                if q.double_quant
+                else [q.absmax]
+            )
             for key, t in zip(BYTE_PARAMS, parts):
-                out[f"{name}.{key}"] = t.contiguous().reshape(-1).view(torch.uint8).clone()
+                out[f"{name}.{key}"] = (
+                    t.contiguous().reshape(-1).view(torch.uint8).clone()
+                )
     return out
 
 
@@ -171,7 +180,11 @@ def negative_control(device: str = "cpu") -> dict[str, int]:
     torch.manual_seed(0)
     linear = nn.Linear(256, 512, bias=False)
     layer = bnb.nn.Linear4bit(
-        256, 512, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+        256,
+        512,
+        bias=False,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
         quant_storage=torch.bfloat16,
     )
     layer.load_state_dict(linear.state_dict())
@@ -186,6 +199,10 @@ def negative_control(device: str = "cpu") -> dict[str, int]:
         "words": before.numel(),
         "nan_words": int(nan.sum()),
         "changed_by_round_trip": int((round_trip != before).sum()),
+        # the word(s) the conversion writes for a NaN
+        "round_trip_nan": ", ".join(
+            sorted({f"0x{int(w) & 0xFFFF:04X}" for w in round_trip[nan].tolist()})
+        ),
         "error": "",
     }
     wrapper = nn.Sequential(layer)
@@ -228,8 +245,11 @@ def _worker(rank: int, world: int, spec: RunSpec, out: Path) -> None:
             loss.backward()
         if traffic is None:
             traffic = dict(
-                all_gather=counter.all_gather, reduce_scatter=counter.reduce_scatter,
-                calls=counter.calls, dtypes=sorted(counter.dtypes),
+                all_gather=counter.all_gather,
+                reduce_scatter=counter.reduce_scatter,
+                calls=counter.calls,
+                dtypes=sorted(counter.dtypes),
+                events=counter.events,
             )
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -239,9 +259,13 @@ def _worker(rank: int, world: int, spec: RunSpec, out: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=False)
     result: dict[str, Any] = dict(
-        rank=rank, world=world, losses=losses, traffic=traffic, expected=expected,
-        bytes=rank_bytes(model, opt), gather=dict(
-            differing=differing, compared=compared, same_keys=same_keys),
+        rank=rank,
+        world=world,
+        losses=losses,
+        traffic=traffic,
+        expected=expected,
+        bytes=rank_bytes(model, opt),
+        gather=dict(differing=differing, compared=compared, same_keys=same_keys),
         n_4bit_layers=sum(isinstance(m, ShardableLinear4bit) for m in model.modules()),
     )
     if device.type == "cuda":
@@ -279,7 +303,11 @@ class Launch:
     ) -> None:
         if not isinstance(spec, RunSpec):
             raise TypeError(f"spec must be a RunSpec, got {type(spec).__name__}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        if (
+            isinstance(world_size, bool)
+            or not isinstance(world_size, int)
+            or world_size < 1
+        ):
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if spec.batch % world_size:
             raise ValueError(
@@ -295,13 +323,21 @@ class Launch:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "spec.json").write_text(json.dumps(asdict(self.spec)))
         env = {**os.environ, **dict.fromkeys(ENV_THREADS, "1")}
-        env.pop("PEFTLAB_BOOK_BUILD", None)  # the ranks are scripts, not the book's kernels
+        env.pop(
+            "PEFTLAB_BOOK_BUILD", None
+        )  # the ranks are scripts, not the book's kernels
         self._start = time.perf_counter()
         try:
             for rank in range(self.world_size):
                 err = open(self.folder / f"rank{rank}.err", "w")  # noqa: SIM115
-                command = [sys.executable, "-m", "peftlab.harness.fsdp_run", str(rank),
-                           str(self.world_size), str(self.folder)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "peftlab.harness.fsdp_run",
+                    str(rank),
+                    str(self.world_size),
+                    str(self.folder),
+                ]
                 proc = subprocess.Popen(
                     command, env=env, stdout=subprocess.DEVNULL, stderr=err
                 )
@@ -334,12 +370,16 @@ class Launch:
             if failed:
                 self._stop()
                 tail = (self.folder / f"rank{failed[0]}.err").read_text()[-2000:]
-                raise RuntimeError(f"rank {failed[0]} exited with {codes[failed[0]]}:\n{tail}")
+                raise RuntimeError(
+                    f"rank {failed[0]} exited with {codes[failed[0]]}:\n{tail}"
+                )
             if all(c == 0 for c in codes):
                 break
             if time.perf_counter() > deadline:
                 self._stop()
-                raise RuntimeError(f"the ranks did not finish in time (exit codes {codes})")
+                raise RuntimeError(
+                    f"the ranks did not finish in time (exit codes {codes})"
+                )
             time.sleep(0.05)
         seconds = time.perf_counter() - self._start
         return _results(self.folder, self.world_size, seconds)
@@ -348,17 +388,24 @@ class Launch:
 def _results(folder: Path, world_size: int, seconds: float) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world_size)]
+    ranks = [
+        json.loads((folder / f"rank{r}.json").read_text()) for r in range(world_size)
+    ]
     # FSDP2 splits dim 0: rank r holds the rows from r·ceil(n/N) on, so the ranks' rows,
     # put end to end, are the whole tensor.
     parts = [load_file(folder / f"rank{r}.safetensors") for r in range(world_size)]
     whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    grads = {k.removeprefix("grad."): v for k, v in whole.items() if k.startswith("grad.")}
+    grads = {
+        k.removeprefix("grad."): v for k, v in whole.items() if k.startswith("grad.")
+    }
     factors = {
         k.removeprefix("factor."): v for k, v in whole.items() if k.startswith("factor.")
     }
     return dict(
-        ranks=ranks, grads=grads, factors=factors, adapter=folder / "adapter",
+        ranks=ranks,
+        grads=grads,
+        factors=factors,
+        adapter=folder / "adapter",
         seconds=seconds,
     )
 
@@ -378,7 +425,9 @@ def _main(argv: list[str]) -> None:
     spec = RunSpec(**json.loads((folder / "spec.json").read_text()))
     backend = "nccl" if spec.device == "cuda" else "gloo"
     dist.init_process_group(
-        backend, init_method=f"file://{folder / 'rendezvous'}", rank=rank,
+        backend,
+        init_method=f"file://{folder / 'rendezvous'}",
+        rank=rank,
         world_size=world,
     )
     try:
