@@ -781,7 +781,8 @@ def q9_alpha_and_rank(alpha: float = 16.0, ranks: tuple[int, int] = (4, 64)) -> 
         "How should α change with the rank?",
         "With α/r, a fixed α shrinks the update as r grows, which with Adam is a smaller "
         "learning rate; rsLoRA's α/√r keeps it of order one. Either way, tune the learning "
-        "rate whenever r or α changes: with a tuned rate the two scalings train alike.",
+        "rate whenever r or α changes; in this book's runs, each at its own tuned rate, the "
+        "two scalings could not be told apart.",
         s[hi, True] / s[hi, False],
         math.sqrt(hi),
         "approx",
