@@ -18,9 +18,9 @@ keeps the same bytes in ``uint8`` parameters instead:
   exactly as they are stored, and no NaN bit pattern can be rewritten on the way;
 - forward reads the gathered bytes back as an NF4 weight, without copying them.
 
-:func:`split_batch`, :func:`rank_bytes`, :class:`CollectiveBytes` and
-:func:`save_sharded_adapter` are what a training loop, a measurement and a checkpoint need
-on top; :mod:`peftlab.fsdp_run` launches the processes.
+:func:`split_batch`, :func:`rank_bytes`, :class:`CollectiveBytes` (with
+:func:`expected_collective_bytes`, its formula) and :func:`save_sharded_adapter` are what a
+training loop, a measurement and a checkpoint need on top; :mod:`peftlab.fsdp_run` launches the processes.
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ class ShardableLinear4bit(Linear4bit):
             self.nf4_offset = _as_bytes(q.absmax.offset)
         else:
             self.nf4_absmax = _as_bytes(q.absmax)
+            for stale in BYTE_PARAMS[2:]:  # from an earlier double-quantized weight
+                if hasattr(self, stale):
+                    delattr(self, stale)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # The bytes are parameters now: nn.Module moves them. Linear4bit's own _apply
@@ -181,7 +184,9 @@ def _checked_mesh(model: nn.Module, mesh: object) -> DeviceMesh:
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"mesh must be a DeviceMesh or None, got {type(mesh).__name__}")
     if mesh.ndim != 1:
-        raise ValueError(f"mesh must be 1-D (pure sharding), got {mesh.ndim} dimensions")
+        raise ValueError(
+            f"mesh must be 1-D (pure sharding), got {mesh.ndim} dimensions"
+        )
     if mesh.device_type != device_type:
         raise ValueError(
             f"mesh is a {mesh.device_type!r} mesh but the model is on {device_type!r}: "
@@ -243,7 +248,8 @@ def expected_collective_bytes(model: nn.Module, world: int) -> dict[str, int]:
     gather += world * sum(_shard_bytes(p, world) for p in root)
     groups = [list(b.parameters()) for b in blocks] + [root]
     scatter = sum(
-        world * sum(_shard_bytes(p, world) for p in g if p.requires_grad) for g in groups
+        world * sum(_shard_bytes(p, world) for p in g if p.requires_grad)
+        for g in groups
     )
     return {"all_gather": gather, "reduce_scatter": scatter}
 
@@ -328,7 +334,9 @@ def rank_bytes(
         out[kind] += st.nbytes()
 
     for module in model.modules():
-        if isinstance(module, Linear4bit) and not isinstance(module, ShardableLinear4bit):
+        if isinstance(module, Linear4bit) and not isinstance(
+            module, ShardableLinear4bit
+        ):
             for kind, tensors in module.memory_tensors().items():
                 for t in tensors:
                     add(kind, t)
@@ -426,7 +434,9 @@ def save_sharded_adapter(model: nn.Module, directory: str | Path) -> Path | None
     settings = {(m.r, m.alpha, m.rslora, m.use_dora) for _, m in layers}
     dropout = {float(getattr(m.dropout, "p", 0.0)) for _, m in layers}
     if len(settings) != 1 or len(dropout) != 1:
-        raise ValueError("all LoRA layers must share r, alpha, rslora, use_dora, dropout")
+        raise ValueError(
+            "all LoRA layers must share r, alpha, rslora, use_dora, dropout"
+        )
     options = StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
     )

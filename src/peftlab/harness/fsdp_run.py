@@ -4,19 +4,22 @@ one process fed the same global batches.
 
 Explained in the chapter *QLoRA across GPUs* (book/chapters/fsdp.md).
 
-:func:`launch` starts ``python -m peftlab.harness.fsdp_run`` once per rank, as ``torchrun`` would,
-with one CPU thread each, a file in a temporary folder as the rendezvous (no port to
-choose), and kills them all if one fails or the time runs out. Each rank writes what it
-measured as JSON (and rank 0 the gradients as safetensors): no pickle crosses a process
-boundary. :func:`reference_run` is the one-process run the sharded one must equal.
+:class:`Launch` starts ``python -m peftlab.harness.fsdp_run`` once per rank, as
+``torchrun`` would, with one CPU thread each and a file in a temporary folder as the
+rendezvous (no port to choose); the caller's code runs meanwhile, and leaving the block
+kills any rank still running. Each rank writes what it measured as JSON and its rows of
+the gradients and factors as safetensors: no pickle crosses a process boundary.
+:func:`reference_run` is the one-process run the sharded one must equal.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -399,7 +402,9 @@ def _results(folder: Path, world_size: int, seconds: float) -> dict[str, Any]:
         k.removeprefix("grad."): v for k, v in whole.items() if k.startswith("grad.")
     }
     factors = {
-        k.removeprefix("factor."): v for k, v in whole.items() if k.startswith("factor.")
+        k.removeprefix("factor."): v
+        for k, v in whole.items()
+        if k.startswith("factor.")
     }
     return dict(
         ranks=ranks,
@@ -411,7 +416,10 @@ def _results(folder: Path, world_size: int, seconds: float) -> dict[str, Any]:
 
 
 def launch(
-    spec: RunSpec, folder: str | os.PathLike, world_size: int = 2, timeout: float = 120.0
+    spec: RunSpec,
+    folder: str | os.PathLike,
+    world_size: int = 2,
+    timeout: float = 120.0,
 ) -> dict[str, Any]:
     """Run ``spec`` sharded over ``world_size`` processes and return what
     :meth:`Launch.wait` returns."""
@@ -419,7 +427,21 @@ def launch(
         return run.wait()
 
 
+def _exit_with_parent() -> None:
+    # A rank whose launcher died (a killed notebook kernel) would wait in a collective
+    # for a peer that never comes: leave as soon as the parent is gone.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _main(argv: list[str]) -> None:
+    _exit_with_parent()
     rank, world, folder = int(argv[0]), int(argv[1]), Path(argv[2])
     torch.set_num_threads(1)
     spec = RunSpec(**json.loads((folder / "spec.json").read_text()))
@@ -429,6 +451,7 @@ def _main(argv: list[str]) -> None:
         init_method=f"file://{folder / 'rendezvous'}",
         rank=rank,
         world_size=world,
+        timeout=datetime.timedelta(seconds=300),  # a collective a peer never joins
     )
     try:
         _worker(rank, world, spec, folder)
