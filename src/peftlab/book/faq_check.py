@@ -20,6 +20,7 @@ The exit status is 1 when an answer does not hold in some environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -190,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     known = range(1, len(questions.QUESTIONS) + 1)
     if args.only and any(n not in known for n in args.only):
         parser.error(f"--only takes question numbers {known.start}-{known.stop - 1}")
-    here = run_checks(args.only)
+    if args.json:
+        # stdout carries the JSON alone: what the libraries print goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            here = run_checks(args.only)
+    else:
+        here = run_checks(args.only)
     record = _record(here)
     if args.save:
         args.save.write_text(json.dumps(record, indent=1) + "\n")
