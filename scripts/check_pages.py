@@ -14,6 +14,9 @@ desktop width (1,400 px) and a phone width (390 px, mobile emulation) and counts
 - ``img-thumb``: a Figures-page thumbnail narrower than 120 px on a desktop;
 - ``img-unlinked``: a figure image that does not link to its full-size file;
 - ``img-alt``: an image whose alt text is its file name (or missing);
+- ``fig-small-text``: a chapter figure whose smallest text draws below 12 px on a desktop, from the build's figure
+  records (``_build/.peftlab/figure-records``: size in inches and smallest font) and the width drawn; the
+  phone's smallest is printed below the table (a phone shows every figure at about 45 % of the desktop's size);
 - ``math-error``: a MathJax error (``mjx-merror``);
 - ``math-untypeset``: a math span MathJax left as TeX (MathJax missing: read offline, it came from a CDN);
 - ``raw-tex``: TeX left in the reader's text (``$...$``, ``\\(``, ``\\Delta``...) outside code and math;
@@ -67,6 +70,7 @@ CHECKS = (
     "img-thumb",
     "img-unlinked",
     "img-alt",
+    "fig-small-text",
     "math-error",
     "math-untypeset",
     "raw-tex",
@@ -80,6 +84,9 @@ CHECKS = (
     "blank-header",
     "js-error",
 )
+
+#: A figure's smallest text, in CSS pixels as drawn, below which it is too small to read (the page's small print).
+MIN_TEXT_PX = 12.0
 
 #: Thumbnails on the Figures page narrower than this on a desktop are too small to recognise.
 MIN_THUMBNAIL_PX = 120
@@ -177,7 +184,7 @@ async (desktop) => {
       add('img-thumb', `${file} thumbnail drawn ${w.toFixed(1)} px wide`);
     if ((inFigure || thumb) && !i.closest('a[href]'))
       add('img-unlinked', `${where(i)} ${file} does not link to its full-size file`);
-    if (desktop) (out.images = out.images || []).push({where: where(i), file, natural: nat, shown: +w.toFixed(1)});
+    (out.images = out.images || []).push({where: where(i), file, natural: nat, shown: +w.toFixed(1)});
   });
   document.querySelectorAll('mjx-merror').forEach(e => add('math-error', `${where(e)} ${text(e)}`));
   document.querySelectorAll('span.math, div.math').forEach(e => {
@@ -209,7 +216,7 @@ async (desktop) => {
   });
   if (desktop) {
     const boxes = [...document.querySelectorAll('input[type="search"], button.search-button-field, .search-button')]
-      .filter(e => shown(e) && e.getBoundingClientRect().width > 0 && !e.closest('article'));
+      .filter(e => shown(e) && e.getBoundingClientRect().width > 0 && !e.closest('article, .bd-search-container'));
     if (boxes.length > 1) add('search-boxes', `${boxes.length} search boxes shown`);
   }
   const thebe = [...document.querySelectorAll('script')].filter(s =>
@@ -378,6 +385,32 @@ def check_urls(urls: list[list[str]], page_url: str, site: Path, base: str) -> l
     return problems
 
 
+def figure_records(site: Path) -> dict[str, dict[str, Any]]:
+    """The legibility each figure's record holds (written by save_figure beside the built site), by name."""
+    folder = site.parent / ".peftlab" / "figure-records"
+    out = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = json.loads(path.read_text())
+        if "legibility" in record:
+            out[record["name"]] = record["legibility"]
+    return out
+
+
+def figure_text(images: list[dict[str, Any]], records: dict[str, dict[str, Any]]) -> list[tuple[str, float]]:
+    """(name, px) for each chapter figure whose smallest text draws below MIN_TEXT_PX: the record's smallest
+    font in points and width in inches, at the width the browser drew the image."""
+    small = []
+    for image in images:
+        name = image["where"].removeprefix("#fig-")
+        legible = records.get(name)
+        if not image["where"].startswith("#fig-") or legible is None or not image["shown"]:
+            continue
+        px = legible["smallest_pt"] / 72 * image["shown"] / legible["width_in"]
+        if px < MIN_TEXT_PX - 0.05:
+            small.append((name, px))
+    return small
+
+
 def check_page(browser: Chromium, session: str, url: str, width: int) -> dict[str, Any]:
     phone = width <= 600
     browser.send("Emulation.setDeviceMetricsOverride", {
@@ -444,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[int, Counter[str]] = {w: Counter() for w in args.widths}
     report: dict[str, Any] = {"pages": defaultdict(dict)}
     columns, fonts = [], []
+    records = figure_records(site)
+    phone_text: list[tuple[float, str]] = []
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -460,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
                 problems += [("http-404", path) for path in sorted(set(failures))]
                 problems += [("external", u) for u in value["external"]]
                 problems += [("js-error", m.splitlines()[0][:120]) for m in value["js_errors"]]
+                small = figure_text(value.get("images", []), records)
+                for name, px in small:
+                    if width > 600:
+                        problems.append(("fig-small-text", f"{name}: smallest text {px:.1f} px as shown"))
+                    else:
+                        phone_text.append((px, name))
                 if width > 600 and "/chapters/" in page:
                     columns.append(value["column"])
                     fonts.append((value["body_font"], value["caption_font"]))
@@ -486,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for check in CHECKS:
         print(f"{check:16}" + "".join(f"{counts[w][check]:>10}" for w in args.widths))
+    if phone_text and PHONE_WIDTH in args.widths:
+        px, name = min(phone_text)
+        print(f"smallest figure text on a phone: {px:.1f} px ({name}); each figure links to its full-size file")
+    if not records:
+        print("no figure records with legibility in the build: fig-small-text not checked")
     total = sum(sum(c.values()) for c in counts.values())
     print("-" * len(header))
     print(f"{'total':16}" + "".join(f"{sum(counts[w].values()):>10}" for w in args.widths))
