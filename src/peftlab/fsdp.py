@@ -3,24 +3,26 @@ constants and the adapters split N ways, the 4-bit bytes gathered as bytes.
 
 Explained in the chapter *QLoRA across GPUs* (book/chapters/fsdp.md).
 
-:func:`fully_shard_qlora` hands a model prepared by :func:`peftlab.prepare.prepare_qlora`
-to ``torch.distributed.fsdp.fully_shard`` (FSDP2), one call per transformer block and one
-for the rest, so PyTorch's own engine shards, all-gathers and reduce-scatters everything.
-What this module adds is the one thing FSDP2 cannot know: an NF4 weight is not a tensor
-but packed codes plus constants (:class:`peftlab.nf4.NF4Tensor`), held outside any
-``nn.Parameter``, which FSDP2 would leave whole on every rank. :class:`ShardableLinear4bit`
-keeps the same bytes in ``uint8`` parameters instead:
+:func:`fully_shard_qlora` hands a model prepared by
+:func:`peftlab.prepare.prepare_qlora` to ``torch.distributed.fsdp.fully_shard`` (FSDP2),
+one call per transformer block and one for the rest, so PyTorch's own engine shards,
+all-gathers and reduce-scatters everything. What this module adds is the one thing FSDP2
+cannot know: an NF4 weight is not a tensor but packed codes plus constants
+(:class:`peftlab.nf4.NF4Tensor`), held outside any ``nn.Parameter``, which FSDP2 would
+leave whole on every rank. :class:`ShardableLinear4bit` keeps the same bytes in
+``uint8`` parameters instead:
 
 - FSDP2 never casts a parameter that is not floating point (its mixed-precision policy
   skips them), so no policy can turn a code into a number;
-- a group of parameters of several dtypes is all-gathered as one ``uint8`` buffer, so the
-  codes, the double-quantization codes and the float32 constants (as their bytes) travel
-  exactly as they are stored, and no NaN bit pattern can be rewritten on the way;
+- a group of parameters of several dtypes is all-gathered as one ``uint8`` buffer, so
+  the codes, the double-quantization codes and the float32 constants (as their bytes)
+  travel exactly as they are stored, and no NaN bit pattern can be rewritten on the way;
 - forward reads the gathered bytes back as an NF4 weight, without copying them.
 
 :func:`split_batch`, :func:`rank_bytes`, :class:`CollectiveBytes` (with
-:func:`expected_collective_bytes`, its formula) and :func:`save_sharded_adapter` are what a
-training loop, a measurement and a checkpoint need on top; :mod:`peftlab.fsdp_run` launches the processes.
+:func:`expected_collective_bytes`, its formula) and :func:`save_sharded_adapter` are
+what a training loop, a measurement and a checkpoint need on top. The chapter launches
+the processes with ``peftlab.harness.fsdp_run``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from peftlab.double_quant import DoubleQuantState
 from peftlab.files import atomic_write_all
 from peftlab.nf4 import NF4Tensor
 from peftlab.qlora import Linear4bit
+from peftlab.sharding import rank_rows
 
 __all__ = [
     "BYTE_PARAMS",
@@ -64,7 +67,7 @@ second-level float32 absmax and offset, as bytes."""
 
 
 def _as_bytes(t: torch.Tensor) -> nn.Parameter:
-    # A frozen uint8 parameter holding t's bytes: a view of t's memory, not a conversion.
+    # A frozen uint8 parameter holding t's bytes: a view of its memory, not a conversion
     flat = t.detach().contiguous().reshape(-1)
     return nn.Parameter(flat.view(torch.uint8), requires_grad=False)
 
@@ -137,22 +140,26 @@ class ShardableLinear4bit(Linear4bit):
         nn.Module._load_from_state_dict(self, *args, **kwargs)
 
     def memory_tensors(self) -> dict[str, list[Any]]:
-        """The tensors this layer holds, by kind (as :class:`Linear4bit` reports them)."""
+        """The tensors this layer holds, by kind (as :class:`Linear4bit` has them)."""
         constants = [getattr(self, n) for n in BYTE_PARAMS[1:] if hasattr(self, n)]
         weights = [self.nf4_packed] + ([] if self.bias is None else [self.bias])
         return {"weights": weights, "quant_constants": constants}
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model``: the elements of every ``nn.ModuleList``
-    that holds a 4-bit layer (``model.model.layers`` of a LLaMA), the unit FSDP2 gathers
-    at once (accelerate's ``TRANSFORMER_BASED_WRAP``)."""
-    out = []
+    """The transformer blocks of ``model``: the elements of every outermost
+    ``nn.ModuleList`` that hold a 4-bit layer (``model.model.layers`` of a LLaMA), the
+    unit FSDP2 gathers at once (accelerate's ``TRANSFORMER_BASED_WRAP``)."""
+    out: list[nn.Module] = []
+    inside: set[int] = (
+        set()
+    )  # modules of a block already found: its own lists are not blocks
     for module in model.modules():
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, nn.ModuleList) and id(module) not in inside:
             for block in module:
                 if any(isinstance(m, Linear4bit) for m in block.modules()):
                     out.append(block)
+                    inside.update(id(m) for m in block.modules())
     return out
 
 
@@ -168,7 +175,8 @@ def _check_prepared(model: object) -> None:
         )
     if not lora_layers(model):
         raise TypeError(
-            "model has no LoRA layer: prepare it with peftlab.prepare.prepare_qlora first"
+            "model has no LoRA layer: prepare it with peftlab.prepare.prepare_qlora "
+            "first"
         )
 
 
@@ -190,7 +198,8 @@ def _checked_mesh(model: nn.Module, mesh: object) -> DeviceMesh:
     if mesh.device_type != device_type:
         raise ValueError(
             f"mesh is a {mesh.device_type!r} mesh but the model is on {device_type!r}: "
-            f"build the mesh with init_device_mesh({device_type!r}, ...) or move the model"
+            f"build the mesh with init_device_mesh({device_type!r}, ...) or move the "
+            "model"
         )
     return mesh
 
@@ -226,10 +235,9 @@ def fully_shard_qlora(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Mo
 
 
 def _shard_bytes(p: torch.Tensor, world: int) -> int:
-    # FSDP2's rule: dim 0 split in world chunks of ceil(rows / world), padded to that size
+    # FSDP2's rule (peftlab.sharding.rank_rows): dim 0 in chunks of ceil(rows / world)
     rows = p.shape[0] if p.dim() else 1
-    per_row = p.numel() // max(rows, 1) if p.dim() else 1
-    return -(-rows // world) * per_row * p.element_size()
+    return rank_rows(rows, world) * (p.numel() // rows) * p.element_size()
 
 
 def expected_collective_bytes(model: nn.Module, world: int) -> dict[str, int]:
@@ -266,7 +274,8 @@ def split_batch(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     if n % world_size:
         raise ValueError(
             f"a global batch of {n} rows does not divide over {world_size} ranks: the "
-            "ranks' mean losses would weigh rows unequally; use a multiple of the world size"
+            "ranks' mean losses would weigh rows unequally; use a multiple of the "
+            "world size"
         )
     per = n // world_size
     return batch[rank * per : (rank + 1) * per]
@@ -359,18 +368,25 @@ def rank_bytes(
 
 class CollectiveBytes:
     """Counts the bytes this rank's all-gathers produce and its reduce-scatters consume
-    inside a ``with`` block, by watching the two calls FSDP2's collectives make
-    (``torch.distributed.all_gather_single`` and ``reduce_scatter_single``): what is
+    inside a ``with`` block, by watching the calls FSDP2's collectives make
+    (``torch.distributed.all_gather_single`` and ``reduce_scatter_single``; in releases
+    before 2.13, ``all_gather_into_tensor`` and ``reduce_scatter_tensor``): what is
     counted is what FSDP2 actually sent, not a copy of its arithmetic.
 
     ``all_gather`` is the outputs' bytes (world size × the shards), ``reduce_scatter``
     the inputs' (world size × the shards); ``calls`` counts each kind, ``dtypes`` names
     the dtypes the all-gathers moved, ``events`` lists ``(kind, bytes)`` in order.
 
-    Note: the functions are wrapped on the ``torch.distributed`` module for the block and
-    restored after it. A ``TorchFunctionMode`` would be the cleaner hook, but it does not
-    see the collectives FSDP2 issues from its backward hooks and final callback.
+    Note: the functions are wrapped on the ``torch.distributed`` module for the block
+    and restored after it; a call made from inside another counted call is not counted
+    again. A ``TorchFunctionMode`` would be the cleaner hook, but it does not see the
+    collectives FSDP2 issues from its backward hooks and final callback.
     """
+
+    _NAMES = {
+        "all_gather": ("all_gather_single", "all_gather_into_tensor"),
+        "reduce_scatter": ("reduce_scatter_single", "reduce_scatter_tensor"),
+    }
 
     def __init__(self) -> None:
         self.all_gather = 0
@@ -378,34 +394,45 @@ class CollectiveBytes:
         self.calls = {"all_gather": 0, "reduce_scatter": 0}
         self.dtypes: set[str] = set()
         self.events: list[tuple[str, int]] = []
-        self._saved: tuple[Any, Any] | None = None
+        self._saved: dict[str, Any] = {}
+        self._depth = 0
+
+    def _wrap(self, kind: str, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                # (output, input) by position, or output=/input= (or output_tensor=...)
+                out = kwargs.get("output", kwargs.get("output_tensor"))
+                inp = kwargs.get("input", kwargs.get("input_tensor"))
+                out = args[0] if out is None and args else out
+                inp = args[1] if inp is None and len(args) > 1 else inp
+                moved = _nbytes(out if kind == "all_gather" else inp)
+                setattr(self, kind, getattr(self, kind) + moved)
+                self.calls[kind] += 1
+                self.events.append((kind, moved))
+                if kind == "all_gather":
+                    self.dtypes.add(str(out.dtype).removeprefix("torch."))
+            self._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
 
     def __enter__(self) -> CollectiveBytes:
-        if self._saved is not None:
+        if self._saved:
             raise RuntimeError("this CollectiveBytes is already counting")
-        gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
-        self._saved = (gather, scatter)
-
-        def all_gather_single(output_tensor, input_tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-            self.all_gather += _nbytes(output_tensor)
-            self.calls["all_gather"] += 1
-            self.events.append(("all_gather", _nbytes(output_tensor)))
-            self.dtypes.add(str(output_tensor.dtype).removeprefix("torch."))
-            return gather(output_tensor, input_tensor, *args, **kwargs)
-
-        def reduce_scatter_single(output, input, *args, **kwargs):  # noqa: A002, ANN001, ANN002, ANN003
-            self.reduce_scatter += _nbytes(input)
-            self.calls["reduce_scatter"] += 1
-            self.events.append(("reduce_scatter", _nbytes(input)))
-            return scatter(output, input, *args, **kwargs)
-
-        dist.all_gather_single = all_gather_single
-        dist.reduce_scatter_single = reduce_scatter_single
+        for kind, names in self._NAMES.items():
+            for name in names:
+                if hasattr(dist, name):
+                    self._saved[name] = getattr(dist, name)
+                    setattr(dist, name, self._wrap(kind, self._saved[name]))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dist.all_gather_single, dist.reduce_scatter_single = self._saved
-        self._saved = None
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+        self._saved = {}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -413,9 +440,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def save_sharded_adapter(model: nn.Module, directory: str | Path) -> Path | None:
-    """Save the LoRA factors of a sharded model in PEFT's format (``adapter_config.json``
-    and ``adapter_model.safetensors``, loadable by ``peft.PeftModel.from_pretrained``
-    and :func:`peftlab.adapter_io.load_adapter`); a collective, every rank calls it.
+    """Save the LoRA factors of a sharded model in PEFT's format
+    (``adapter_config.json`` and ``adapter_model.safetensors``, loadable by
+    ``peft.PeftModel.from_pretrained`` and :func:`peftlab.adapter_io.load_adapter`); a
+    collective, every rank calls it.
 
     The factors are gathered with ``torch.distributed.checkpoint``'s full state dict
     (only the trained parameters, onto rank 0's CPU, one at a time): no rank ever holds

@@ -69,8 +69,8 @@ def parameter_tensors(
     one block, or of the rest (embeddings, final norm, ``lm_head``).
 
     A 4-bit weight is the layout of :class:`peftlab.fsdp.ShardableLinear4bit`: 1-D
-    ``uint8`` tensors of its packed codes and of the bytes of each constant (8-bit codes,
-    float32 second-level absmax, float32 offset; or float32 absmax without double
+    ``uint8`` tensors of its packed codes and of the bytes of each constant (8-bit
+    codes, float32 second-level absmax, float32 offset; or float32 absmax without double
     quantization).
     """
     full, d, w = method == "full", shape.d_model, weight_bytes

@@ -153,7 +153,7 @@ def reference_run(spec: RunSpec) -> dict[str, Any]:
 
 
 def _original_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
-    # The 4-bit bytes of the unsharded model, under the names ShardableLinear4bit gives them
+    # The unsharded model's 4-bit bytes, under the names ShardableLinear4bit gives them
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, Linear4bit):
@@ -173,10 +173,10 @@ def _original_bytes(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def negative_control(device: str = "cpu") -> dict[str, int]:
     """bitsandbytes' 4-bit weight stored as bfloat16 (``quant_storage``), through
-    ``fully_shard`` and back: how many packed 16-bit words are bf16 NaN patterns, how many
-    FSDP2's gather changed, and how many one float32 round trip (what a float-aware copy
-    does) changes; ``error`` names what failed if FSDP2 refused the layer. A collective:
-    every rank calls it."""
+    ``fully_shard`` and back: how many packed 16-bit words are bf16 NaN patterns, how
+    many FSDP2's gather changed, and how many one float32 round trip (what a float-aware
+    copy does) changes; ``error`` names what failed if FSDP2 refused the layer. A
+    collective: every rank calls it."""
     import bitsandbytes as bnb
     from torch.distributed.fsdp import fully_shard
 
@@ -217,7 +217,7 @@ def negative_control(device: str = "cpu") -> dict[str, int]:
         out["nan_words_changed_by_fsdp"] = int((after != before)[nan].sum())
         out["output_differs"] = int(not torch.equal(y0, wrapper(x)))
         wrapper.reshard()
-    except Exception as err:  # noqa: BLE001 - a failure is a result here, reported as such
+    except Exception as err:  # noqa: BLE001 - a failure is a result, reported as such
         out["error"] = f"{type(err).__name__}: {err}"[:300]
     return out
 
