@@ -324,6 +324,11 @@ class Launch:
 
     def __enter__(self) -> Launch:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if (self.folder / "rendezvous").exists():
+            # a file store left by an earlier run would pair these ranks with its own
+            raise ValueError(
+                f"{self.folder} holds an earlier run: give an empty folder"
+            )
         (self.folder / "spec.json").write_text(json.dumps(asdict(self.spec)))
         env = {**os.environ, **dict.fromkeys(ENV_THREADS, "1")}
         env.pop(
