@@ -8,10 +8,10 @@ With checkpointing, a block's forward keeps only its input; backward runs the bl
 forward again to rebuild what it needs. So the memory of the activations falls to one
 block's worth plus the checkpoints, and the step pays about one more forward pass of the
 blocks. :func:`checkpointing_cost` measures both on a Hugging Face causal LM: the bytes
-autograd saves (:func:`peftlab.measure.count_saved_bytes`) and the medians of alternating
-timed steps, each ratio taken within one round so that a change of the machine's load
-between rounds cancels, and times a forward pass alone, from which the extra forward
-predicts the slowdown.
+autograd saves (:func:`peftlab.measure.count_saved_bytes`) and the medians of
+alternating timed steps, each ratio taken within one round so that a change of the
+machine's load between rounds cancels, and times a forward pass alone, from which the
+extra forward predicts the slowdown.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ class CheckpointingCost(NamedTuple):
 
 
 def enable_checkpointing(model: nn.Module) -> nn.Module:
-    """Turn on transformers' gradient checkpointing of every block (non-reentrant, which
-    needs no input that requires a gradient, so it works with frozen embeddings and LoRA).
-    Returns ``model``.
+    """Turn on transformers' gradient checkpointing of every block (non-reentrant,
+    which needs no input that requires a gradient, so it works with frozen embeddings
+    and LoRA). Returns ``model``.
 
-    Note: transformers 5 calls it ``activation_checkpointing_enable``; the old name still
-    works there, with a warning, so the new one is used where it exists.
+    Note: transformers 5 calls it ``activation_checkpointing_enable``; the old name
+    still works there, with a warning, so the new one is used where it exists.
     """
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is None:

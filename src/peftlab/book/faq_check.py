@@ -1,5 +1,6 @@
-"""Re-check the answers of *Questions people ask* (book/chapters/questions.md) here, and
-under other installed versions of PEFT and bitsandbytes, and print which answers changed.
+"""Re-check the answers of *Questions people ask* (book/chapters/questions.md) here,
+and under other installed versions of PEFT and bitsandbytes, and print which answers
+changed.
 
     python -m peftlab.book.faq_check                      # this environment
     python -m peftlab.book.faq_check --only 3 9           # some questions
@@ -65,8 +66,9 @@ def environment() -> dict[str, str]:
 
 
 def run_checks(numbers: Sequence[int] | None = None) -> list[Result]:
-    """Run the questions' checks here; a check that raises is a result that does not hold,
-    with the error, so that an API a library removed shows up as a changed answer."""
+    """Run the questions' checks here; a check that raises is a result that does not
+    hold, with the error, so that an API a library removed shows up as a changed
+    answer."""
     import warnings
 
     from peftlab.book import questions
@@ -133,7 +135,7 @@ def compare(
 
 
 def _other_interpreter(python: str, numbers: Sequence[int] | None) -> dict[str, Any]:
-    """Run the checks under ``python`` with this checkout's package first on its path."""
+    """Run the checks under ``python``, this checkout's package first on its path."""
     src = str(Path(__file__).resolve().parents[2])
     env = {
         **os.environ,

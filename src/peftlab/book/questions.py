@@ -1,14 +1,15 @@
 """Ten questions people ask about LoRA and QLoRA, each answered by a check that measures
 the answer with the installed libraries.
 
-Shown in the chapter *Questions people ask* (book/chapters/questions.md); re-run against
-other installed versions of PEFT and bitsandbytes by ``python -m peftlab.book.faq_check``.
+Shown in the chapter *Questions people ask* (book/chapters/questions.md); re-run
+against other installed versions of PEFT and bitsandbytes by
+``python -m peftlab.book.faq_check``.
 
 Each ``q*`` function measures one answer and returns an :class:`Answer`: the number the
 answer rests on, what it is compared with, whether it still holds, and a small table for
-the page. The page calls the same function and turns the comparison into a ``claim``, so
-the build fails when an answer stops being true; the command prints which answers changed
-under another environment. One source of truth for both.
+the page. The page calls the same function and turns the comparison into a ``claim``,
+so the build fails when an answer stops being true; the command prints which answers
+changed under another environment. One source of truth for both.
 
 Every check runs on a CPU in a few seconds: the book's tiny pretrained model, one layer,
 or the memory model of :mod:`peftlab.memory`.
@@ -95,7 +96,7 @@ def _mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:,.1f} MB"
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1 and 2: memory
 
 
@@ -137,7 +138,10 @@ def q1_memory_not_covered(batch: int = 32, seq: int = 384) -> Answer:
             f"{tag}-ratio": q.total / lora.total,
         }
         rows += [
-            (f"{b} × {s} tokens: 4-bit codes and constants", f"{four_bit / 1e9:.2f} GB"),
+            (
+                f"{b} × {s} tokens: 4-bit codes and constants",
+                f"{four_bit / 1e9:.2f} GB",
+            ),
             (
                 f"{b} × {s} tokens: 16-bit embeddings, `lm_head`, norms",
                 f"{sixteen / 1e9:.2f} GB",
@@ -157,14 +161,16 @@ def q1_memory_not_covered(batch: int = 32, seq: int = 384) -> Answer:
         1,
         "memory-not-covered",
         "My 4-bit model uses as much memory as the 16-bit one: why?",
-        "4 bits cover only the blocks' linear weights; embeddings, lm_head, adapters with "
-        "their optimizer states, and above all the activations of a large batch stay as "
-        "they were (and the CUDA context comes on top).",
+        "4 bits cover only the blocks' linear weights; embeddings, lm_head, adapters "
+        "with their optimizer states, and above all the activations of a large batch "
+        "stay as they were (and the CUDA context comes on top).",
         numbers["large-uncovered"],
         0.5,
         ">",
-        f"share of a QLoRA step of LLaMA-7B at {batch} × {seq} tokens that is not 4-bit storage",
-        "peftlab.memory.estimate (checked against measured steps in the memory chapter)",
+        f"share of a QLoRA step of LLaMA-7B at {batch} × {seq} tokens that is not "
+        "4-bit storage",
+        "peftlab.memory.estimate (checked against measured steps in the memory "
+        "chapter)",
         numbers=numbers,
         rows=tuple(rows),
     )
@@ -214,9 +220,10 @@ def q2_bytes_per_parameter() -> Answer:
         2,
         "bytes-per-parameter",
         "Why does the QLoRA paper's 4-bit 7B take more than 0.5 bytes per parameter?",
-        "Half a byte is the codes alone. The block constants add 0.127 bits per quantized "
-        "weight, and embeddings and lm_head stay 16-bit; the paper's 5,048 MB also holds "
-        "what a GPU adds (CUDA context, allocator), which no count of tensors sees.",
+        "Half a byte is the codes alone. The block constants add 0.127 bits per "
+        "quantized weight, and embeddings and lm_head stay 16-bit; the paper's 5,048 "
+        "MB also holds what a GPU adds (CUDA context, allocator), which no count of "
+        "tensors sees.",
         total / n,
         0.5,
         ">",
@@ -227,7 +234,7 @@ def q2_bytes_per_parameter() -> Answer:
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # helpers on the book's model
 
 
@@ -254,7 +261,7 @@ def _read(
     return logp, F.nll_loss(logp.flatten(0, 1), batch[1].flatten()).item()
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 3: merging into 4 bits
 
 
@@ -278,7 +285,9 @@ def q3_merge_into_4bit(steps: int = 8, r: int = 8, lr: float = 2e-3) -> Answer:
             copy.deepcopy(floats), r=r, alpha=16.0, compute_dtype=torch.float32
         )
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr
+        )
         gen = torch.Generator().manual_seed(0)
         for _ in range(steps):
             loss = pretrained.lm_loss(model, *textdata.random_batch(train, 4, 64, gen))
@@ -319,10 +328,10 @@ def q3_merge_into_4bit(steps: int = 8, r: int = 8, lr: float = 2e-3) -> Answer:
         3,
         "merge-into-4bit",
         "Can I merge a LoRA into a 4-bit model?",
-        "Three ways, not equal: into the dequantized weights kept in float it is exact "
-        "but no longer 4-bit; re-quantized to NF4 (PEFT's merge_and_unload on a 4-bit "
-        "model) every block touched is rounded afresh; into the original 16-bit weights it "
-        "loses what the adapter learned about the quantization error.",
+        "Three ways, not equal: into the dequantized weights kept in float it is "
+        "exact but no longer 4-bit; re-quantized to NF4 (PEFT's merge_and_unload on a "
+        "4-bit model) every block touched is rounded afresh; into the original 16-bit "
+        "weights it loses what the adapter learned about the quantization error.",
         kl["re-quantized to NF4"],
         1e-6,
         ">",
@@ -334,7 +343,7 @@ def q3_merge_into_4bit(steps: int = 8, r: int = 8, lr: float = 2e-3) -> Answer:
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4: DoRA
 
 
@@ -402,15 +411,15 @@ def q4_dora_overhead(
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 5: paged optimizers
 
 
 def q5_paged_optimizer() -> Answer:
     """The book's PagedAdamW on the adapters of the book's model (every linear layer,
-    r = 64) with a device budget that holds the states, then a spike that needs part of
-    it: what is paged out, and whether the states shrink. And bitsandbytes' PagedAdamW on
-    a CPU: its states beside torch's AdamW's."""
+    r = 64) with a device budget that holds the states, then a spike that needs part
+    of it: what is paged out, and whether the states shrink. And bitsandbytes'
+    PagedAdamW on a CPU: its states beside torch's AdamW's."""
     import bitsandbytes as bnb
 
     from peftlab.adapters import add_lora
@@ -496,20 +505,22 @@ def q5_paged_optimizer() -> Answer:
         5,
         "paged-optimizer",
         "Do paged optimizers save memory?",
-        "They save no bytes: the states are as large as ever. They move them to CPU RAM "
-        "when a spike needs the GPU's room and back for the update, which costs time only "
-        "when it happens; on a CPU bitsandbytes' paged optimizer is a plain AdamW.",
+        "They save no bytes: the states are as large as ever. They move them to CPU "
+        "RAM when a spike needs the GPU's room and back for the update, which costs "
+        "time only when it happens; on a CPU bitsandbytes' paged optimizer is a plain "
+        "AdamW.",
         (during.resident_bytes + during.host_bytes) / state,
         1.0,
         "==",
-        "optimizer-state bytes on device and host during a spike, over the states' bytes",
+        "optimizer-state bytes on device and host during a spike, over the states' "
+        "bytes",
         "QLoRA §3 (paged optimizers move states, they do not shrink them)",
         numbers=numbers,
         rows=rows,
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 6: bitsandbytes on a CPU
 
 
@@ -552,7 +563,8 @@ def q6_bnb_on_cpu(numel: int = 64 * 1024) -> Answer:
         layer = layer.to("cpu").train()
         x = torch.randn(4, 256, generator=gen)
         exact = (
-            x @ BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().T
+            x
+            @ BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().T
         )
         out_err = ((layer(x) - exact).norm() / exact.norm()).item()
     capability = torch.backends.cpu.get_cpu_capability()
@@ -579,10 +591,11 @@ def q6_bnb_on_cpu(numel: int = 64 * 1024) -> Answer:
         6,
         "bnb-on-cpu",
         "Does bitsandbytes run on a CPU?",
-        "Yes, since the multi-backend releases: 4-bit quantization, the 4-bit layer and "
-        "8-bit optimizers run on a CPU, the paged optimizers fall back to ordinary states; "
-        "two CPU kernels are wrong for rows that are not whole blocks of 64 on AVX-512 "
-        "processors (the stack chapter), so keep such layers in 16 bits.",
+        "Yes, since the multi-backend releases: 4-bit quantization, the 4-bit layer "
+        "and 8-bit optimizers run on a CPU, the paged optimizers fall back to "
+        "ordinary states; two CPU kernels are wrong for rows that are not whole "
+        "blocks of 64 on AVX-512 processors (the stack chapter), so keep such layers "
+        "in 16 bits.",
         differing,
         0,
         "==",
@@ -593,7 +606,7 @@ def q6_bnb_on_cpu(numel: int = 64 * 1024) -> Answer:
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 7: sharding 4-bit weights
 
 
@@ -614,7 +627,8 @@ def bf16_nan_words(packed: torch.Tensor) -> tuple[int, int, int, int]:
     bits = words.view(torch.int16)
     nan = torch.isnan(words)
     changed = words.float().to(torch.bfloat16).view(torch.int16) != bits
-    return words.numel(), int(nan.sum()), int(changed.sum()), int((changed & ~nan).sum())
+    numbers_changed = int((changed & ~nan).sum())
+    return words.numel(), int(nan.sum()), int(changed.sum()), numbers_changed
 
 
 def q7_sharded_bytes_as_floats(block: int = 0) -> Answer:
@@ -651,11 +665,11 @@ def q7_sharded_bytes_as_floats(block: int = 0) -> Answer:
         7,
         "sharded-bytes-as-floats",
         "Why does the loss go to 0 or NaN when I shard a 4-bit model?",
-        "The packed 4-bit codes are bytes, not numbers. A sharding library that stores "
-        "them as floats, casts them or reduces them rewrites some: every byte pair that "
-        "happens to be a NaN pattern comes back as one fixed NaN, two codes lost. Keep "
-        "quantized weights out of sharding, or store them as the float type the library "
-        "expects (bnb_4bit_quant_storage) and never cast them.",
+        "The packed 4-bit codes are bytes, not numbers. A sharding library that "
+        "stores them as floats, casts them or reduces them rewrites some: every byte "
+        "pair that happens to be a NaN pattern comes back as one fixed NaN, two codes "
+        "lost. Keep quantized weights out of sharding, or store them as the float "
+        "type the library expects (bnb_4bit_quant_storage) and never cast them.",
         changed,
         0,
         ">",
@@ -666,11 +680,13 @@ def q7_sharded_bytes_as_floats(block: int = 0) -> Answer:
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 8: gradient checkpointing
 
 
-def q8_gradient_checkpointing(batch: int = 2, seq: int = 128, repeats: int = 2) -> Answer:
+def q8_gradient_checkpointing(
+    batch: int = 2, seq: int = 128, repeats: int = 2
+) -> Answer:
     """Gradient checkpointing on the book's model with LoRA (r = 16, every linear
     layer): the bytes kept for backward and the step time, with and without."""
     from peftlab.adapters import add_lora
@@ -717,10 +733,10 @@ def q8_gradient_checkpointing(batch: int = 2, seq: int = 128, repeats: int = 2) 
         8,
         "gradient-checkpointing",
         "Gradient checkpointing: how much memory, how much time?",
-        "The activations kept fall to the blocks' inputs plus one block's worth at a time; "
-        "the price is one more forward pass of the blocks, about a third more time for "
-        "full finetuning and about half more with a frozen base, whose backward computes "
-        "no weight gradients.",
+        "The activations kept fall to the blocks' inputs plus one block's worth at a "
+        "time; the price is one more forward pass of the blocks, about a third more "
+        "time for full finetuning and about half more with a frozen base, whose "
+        "backward computes no weight gradients.",
         cost.checkpointed_saved_bytes,
         checkpoints,
         ">=",
@@ -731,13 +747,13 @@ def q8_gradient_checkpointing(batch: int = 2, seq: int = 128, repeats: int = 2) 
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 9: alpha and rank
 
 
 def q9_alpha_and_rank(alpha: float = 16.0, ranks: tuple[int, int] = (4, 64)) -> Answer:
-    """PEFT's scaling at two ranks with α fixed, with α/r and with rsLoRA's α/√r, and the
-    tuned learning rates the book recorded at those ranks."""
+    """PEFT's scaling at two ranks with α fixed, with α/r and with rsLoRA's α/√r, and
+    the tuned learning rates the book recorded at those ranks."""
     from dataclasses import replace
 
     from peft import LoraConfig, inject_adapter_in_model
@@ -779,10 +795,10 @@ def q9_alpha_and_rank(alpha: float = 16.0, ranks: tuple[int, int] = (4, 64)) -> 
         9,
         "alpha-and-rank",
         "How should α change with the rank?",
-        "With α/r, a fixed α shrinks the update as r grows, which with Adam is a smaller "
-        "learning rate; rsLoRA's α/√r keeps it of order one. Either way, tune the learning "
-        "rate whenever r or α changes; in this book's runs, each at its own tuned rate, the "
-        "two scalings could not be told apart.",
+        "With α/r, a fixed α shrinks the update as r grows, which with Adam is a "
+        "smaller learning rate; rsLoRA's α/√r keeps it of order one. Either way, tune "
+        "the learning rate whenever r or α changes; in this book's runs, each at its "
+        "own tuned rate, the two scalings could not be told apart.",
         s[hi, True] / s[hi, False],
         math.sqrt(hi),
         "approx",
@@ -794,7 +810,7 @@ def q9_alpha_and_rank(alpha: float = 16.0, ranks: tuple[int, int] = (4, 64)) -> 
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 10: PiSSA / LoftQ starts on a 4-bit base
 
 
@@ -834,7 +850,9 @@ def q10_pissa_start(r: int = 32) -> Answer:
                 f = pissa_init(floats.get_submodule(name).weight, r, 16.0)
                 layer.lora_A.copy_(f.lora_A)
                 layer.lora_B.copy_(f.lora_B)
-        losses["PiSSA's adapters on the original weights, quantized"] = _loss(wrong, held)
+        losses["PiSSA's adapters on the original weights, quantized"] = _loss(
+            wrong, held
+        )
     zero = losses["QLoRA, B = 0"]
     tags = {
         "float model": "float",
@@ -850,15 +868,15 @@ def q10_pissa_start(r: int = 32) -> Answer:
         "pissa-start",
         "Why does my loss start higher with PiSSA or LoftQ on a 4-bit model?",
         "Done right, both start lower than QLoRA's zero start. A high start means the "
-        "adapters were initialised from W while the base was not replaced by what they "
-        "leave: PiSSA must decompose the float weight and quantize the residual, LoftQ "
-        "must quantize inside its alternation; adapters from W on a base quantized from W "
-        "count W's top directions twice.",
+        "adapters were initialised from W while the base was not replaced by what "
+        "they leave: PiSSA must decompose the float weight and quantize the residual, "
+        "LoftQ must quantize inside its alternation; adapters from W on a base "
+        "quantized from W count W's top directions twice.",
         losses["PiSSA's adapters on the original weights, quantized"] - zero,
         0.0,
         ">",
-        "held-out loss of PiSSA's adapters on a base quantized from the original weights, "
-        "minus QLoRA's zero start (nats/byte)",
+        "held-out loss of PiSSA's adapters on a base quantized from the original "
+        "weights, minus QLoRA's zero start (nats/byte)",
         "PiSSA (Meng et al. 2024): quantize the residual",
         numbers=numbers,
         rows=rows,
@@ -887,7 +905,7 @@ def run_all(numbers: list[int] | None = None) -> list[Answer]:
 
 
 def answers_markdown(answers: list[Answer]) -> str:
-    """A table of answers: question, the number it rests on, expected, measured, holds."""
+    """A table of answers: question, what is measured, expected, measured, holds."""
     lines = [
         "| # | question | what is measured | expected | measured | holds |",
         "|---|---|---|---|---|---|",
