@@ -635,18 +635,20 @@ def q7_sharded_bytes_as_floats(block: int = 0) -> Answer:
     """The packed NF4 codes of the seven linear layers of one block of the book's model,
     read as bfloat16: how many words are NaN patterns, and how many a float32 round trip
     rewrites."""
+    from peftlab.devices import torch_threads
     from peftlab.harness import pretrained
     from peftlab.nf4 import quantize_nf4
     from peftlab.targets import LLAMA_LINEARS
 
     model = pretrained.load_pretrained()
     words = nan = changed = numbers_changed = 0
-    for name, m in model.model.layers[block].named_modules():
-        if name.rsplit(".", 1)[-1] in LLAMA_LINEARS:
-            q = quantize_nf4(m.weight.detach(), 64, double_quant=True)
-            w, n, c, cn = bf16_nan_words(q.packed)
-            words, nan = words + w, nan + n
-            changed, numbers_changed = changed + c, numbers_changed + cn
+    with torch_threads(1):  # small tensors: one thread, immune to a busy machine
+        for name, m in model.model.layers[block].named_modules():
+            if name.rsplit(".", 1)[-1] in LLAMA_LINEARS:
+                q = quantize_nf4(m.weight.detach(), 64, double_quant=True)
+                w, n, c, cn = bf16_nan_words(q.packed)
+                words, nan = words + w, nan + n
+                changed, numbers_changed = changed + c, numbers_changed + cn
     numbers = {
         "words": words,
         "nan-words": nan,
