@@ -562,10 +562,8 @@ def q6_bnb_on_cpu(numel: int = 64 * 1024) -> Answer:
         )
         layer = layer.to("cpu").train()
         x = torch.randn(4, 256, generator=gen)
-        exact = (
-            x
-            @ BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().T
-        )
+        deq = BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        exact = x @ deq.float().T
         out_err = ((layer(x) - exact).norm() / exact.norm()).item()
     capability = torch.backends.cpu.get_cpu_capability()
     numbers = {
