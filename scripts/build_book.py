@@ -32,13 +32,13 @@ import nbformat
 import yaml
 from jupyter_cache import get_cache
 from jupyter_cache.base import CacheBundleIn
-from jupyter_client.manager import AsyncKernelManager
 from myst_nb.core.read import read_myst_markdown_notebook
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
+KERNEL_LOGS = ROOT / "_build" / ".peftlab" / "kernel-logs"
 
 #: The start of the warning every ipykernel started over TCP prints (see :func:`main`).
 TCP_WARNING = "Kernel is running over TCP without encryption"
@@ -69,28 +69,40 @@ def executes_from_cache(nb: nbformat.NotebookNode, default_mode: str) -> bool:
 
 def execute(path: Path, timeout: int) -> tuple[Path, float, str | None]:
     """Execute one page in its own folder and store it in the cache (in a worker
-    process: a kernel per page, on one thread)."""
+    process: a kernel per page, on one thread). Returns the page, the seconds it took and
+    the error, if any."""
     nb = read_page(path)
     timeout = int(nb.metadata.get("mystnb", {}).get("execution_timeout", timeout))
     os.environ[BOOK_BUILD_ENV] = "1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"
-    # IPC sockets rather than TCP: the kernel is local, and over TCP ipykernel warns that
-    # its traffic is unencrypted, once per chapter
-    km = AsyncKernelManager(kernel_name=nb.metadata["kernelspec"]["name"], transport="ipc")
     client = NotebookClient(
         nb,
-        km=km,
         timeout=timeout,
+        startup_timeout=300,  # two kernels start at once on a busy machine
         allow_errors=False,
+        kernel_name=nb.metadata["kernelspec"]["name"],
         resources={"metadata": {"path": str(path.parent)}},
     )
+    log = KERNEL_LOGS / f"{path.stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        client.execute()
+        # what the kernel process itself writes to stderr (not a cell's output) goes to a
+        # log, echoed below without ipykernel's notice about local TCP
+        with log.open("w") as stderr:
+            client.execute(stderr=stderr)
+        error = None
     except CellExecutionError as err:
-        return path, time.perf_counter() - start, str(err)
+        error = str(err)
+    except Exception as err:  # a kernel that died or never started
+        error = f"{type(err).__name__}: {err}"
     seconds = time.perf_counter() - start
+    noise = [line for line in log.read_text().splitlines() if TCP_WARNING not in line]
+    if noise:
+        print("\n".join(f"  [{path.stem} kernel] {line}" for line in noise), file=sys.stderr)
+    if error is not None:
+        return path, seconds, error
     cache = get_cache(str(CACHE))
     cache.cache_notebook_bundle(
         CacheBundleIn(nb, str(path), data={"execution_seconds": seconds}),

@@ -14,7 +14,8 @@ workspace its caller owns), :mod:`~peftlab.chunked_matmul` (a CPU product in cac
 chunks) and :mod:`~peftlab.nf4_state_dict` (bitsandbytes' state-dict layout),
 :mod:`~peftlab.bnb_cpu` (the layers bitsandbytes' CPU kernels must leave in 16 bits),
 :mod:`~peftlab.memory` and :mod:`~peftlab.measure`
-(what a step holds, estimated and measured), the
+(what a step holds, estimated and measured) with :mod:`~peftlab.sharding` (FSDP2's split
+of each tensor) and :mod:`~peftlab.fsdp` (the 4-bit model sharded with FSDP2), the
 variants :mod:`~peftlab.dora`, :mod:`~peftlab.loraplus`, :mod:`~peftlab.pissa` and
 :mod:`~peftlab.loftq` (with the paged optimizer's 8-bit states), and
 :mod:`~peftlab.prepare` (one entry point that makes a model ready for QLoRA, the adapters

@@ -1,14 +1,17 @@
-"""How much memory one training step needs, estimated: the bytes one GPU holds, component by
+"""How much memory one training step needs, estimated: the bytes one GPU holds,
+component by
 component, computed from the model's shape alone.
 
 Explained in the chapter *Memory savings* (book/chapters/memory.md).
 
 :func:`estimate` adds up, in bytes, what one GPU holds during a training step of a
 LLaMA-shaped model — weights, quantization constants, LoRA weights, gradients, optimizer
-states, activations — for full finetuning, 16-bit LoRA and QLoRA, as a :class:`Breakdown`.
+states, activations — for full finetuning, 16-bit LoRA and QLoRA, as a
+:class:`Breakdown`.
 :mod:`peftlab.measure` measures the same components for a real step, and so checks it.
 
-Note: the activation count is for Hugging Face's ``LlamaForCausalLM`` with SDPA attention
+Note: the activation count is for Hugging Face's ``LlamaForCausalLM`` with SDPA
+attention
 (no sequence × sequence matrix is kept) and its ``labels=`` loss, which casts the logits
 to float32. It was derived by listing the tensors autograd saves in that code and is
 checked against :func:`peftlab.measure.measure_step`.
@@ -57,12 +60,14 @@ GiB = 1024**3
 GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}
 """Usable memory of the usual cards. Note: a "24/48/80 GB" card (RTX 4090, RTX A6000,
 A100/H100 80GB) has
-24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no estimate here counts."""
+24/48/80 GiB; CUDA's context and the allocator take a few hundred MB of it, which no
+estimate here counts."""
 
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """The shape of a LLaMA-architecture model: all a memory estimate needs to know about
+    """The shape of a LLaMA-architecture model: all a memory estimate needs to know
+    about
     it."""
 
     name: str
@@ -81,7 +86,8 @@ class LlamaShape:
             positive_int(self.n_kv_heads, "n_kv_heads")
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"d_model ({self.d_model}) must be divisible by n_heads "
+                f"({self.n_heads})"
             )
 
     @property
@@ -115,11 +121,14 @@ class LlamaShape:
         """Elements of each trained tensor: every parameter tensor for ``"full"``, the
         LoRA ``A`` (r × in) and ``B`` (out × r) of ``targets`` in every block otherwise.
 
-        Note: 8-bit optimizer states depend on each tensor's size (one absmax per block of
+        Note: 8-bit optimizer states depend on each tensor's size (one absmax per block
+        of
         256; tensors below 4096 elements keep 32-bit states), not only on the total.
         """
         if method == "full":
-            embeddings = [self.vocab * self.d_model] * (1 if self.tied_embeddings else 2)
+            embeddings = [self.vocab * self.d_model] * (
+                1 if self.tied_embeddings else 2
+            )
             block = [o * i for o, i in self.block_linears().values()]
             norms = [self.d_model] * 2
             return embeddings + (block + norms) * self.n_layers + [self.d_model]
@@ -159,7 +168,8 @@ class LlamaShape:
             )
         except AttributeError as err:
             raise TypeError(
-                "model must be a LLaMA name, a LlamaShape or a config with hidden_size, num_hidden_layers, "
+                "model must be a LLaMA name, a LlamaShape or a config with "
+                "hidden_size, num_hidden_layers, "
                 f"num_attention_heads, intermediate_size and vocab_size; {err}"
             ) from None
 
@@ -228,10 +238,12 @@ def quantized_bytes(
     elements.
 
     Constants: one float32 absmax per block; with double quantization one uint8 code per
-    block, one float32 absmax per ``blocksize2`` blocks and one float32 offset (QLoRA §3).
+    block, one float32 absmax per ``blocksize2`` blocks and one float32 offset (QLoRA
+    §3).
 
     Note: the lookup tables (16 NF4 values, 256 values of the 8-bit map) are shared
-    constants and not counted; bitsandbytes keeps a copy per tensor, about 1 KB, which is
+    constants and not counted; bitsandbytes keeps a copy per tensor, about 1 KB, which
+    is
     below a rounding error here.
     """
     for value, name in (
@@ -277,21 +289,27 @@ def activation_bytes(
     width, ``f`` FFN width, ``h`` heads): per RMSNorm its float32 input, its normalized
     output and ``1/rms``; queries, keys (after RoPE), values and the attention output,
     plus SDPA's float32 log-sum-exp per head; the four ``f``-wide tensors of the SwiGLU
-    MLP (gate, SiLU(gate), up, product). With a frozen base the norms' scaled outputs are
-    not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of each
+    MLP (gate, SiLU(gate), up, product). With a frozen base the norms' scaled outputs
+    are
+    not saved (their weight needs no gradient); LoRA adds the ``r``-wide ``x Aᵀ`` of
+    each
     adapter, and a copy of the adapter's input where dropout or a different LoRA dtype
     makes one. The head keeps the final norm's input and, at its peak in backward, the
     float32 log-probabilities, their gradient and the logits' float32 gradient: 12 bytes
-    per vocabulary entry and token. With gradient checkpointing only each block's input is
-    kept, and one block is recomputed at a time. QLoRA adds one dequantized weight matrix
+    per vocabulary entry and token. With gradient checkpointing only each block's input
+    is
+    kept, and one block is recomputed at a time. QLoRA adds one dequantized weight
+    matrix
     (the largest, :func:`dequantized_weight_bytes`), a transient; not with
     ``dequant_workspace``, where the layers dequantize into a workspace instead, which
     :func:`estimate` counts.
 
-    Note: the logits themselves are not counted: a training loop that keeps only the loss
+    Note: the logits themselves are not counted: a training loop that keeps only the
+    loss
     (as ``transformers.Trainer`` does) frees them before backward. Keeping ``outputs``
     alive adds ``p`` bytes per vocabulary entry and token.
-    Note: the adapters are assumed on all seven linear layers (QLoRA's setup); with fewer,
+    Note: the adapters are assumed on all seven linear layers (QLoRA's setup); with
+    fewer,
     frozen layers keep less and the count is an upper bound.
     """
     if method not in METHODS:
@@ -304,7 +322,8 @@ def activation_bytes(
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     d, f, h, kv, V = shape.d_model, shape.ffn, shape.n_heads, shape.kv_dim, shape.vocab
     frozen = method in ("lora", "qlora")
-    # Note: for float32 compute the RMSNorm's .to(float32) is a no-op; 4 + 2p still counts
+    # Note: for float32 compute the RMSNorm's .to(float32) is a no-op; 4 + 2p still
+    # counts
     # its input, the normalized tensor and the output once each.
     norm_out = p * d  # the norm's output, kept by whoever reads it next
     attention = p * (2 * d + 2 * kv) + 4 * h
@@ -317,20 +336,24 @@ def activation_bytes(
         # what the seven adapters read: q, k, v, o, gate, up (d wide) and down (f wide)
         inputs = 6 * d + f
         if lora_dropout > 0 or pl != p:
-            # Each adapter keeps its own copy of its input (dropped out and/or cast); the
-            # shared inputs themselves are then kept by nobody. Note: dropout's mask is a
+            # Each adapter keeps its own copy of its input (dropped out and/or cast);
+            # the
+            # shared inputs themselves are then kept by nobody. Note: dropout's mask is
+            # a
             # bool on CUDA (native_dropout) but a p-byte float on a CPU.
             mask = (1 if device == "cuda" else p) if lora_dropout > 0 else 0
             block += inputs * (pl + mask)
         else:
             block += 2 * norm_out + mlp_out
     # Head: the final norm, then the loss in float32: log-probabilities, their gradient
-    # and the logits' gradient (12 bytes per vocabulary entry); the logits themselves are
+    # and the logits' gradient (12 bytes per vocabulary entry); the logits themselves
+    # are
     # gone by then.
     head = (4 * d + 4 if frozen else (4 + 2 * p) * d + 4) + 12 * V + p * d
     tokens = batch * seq
     if gradient_checkpointing:
-        # Recomputing a block, its activations meet the gradients in flight: the residual
+        # Recomputing a block, its activations meet the gradients in flight: the
+        # residual
         # stream's and, in the MLP's backward, one f-wide and two d-wide gradients at
         # most.
         total = tokens * (shape.n_layers * p * d + max(head, block + p * (3 * d + f)))
@@ -372,14 +395,16 @@ def estimate(
             ``"qlora"`` (frozen NF4 base of the blocks' linear layers; embeddings, norms
             and ``lm_head`` in ``dtype``). r, target_modules, lora_dropout: the adapters
             (default: r=64 on all seven linear layers).
-        dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to it,
+        dtype: storage of weights and gradients (bf16); ``compute_dtype`` defaults to
+        it,
             ``lora_dtype`` (the adapters and their gradients) too.
         optimizer_bits: 32 (default), 16 or 8 — Adam's two states per trained parameter,
             updated page by page as a paged AdamW does (``torch.optim.AdamW`` with
             ``foreach=True`` briefly needs a temporary as large as all its states, which
             is not counted). 8 counts bitsandbytes' ``AdamW8bit`` states as
             :class:`peftlab.paged.PagedAdamW` with ``optim_bits=8`` keeps them
-            (:func:`peftlab.paged.state_bytes`, tensor by tensor: one byte per element and
+            (:func:`peftlab.paged.state_bytes`, tensor by tensor: one byte per element
+            and
             one float32 absmax per block of 256, per state; tensors below 4096 elements
             keep 32-bit states).
         master_weights: keep a float32 copy of every trained parameter stored in fewer
@@ -391,7 +416,8 @@ def estimate(
             format (QLoRA: 64, True, 256).
         device: ``"cuda"`` (default) or ``"cpu"``: where the step runs (only dropout's
         mask differs).
-        n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are split
+        n_gpus: ZeRO-3 / FSDP sharding: weights, constants, gradients and states are
+        split
             over the GPUs as FSDP2 splits them (:func:`shard_bytes`, the first GPU's
             share); ``weights`` also counts the unsharded parameters a GPU holds during
             the step (the non-block parameters and two blocks). Activations are per GPU.
@@ -401,8 +427,10 @@ def estimate(
             (:func:`dequantized_weight_bytes`), is held through the whole step and
             counted with the activations, in place of the transient it replaces there.
 
-    Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW, batch
-    1, sequence 512, checkpointing; adapters in bf16 as the paper's code casts them: PEFT
+    Note: defaults are the QLoRA paper's setup (bf16, r=64 everywhere, 32-bit AdamW,
+    batch
+    1, sequence 512, checkpointing; adapters in bf16 as the paper's code casts them:
+    PEFT
     keeps them in float32 by default, ``lora_dtype=torch.float32``). Full finetuning
     defaults to 16-bit weights and gradients and no float32 master copy: 12 bytes per
     parameter before activations, the count behind the paper's "more than 780 GB" for
@@ -428,13 +456,16 @@ def estimate(
         or not isinstance(lora_dropout, (int, float))
         or not 0 <= lora_dropout < 1
     ):
-        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+        raise ValueError(
+            f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}"
+        )
     targets = list(target_modules)
     linears = shape.block_linears()
     unknown = [t for t in targets if t not in linears]
     if unknown or not targets:
         raise ValueError(
-            f"target_modules must be a non-empty subset of {LLAMA_LINEARS}, got {targets}"
+            f"target_modules must be a non-empty subset of {LLAMA_LINEARS}, got "
+            f"{targets}"
         )
     w = _dtype_bytes(dtype, "dtype")
     compute_dtype = dtype if compute_dtype is None else compute_dtype
