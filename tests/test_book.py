@@ -210,33 +210,6 @@ def test_module_graph_sees_imports_hidden_in_strings_and_refuses_private_and_com
     assert graph.problems_in("import importlib\nimportlib.import_module('json')\n", "peftlab.lora", modules) == []
 
 
-PAGE_WIDTH = 90  # characters a code block shows on the book's page before it scrolls sideways
-LISTING = re.compile(r"^```\{literalinclude\}\s+(\S+)\n((?::[\w-]+:.*\n)*)", re.M)
-
-
-def listings() -> list[tuple[str, str, dict[str, str]]]:
-    """(chapter, included file, options) of every ``{literalinclude}`` in the book."""
-    found = []
-    for md in sorted((ROOT / "book").rglob("*.md")):
-        for path, options in LISTING.findall(md.read_text()):
-            opts = dict(re.findall(r"^:([\w-]+):\s*(.*)$", options, re.M))
-            found.append((md.relative_to(ROOT).as_posix(), (md.parent / path).resolve().as_posix(), opts))
-    return found
-
-
-@pytest.mark.parametrize("chapter, path, options", listings(),
-                         ids=lambda v: v.get("pyobject", "") if isinstance(v, dict) else "")
-def test_every_listing_fits_the_page_width(chapter, path, options):
-    from types import SimpleNamespace
-
-    from sphinx.directives.code import LiteralIncludeReader
-
-    filters = {k: v for k, v in options.items() if k in ("pyobject", "lines", "start-after", "start-at", "end-before")}
-    code, _ = LiteralIncludeReader(path, filters, SimpleNamespace(source_encoding="utf-8-sig")).read()
-    wide = [line for line in code.splitlines() if len(line) > PAGE_WIDTH]
-    assert not wide, f"{chapter}: {len(wide)} lines of the listing of {path} are wider than {PAGE_WIDTH}: {wide[:2]}"
-
-
 def test_the_package_is_formatted_at_the_page_width():
     ruff = Path(sys.executable).parent / "ruff"
     if not ruff.exists():

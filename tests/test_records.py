@@ -223,7 +223,8 @@ def test_memory_chapter_draws_a_synthetic_gpu_record(tmp_path):
     (folder / "memory-llama7b-block.json").write_text(json.dumps(record))
     glued = _run_chapter_in(tmp_path, "memory")
     section = glued["memory-gpu-section"]
-    assert section.startswith("```{figure} ../../_static/figures/memory-gpu-block.svg\n:name: fig-memory-gpu-block")
+    assert section.startswith("**Measured on a GPU.** The NVIDIA Test GPU ran the cell above")
+    assert "\n\n```{figure} ../../_static/figures/memory-gpu-block.svg\n:name: fig-memory-gpu-block" in section
     assert "Measured on NVIDIA Test GPU (compute capability 7.5, CUDA 12.4) on 2026-11-30" in section
     assert "at most 1.0%" in section  # the synthetic record's 1 % departure, read back from the figure's data
     for fmt in plotting.FORMATS:
@@ -261,7 +262,8 @@ def test_chapter_draws_a_synthetic_gpu_timing_record(tmp_path, chapter, name, fi
     (folder / f"{name}.json").write_text(json.dumps({"name": name, "provenance": PROVENANCE, "data": data()}))
     glued = _run_chapter_in(tmp_path, chapter)
     section = glued[f"{chapter}-gpu-section"]
-    assert section.startswith(f"```{{figure}} ../../_static/figures/{figure}.svg\n:name: fig-{figure}")
+    assert section.startswith("**Measured on a GPU.** The NVIDIA Test GPU ran the cell above")
+    assert f"\n\n```{{figure}} ../../_static/figures/{figure}.svg\n:name: fig-{figure}" in section
     assert "Measured on NVIDIA Test GPU" in section and says in section
     assert (tmp_path / "_static" / "figures" / f"{figure}.png").stat().st_size > 0
 
@@ -271,3 +273,17 @@ def test_every_committed_gpu_record_loads_and_names_its_gpu():
     for path in sorted((ROOT / records.RESULTS_FOLDER).glob("*.json")):
         record = records.load_record(path.stem, ROOT / records.RESULTS_FOLDER)
         assert record.device and record.provenance["cuda"] not in ("", "None"), path
+
+
+def test_gpu_section_is_one_line_until_a_record_exists():
+    pending = records.gpu_section(None)
+    assert "\n" not in pending and "scripts/gpu-check.sh" in pending
+
+
+def test_gpu_section_names_the_recording_device_before_the_chapters_body():
+    record = records.Record(name="demo-gpu", data={}, provenance=PROVENANCE)
+    section = records.gpu_section(record, "FIGURE\n\nThere it held.")
+    assert section.startswith("**Measured on a GPU.** The NVIDIA Test GPU ran the cell above")
+    assert section.endswith("\n\nFIGURE\n\nThere it held.")
+    with pytest.raises(TypeError, match="body"):
+        records.gpu_section(record, None)

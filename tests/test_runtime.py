@@ -267,3 +267,14 @@ def test_median_seconds_times_every_call_between_synchronizations(sync_log):
     assert devices.median_seconds(lambda: None, device="cpu", repeats=1) >= 0
     with pytest.raises(ValueError, match="repeats"):
         devices.median_seconds(lambda: None, repeats=0)
+
+
+def test_a_skipped_gpu_cell_speaks_in_a_notebook_and_is_silent_in_the_book(monkeypatch, capsys):
+    monkeypatch.delenv(runtime.BOOK_BUILD_ENV, raising=False)
+    runtime.report_gpu_skipped("No CUDA device here: skipped.")
+    assert capsys.readouterr().out == "No CUDA device here: skipped.\n"
+    monkeypatch.setenv(runtime.BOOK_BUILD_ENV, "1")
+    runtime.report_gpu_skipped("No CUDA device here: skipped.")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(TypeError, match="message"):
+        runtime.report_gpu_skipped("")
