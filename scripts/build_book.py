@@ -81,6 +81,9 @@ def execute(path: Path, timeout: int) -> tuple[Path, float, str | None]:
         timeout=timeout,
         startup_timeout=300,  # two kernels start at once on a busy machine
         allow_errors=False,
+        # no timestamps in the cells' metadata: the cache's key hashes that metadata, and
+        # Jupyter Book looks the chapter up by the hash of the unexecuted notebook
+        record_timing=False,
         kernel_name=nb.metadata["kernelspec"]["name"],
         resources={"metadata": {"path": str(path.parent)}},
     )
