@@ -20,7 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMN = 88
-CELL = re.compile(r"^(```\{code-cell\}[^\n]*\n)((?::[^\n]*\n)*)(.*?)(^```[ \t]*$)", re.M | re.S)
+CELL = re.compile(
+    r"^(```\{code-cell\}[^\n]*\n)((?::[^\n]*\n)*)(.*?)(^```[ \t]*$)", re.M | re.S
+)
 
 
 def ruff_format(code: str) -> str | None:
@@ -28,7 +30,13 @@ def ruff_format(code: str) -> str | None:
     (IPython syntax such as ``%time``)."""
     ruff = Path(sys.executable).with_name("ruff")
     done = subprocess.run(
-        [str(ruff), "format", f"--line-length={COLUMN}", "--stdin-filename=cell.py", "-"],
+        [
+            str(ruff),
+            "format",
+            f"--line-length={COLUMN}",
+            "--stdin-filename=cell.py",
+            "-",
+        ],
         input=code,
         capture_output=True,
         text=True,
@@ -61,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("chapters", nargs="*", type=Path)
     parser.add_argument("--check", action="store_true", help="only list lines too wide")
     args = parser.parse_args(argv)
-    paths = [p.resolve() for p in args.chapters] or sorted((ROOT / "book" / "chapters").glob("*.md"))
+    paths = [p.resolve() for p in args.chapters] or sorted(
+        (ROOT / "book" / "chapters").glob("*.md")
+    )
     wide = 0
     for path in paths:
         text = path.read_text()
@@ -72,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                 text = new
         for number, line in too_wide(text):
             wide += 1
-            print(f"{path.relative_to(ROOT)}:{number}: {len(line)} > {COLUMN}: {line.strip()[:60]}")
+            print(
+                f"{path.relative_to(ROOT)}:{number}: {len(line)} > {COLUMN}: {line.strip()[:60]}"
+            )
     return 1 if (args.check and wide) else 0
 
 
