@@ -126,21 +126,6 @@ def toc_documents() -> list[str]:
     return [toc["root"]] + [entry["file"] for part in parts for entry in part["chapters"]]
 
 
-def author_year(persons: list, year: str) -> str:
-    """``Smith, 2020``, ``Smith and Jones, 2020`` or ``Smith et al., 2020``, as sphinxcontrib-bibtex's
-    author_year style names a reference."""
-    from pybtex.richtext import Text
-
-    names = [Text.from_latex(" ".join(p.prelast_names + p.last_names)).render_as("text") for p in persons]
-    if len(names) == 1:
-        who = names[0]
-    elif len(names) == 2:
-        who = f"{names[0]} and {names[1]}"
-    else:
-        who = f"{names[0]} et al."
-    return f"{who}, {year}"
-
-
 @dataclass(frozen=True)
 class Book:
     """What the prose refers to: sections ({ref}), figures ({numref}) and references ({cite}), each as the
@@ -164,6 +149,8 @@ class Book:
         (a *Measured on a GPU* section, present only when a record is), which the book numbers in place.
         """
         from pybtex.database import parse_file
+
+        from peftlab.book.citations import bibliography_labels
 
         config = yaml.safe_load((ROOT / "_config.yml").read_text())
         site = site_url(config["repository"]["url"])
@@ -191,8 +178,7 @@ class Book:
                 if label:
                     exercises[label] = (f"Exercise {count}", f"{page}#{label}")
         bib = parse_file(str(ROOT / "book" / "references.bib"))
-        citations = {key: author_year(entry.persons.get("author", []), entry.fields.get("year", "n.d."))
-                     for key, entry in bib.entries.items()}
+        citations = bibliography_labels(bib)  # the labels the book's bibliography shows
         return cls(site, sections, figures, citations, references_url, exercises, exercises_before)
 
     def page_url(self, md: Path) -> str:

@@ -214,15 +214,38 @@ def test_cite_becomes_author_year_linked_to_the_references():
 def test_author_year_names_one_two_or_first_et_al():
     from pybtex.database import Person
 
-    assert make_twins.author_year([Person("Kalajdzievski, Damjan")], "2023") == "Kalajdzievski, 2023"
-    assert (make_twins.author_year([Person("Dettmers, Tim"), Person("{the bitsandbytes contributors}")], "2021")
+    from peftlab.book.citations import author_year
+
+    assert author_year([Person("Kalajdzievski, Damjan")], "2023") == "Kalajdzievski, 2023"
+    assert (author_year([Person("Dettmers, Tim"), Person("{the bitsandbytes contributors}")], "2021")
             == "Dettmers and the bitsandbytes contributors, 2021")
-    assert (make_twins.author_year([Person("Rozi{\\`e}re, Baptiste"), Person("A, B"), Person("C, D")], "2023")
+    assert (author_year([Person("Rozi{\\`e}re, Baptiste"), Person("A, B"), Person("C, D")], "2023")
             == "Rozière et al., 2023")
 
 
+def test_two_entries_that_would_share_a_label_get_a_and_b_in_bibliography_order():
+    from pybtex.database import BibliographyData, Entry, Person
+
+    from peftlab.book.citations import bibliography_labels
+
+    three = {"author": [Person("Dettmers, Tim"), Person("A, B"), Person("C, D")]}
+    bib = BibliographyData({
+        "late": Entry("misc", [("year", "2023"), ("title", "Zeta")], persons=three),
+        "early": Entry("misc", [("year", "2023"), ("title", "Alpha")], persons=three),
+        "alone": Entry("misc", [("year", "2022"), ("title", "LoRA")], persons={"author": [Person("Hu, Edward")]}),
+    })
+    assert bibliography_labels(bib) == {"early": "Dettmers et al., 2023a", "late": "Dettmers et al., 2023b",
+                                        "alone": "Hu, 2022"}
+
+
 def test_book_citations_come_from_the_bibliography():
-    assert make_twins.Book.load().citations["dettmers2023qlora"] == "Dettmers et al., 2023"
+    from pybtex.database import parse_file
+
+    from peftlab.book.citations import bibliography_labels
+
+    shown = bibliography_labels(parse_file(str(ROOT / "book" / "references.bib")))
+    assert make_twins.Book.load().citations["dettmers2023qlora"] == shown["dettmers2023qlora"]
+    assert shown["dettmers2023qlora"].startswith("Dettmers et al., 2023")
 
 
 def test_math_and_code_roles_become_markdown():

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from docutils import nodes
+
+from peftlab.book.citations import labels
 
 #: The pybtex formatting style the book's bibliography uses (``bibtex_default_style``).
 BIB_STYLE = "peftlab"
@@ -34,23 +35,6 @@ FIGURES = "_static/figures"
 
 # The provenance sentence that ends every figure's caption (peftlab.book.runtime.provenance, Record.caption).
 _PROVENANCE = re.compile(r"\s+(Produced|Measured|Recorded) on .*$", re.S)
-
-
-def author_year(persons: list[Any], year: str) -> str:
-    """``Smith, 2020``, ``Smith and Jones, 2020`` or ``Smith et al., 2020``: the text sphinxcontrib-bibtex's
-    author_year style cites a reference by (scripts/make_twins.py writes the twins' citations the same way)."""
-    from pybtex.richtext import Text
-
-    names = [Text.from_latex(" ".join(p.prelast_names + p.last_names)).render_as("text") for p in persons]
-    if not names:
-        who = "Anonymous"
-    elif len(names) == 1:
-        who = names[0]
-    elif len(names) == 2:
-        who = f"{names[0]} and {names[1]}"
-    else:
-        who = f"{names[0]} et al."
-    return f"{who}, {year}"
 
 
 def _register_bibliography_style() -> None:
@@ -64,18 +48,7 @@ def _register_bibliography_style() -> None:
 
     class AuthorYearLabels(BaseLabelStyle):
         def format_labels(self, sorted_entries: Any) -> Any:
-            entries = list(sorted_entries)
-            labels = []
-            for entry in entries:
-                persons = entry.persons.get("author") or entry.persons.get("editor") or []
-                labels.append(author_year(persons, entry.fields.get("year", "n.d.")))
-            seen = Counter(labels)
-            suffix: Counter[str] = Counter()
-            for label in labels:
-                if seen[label] > 1:  # Dettmers et al., 2022a and 2022b
-                    suffix[label] += 1
-                    label += "abcdefghijklmnopqrstuvwxyz"[suffix[label] - 1]
-                yield label
+            yield from labels(list(sorted_entries))
 
     class Style(PlainStyle):  # plain: sorted by author, year, title
         default_label_style = AuthorYearLabels

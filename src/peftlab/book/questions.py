@@ -87,7 +87,7 @@ class Answer:
 
     def table(self) -> str:
         """The answer's rows as a Markdown table."""
-        lines = ["| | |", "|---|---:|"]
+        lines = ["| quantity | value |", "|---|---:|"]
         lines += [f"| {what} | {value} |" for what, value in self.rows]
         return "\n".join(lines)
 
