@@ -16,7 +16,7 @@ desktop width (1,400 px) and a phone width (390 px, mobile emulation) and counts
 - ``img-alt``: an image whose alt text is its file name (or missing);
 - ``fig-small-text``: a chapter figure whose smallest text draws below 12 px on a desktop, from the build's figure
   records (``_build/.peftlab/figure-records``: size in inches and smallest font) and the width drawn; the
-  phone's smallest is printed below the table (a phone shows every figure at about 45 % of the desktop's size);
+  phone's smallest is printed below the table (a phone shows a figure at up to 600 px, scrolled inside its box);
 - ``math-error``: a MathJax error (``mjx-merror``);
 - ``math-untypeset``: a math span MathJax left as TeX (MathJax missing: read offline, it came from a CDN);
 - ``raw-tex``: TeX left in the reader's text (``$...$``, ``\\(``, ``\\Delta``...) outside code and math;
