@@ -38,6 +38,7 @@ from types import SimpleNamespace
 from typing import Callable, Mapping
 
 import jupytext
+from docutils.nodes import make_id
 import nbformat
 import yaml
 
@@ -472,7 +473,8 @@ class Converter:
         key = key.strip()
         if key not in self.book.citations:
             raise TwinError(f"{self._where()}: {{cite}}`{key}` is not in book/references.bib")
-        return f"[{self.book.citations[key]}]({self.book.references_url})"
+        # the entry's own anchor on the References page (bibtex_cite_id in _config.yml)
+        return f"[{self.book.citations[key]}]({self.book.references_url}#{make_id('cite-' + key)})"
 
     def value(self, key: str, mime: str) -> str:
         """The ``mime`` form of the glued value ``key``; remembered for the twin's metadata."""

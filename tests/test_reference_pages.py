@@ -129,3 +129,8 @@ def test_no_reference_page_draws_a_table_with_a_blank_header(page):
     for line in page.read_text().splitlines():
         header = re.search(r'"(\|[^"]*\|)"', line)
         assert not (header and blank.fullmatch(header.group(1))), f"{page.name}: {line.strip()}"
+
+
+def test_every_bibliography_entry_has_the_stable_anchor_the_twins_link_to():
+    # scripts/make_twins.py links a citation to references.html#cite-<key>
+    assert SPHINX["bibtex_cite_id"] == "cite-{key}"

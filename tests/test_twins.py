@@ -208,7 +208,7 @@ def test_a_reference_to_an_unknown_label_fails():
 
 
 def test_cite_becomes_author_year_linked_to_the_references():
-    assert convert("{cite}`k1,k2`") == f"([Smith et al., 2020]({REFS}); [Jones, 2021]({REFS}))"
+    assert convert("{cite}`k1,k2`") == f"([Smith et al., 2020]({REFS}#cite-k1); [Jones, 2021]({REFS}#cite-k2))"
 
 
 def test_author_year_names_one_two_or_first_et_al():
@@ -313,7 +313,7 @@ def test_glue_figure_becomes_its_numbered_caption():
 def test_glued_myst_block_is_converted_with_its_figures_numbered():
     section = "```{figure} ../../_static/figures/x-gpu.svg\n:name: fig-a\n\nTimings. Measured on a GPU.\n```\n\nSee {cite}`k1`."
     text = convert("```{glue:md} gpu-section\n:format: myst\n```", {"gpu-section": {"text/markdown": section}})
-    assert text == f"*Fig. 3 — Timings. Measured on a GPU.*\n\nSee ([Smith et al., 2020]({REFS}))."
+    assert text == f"*Fig. 3 — Timings. Measured on a GPU.*\n\nSee ([Smith et al., 2020]({REFS}#cite-k1))."
 
 
 def test_figures_inside_glued_blocks_take_their_place_in_the_numbering():
