@@ -68,7 +68,7 @@ import sys
 REPOSITORY = "{url}"
 if "google.colab" in sys.modules:
     requirements = [f"peftlab[book] @ git+{{REPOSITORY}}@{branch}", {pins}]
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *requirements],
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-color", *requirements],
                          capture_output=True, text=True)
     if pip.returncode != 0:  # stop here: every later cell would fail less clearly
         raise RuntimeError(f"could not install peftlab from {{REPOSITORY}} (pip exited with {{pip.returncode}}):\\n"
@@ -82,7 +82,7 @@ except ImportError as err:
 
 from peftlab.book.runtime import describe_environment
 
-describe_environment()  # Python, torch, bitsandbytes, the device and whether it supports bf16'''
+environment = describe_environment()  # prints Python, torch, bitsandbytes, the device, bf16 support'''
 
 #: Headings of an exercise and of its solution in a twin: the solution's section ends at the next exercise.
 EXERCISE_HEADING, SOLUTION_HEADING = "####", "#####"
