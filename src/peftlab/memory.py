@@ -29,7 +29,7 @@ import torch
 from peftlab.checks import positive_int
 from peftlab.paged import state_bytes
 from peftlab.pages import DEFAULT_PAGE_BYTES
-from peftlab.sharding import rank_shares
+from peftlab.sharding import COMPONENTS, rank_shares
 from peftlab.targets import LLAMA_LINEARS
 
 __all__ = [
@@ -47,14 +47,6 @@ __all__ = [
 ]
 
 METHODS = ("full", "lora", "qlora")
-COMPONENTS = (
-    "weights",
-    "quant_constants",
-    "lora_weights",
-    "gradients",
-    "optimizer_states",
-    "activations",
-)
 
 GiB = 1024**3
 GPUS: dict[str, int] = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 80 * GiB}

@@ -21,9 +21,15 @@ from peftlab.checks import positive_int
 from peftlab.paged import state_bytes
 from peftlab.targets import LLAMA_LINEARS
 
-__all__ = ["ParameterTensor", "parameter_tensors", "rank_rows", "rank_shares"]
+__all__ = [
+    "COMPONENTS",
+    "ParameterTensor",
+    "parameter_tensors",
+    "rank_rows",
+    "rank_shares",
+]
 
-_COMPONENTS = (
+COMPONENTS = (
     "weights",
     "quant_constants",
     "lora_weights",
@@ -31,6 +37,8 @@ _COMPONENTS = (
     "optimizer_states",
     "activations",
 )
+"""The parts of a training step's memory, as the memory model counts them
+(:mod:`peftlab.memory` names its breakdown by these)."""
 
 
 class ParameterTensor(NamedTuple):
@@ -126,7 +134,7 @@ def rank_shares(
     positive_int(n_gpus, "n_gpus")
     if isinstance(optimizer_bits, bool) or optimizer_bits not in (32, 16, 8):
         raise ValueError(f"optimizer_bits must be 32, 16 or 8, got {optimizer_bits!r}")
-    parts = dict.fromkeys(_COMPONENTS, 0)
+    parts = dict.fromkeys(COMPONENTS, 0)
     block = rest = 0
     element = {
         "weights": tensors.get("weight_bytes", 2),
