@@ -190,7 +190,8 @@ def _synthetic_block_record() -> dict:
 
 
 def _run_chapter_in(tmp_path: Path, chapter: str) -> dict:
-    """Execute ``book/chapters/<chapter>.md`` inside a throwaway book root; return the glued values."""
+    """Execute ``book/chapters/<chapter>.md`` inside a throwaway book root, up to the cell that
+    glues ``<chapter>-gpu-section`` (what follows it cannot change it); return the glued values."""
     (tmp_path / "_config.yml").write_text("title: t\n")
     (tmp_path / "_toc.yml").write_text(f"root: intro\nchapters:\n  - file: book/chapters/{chapter}\n")
     folder = tmp_path / "book" / "chapters"
@@ -205,6 +206,10 @@ def _run_chapter_in(tmp_path: Path, chapter: str) -> dict:
     try:
         for index, cell in enumerate(nb.cells):
             client.execute_cell(cell, index)
+            if f'glue("{chapter}-gpu-section"' in cell.source:
+                break
+        else:
+            raise AssertionError(f"{chapter}.md glues no {chapter}-gpu-section")
     finally:
         client._cleanup_kernel()
     glued = {}
