@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from peftlab.book import faq_check, questions
-from peftlab.book.questions import Answer, bf16_nan_words
+from peftlab.book import faq_check, memory_questions, questions, training_questions
+from peftlab.book.answers import Answer
+from peftlab.book.memory_questions import bf16_nan_words
 
 
 def answer(measured, expected, relation, tolerance=None):
@@ -49,7 +50,7 @@ def test_random_bytes_are_nan_words_at_the_predicted_rate():
 
 
 def test_memory_answers_rest_on_the_ledger():
-    a1, a2 = questions.q1_memory_not_covered(), questions.q2_bytes_per_parameter()
+    a1, a2 = memory_questions.q1_memory_not_covered(), memory_questions.q2_bytes_per_parameter()
     assert a1.holds and a2.holds
     # QLoRA's step is smaller than 16-bit LoRA's, and less so at a large batch, where activations dominate
     assert a1.numbers["small-ratio"] < a1.numbers["large-ratio"] < 1
@@ -62,20 +63,20 @@ def test_memory_answers_rest_on_the_ledger():
 
 
 def test_peft_scales_rslora_by_the_square_root_of_the_rank():
-    a = questions.q9_alpha_and_rank()
+    a = training_questions.q9_alpha_and_rank()
     assert a.holds and a.measured == pytest.approx(8.0)
     assert a.numbers["scaling-64-std"] == pytest.approx(16 / 64)
     assert a.numbers["scaling-64-rs"] == pytest.approx(16 / math.sqrt(64))
 
 
 def test_sharded_codes_answer_on_one_block():
-    a = questions.q7_sharded_bytes_as_floats()
+    a = memory_questions.q7_sharded_bytes_as_floats()
     assert a.holds and a.numbers["numbers-changed"] == 0
     assert 0 < a.numbers["changed"] <= a.numbers["nan-words"]
 
 
 def test_bitsandbytes_cpu_answer_is_byte_identical():
-    a = questions.q6_bnb_on_cpu(numel=64 * 256)
+    a = memory_questions.q6_bnb_on_cpu(numel=64 * 256)
     assert a.holds and a.measured == 0 and a.numbers["dequant-gap"] == 0
 
 

@@ -8,7 +8,7 @@ changed.
     python -m peftlab.book.faq_check --save answers.json  # keep this run
     python -m peftlab.book.faq_check --baseline answers.json
 
-Each question's check is a function of :mod:`peftlab.book.questions`, the same one the
+Each question's check is listed by :mod:`peftlab.book.questions`, the same one the
 chapter's cell calls, so the command and the book cannot disagree about what is checked.
 ``--python`` runs the checks with another interpreter (another virtual environment with
 other versions of the libraries installed), importing this checkout's package, and sets
