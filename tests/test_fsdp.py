@@ -26,7 +26,8 @@ from peftlab.fsdp import (
     split_batch,
 )
 from peftlab.harness.fsdp_run import Launch, RunSpec, build_model, reference_run
-from peftlab.memory import LlamaShape, shard_bytes
+from peftlab.memory import shard_bytes
+from peftlab.shapes import LlamaShape
 from peftlab.qlora import Linear4bit
 
 import peft

@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from peftlab.measure import _LiveTensors, measure_llama, measure_step
-from peftlab.memory import (
-    COMPONENTS,
-    GPUS,
-    LLAMA,
-    METHODS,
-    Breakdown,
-    LlamaShape,
-    activation_bytes,
-    dequantized_weight_bytes,
-    estimate,
-    quantized_bytes,
-    shard_bytes,
-)
+from peftlab.memory import COMPONENTS, GPUS, METHODS, Breakdown, activation_bytes, dequantized_weight_bytes, estimate, quantized_bytes, shard_bytes
+from peftlab.shapes import LLAMA, LlamaShape
 from peftlab.targets import LLAMA_LINEARS
 
 import transformers

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from _reference import bnb  # tests/_reference.py: skips this module without bitsandbytes
-from peftlab.memory import LlamaShape, estimate
+from peftlab.memory import estimate
+from peftlab.shapes import LlamaShape
 from peftlab.paged import MIN_8BIT_SIZE, STATE_BLOCKSIZE, PagedAdamW, state_bytes
 from peftlab.pages import DEFAULT_PAGE_BYTES, PagedTensor, PagePool
 

@@ -73,7 +73,7 @@ def parameter_tensors(
     blocksize2: int = 256,
 ) -> list[ParameterTensor]:
     """Every parameter tensor of a model of ``shape`` (a
-    :class:`peftlab.memory.LlamaShape`) trained with ``method``: one entry per tensor of
+    :class:`peftlab.shapes.LlamaShape`) trained with ``method``: one entry per tensor of
     one block, or of the rest (embeddings, final norm, ``lm_head``).
 
     A 4-bit weight is the layout of :class:`peftlab.fsdp.ShardableLinear4bit`: 1-D

@@ -35,7 +35,7 @@ def _mb(nbytes: float) -> str:
 
 def _four_bit_bytes(shape) -> int:
     """Packed NF4 codes and double-quantized constants of every linear layer of the
-    blocks of a :class:`peftlab.memory.LlamaShape`."""
+    blocks of a :class:`peftlab.shapes.LlamaShape`."""
     from peftlab.memory import quantized_bytes
 
     per_block = sum(
@@ -48,7 +48,8 @@ def q1_memory_not_covered(batch: int = 32, seq: int = 384) -> Answer:
     """What 4-bit storage does not cover: LLaMA-7B, a QLoRA step (r = 64 on every linear
     layer, 32-bit AdamW, gradient checkpointing) at one sequence of 512 tokens and at
     ``batch`` × ``seq`` tokens, per component, beside 16-bit LoRA."""
-    from peftlab.memory import LLAMA, estimate
+    from peftlab.memory import estimate
+    from peftlab.shapes import LLAMA
 
     shape = LLAMA["llama-7b"]
     four_bit = _four_bit_bytes(shape)
@@ -111,7 +112,8 @@ def q1_memory_not_covered(batch: int = 32, seq: int = 384) -> Answer:
 
 def q2_bytes_per_parameter() -> Answer:
     """The ledger of QLoRA's LLaMA-7B base: bytes per parameter, part by part."""
-    from peftlab.memory import LLAMA, quantized_bytes
+    from peftlab.memory import quantized_bytes
+    from peftlab.shapes import LLAMA
 
     shape = LLAMA["llama-7b"]
     linear = shape.linear_params
