@@ -18,7 +18,7 @@ PYEOF
 
 echo "== CUDA tests"
 set +e
-"$PY" -m pytest -q -m cuda -p no:cacheprovider
+"$PY" -m pytest -q -m cuda -rP -p no:cacheprovider   # -rP: the measured differences the tests print
 rc=$?
 set -e
 [ $rc -eq 0 ] || { [ $rc -eq 5 ] && echo "gpu-check: no CUDA test was collected"; exit $rc; }   # 5: none collected is a failure here

@@ -284,6 +284,10 @@ def test_run_times_its_training_between_synchronizations_of_its_device(monkeypat
 def test_run_on_cuda_matches_cpu():
     cpu = E.finetune(C.RunConfig(**TINY), progress=False)
     gpu = E.finetune(C.RunConfig(device="cuda", **TINY), progress=False)
+    # Not yet measured: no GPU has run this test. scripts/gpu-check.sh keeps pytest's output,
+    # and this line prints the differences there, so the tolerances can be set from them.
+    print(f"GPU - CPU: initial {gpu.initial_held_out_loss - cpu.initial_held_out_loss:+.2e}, "
+          f"final {gpu.held_out_loss - cpu.held_out_loss:+.2e} nats/byte")
     assert gpu.initial_held_out_loss == pytest.approx(cpu.initial_held_out_loss, abs=1e-3)
     assert gpu.held_out_loss == pytest.approx(cpu.held_out_loss, abs=2e-2)
     assert gpu.adapter["model.layers.0.self_attn.q_proj.lora_A"].device.type == "cpu"
