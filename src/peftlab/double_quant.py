@@ -106,13 +106,10 @@ def _lut_for(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """
     if code is None:
         return _default_lut(str(device))
+    code = _check_code(code, device)  # the cached maps themselves pass unchecked
     for signed in (True, False):
-        # the optimizer passes the cached maps themselves: no check, no comparison
-        if code is cached_dynamic_map(str(device), signed):
-            return _default_lut(str(device), signed)
-    code = _check_code(code, device)
-    for signed in (True, False):
-        if torch.equal(code, cached_dynamic_map(str(device), signed)):
+        cached = cached_dynamic_map(str(device), signed)
+        if code is cached or torch.equal(code, cached):
             return _default_lut(str(device), signed)
     return _build_lut(code).to(device)
 
@@ -133,7 +130,8 @@ def _check_code(code: torch.Tensor | None, device: torch.device) -> torch.Tensor
     if code is None:
         return cached_dynamic_map(str(device))
     if any(code is cached_dynamic_map(str(device), signed) for signed in (True, False)):
-        return code  # checked when it was made
+        # the 8-bit optimizer passes them at every chunk; they were checked when made
+        return code
     if not isinstance(code, torch.Tensor):
         raise TypeError(
             f"code must be a torch.Tensor or None, got {type(code).__name__}"
